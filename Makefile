@@ -1,0 +1,43 @@
+# Pollinate: every command a developer or CI runs. `make help` lists them.
+SHELL := bash
+.SHELLFLAGS := -eu -o pipefail -c
+VENV := .venv/bin
+PYTEST_ARGS ?=
+
+.PHONY: help env testbed up down status test test-unit lint demo bench clean
+
+help:  ## list the targets
+	@grep -E '^[a-z-]+:.*##' $(MAKEFILE_LIST) | sed 's/:.*##/\t/'
+
+env:  ## the Python environment (.venv, cached under ~/.cache/pollinate)
+	@bash tools/env.sh
+
+testbed:  ## build the Go control-plane binaries (cached under ~/.cache/pollinate/testbed)
+	@bash tools/testbed/build.sh
+
+up: env testbed  ## start the local cluster (etcd, apiserver, controllers, scheduler, kwok) and S3
+	@$(VENV)/pollinate-testbed up
+
+down:  ## stop the local cluster and S3, and remove their state
+	@$(VENV)/pollinate-testbed down
+
+status:  ## is the local cluster running?
+	@$(VENV)/pollinate-testbed status
+
+lint: env  ## ruff
+	@$(VENV)/ruff check .
+
+test-unit: env  ## unit tests only: no cluster, no servers
+	@$(VENV)/python -m pytest tests/unit $(PYTEST_ARGS)
+
+test: env testbed lint  ## everything: unit, integration (real control plane, S3, Flower) and e2e
+	@$(VENV)/python -m pytest $(PYTEST_ARGS)
+
+demo: env testbed  ## the end-to-end federated fine-tune on embedded defaults
+	@echo "make demo: not yet - the end-to-end path lands with issue 5 (see README 'Known not to work yet')"; exit 2
+
+bench: env  ## the benchmarks in bench/
+	@echo "make bench: not yet - benchmarks land with issue 6"; exit 2
+
+clean:  ## remove build and test leftovers from the clone
+	rm -rf .pytest_cache .ruff_cache reports

@@ -1,0 +1,22 @@
+"""Shared base for the typed views of the CRDs: camelCase on the wire, snake_case in Python."""
+
+from __future__ import annotations
+
+from pydantic import BaseModel, ConfigDict
+from pydantic.alias_generators import to_camel
+
+
+class ApiModel(BaseModel):
+    """A part of a Pollinate resource, as the CRD in `crds/` defines it.
+
+    Field names are the CRD's in snake_case; `tests/unit/operator/test_api_matches_crds.py`
+    checks every field, type, enum and default here against the CRD schema, so the CRD stays
+    the one definition of the API.
+    """
+
+    model_config = ConfigDict(
+        alias_generator=to_camel, populate_by_name=True, extra="forbid", frozen=True
+    )
+
+    def to_wire(self) -> dict:
+        return self.model_dump(by_alias=True, exclude_none=True, mode="json")

@@ -1,0 +1,84 @@
+"""The API server itself enforces the Pollinate API: schemas, defaults, CEL rules, printer
+columns and `kubectl explain` documentation, straight from `crds/`."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import yaml
+from pollinate_testbed import Testbed
+from pollinate_testbed.testing import Kubectl, eventually
+
+pytestmark = pytest.mark.cluster
+
+ROOT = Path(__file__).resolve().parents[2]
+INVALID = sorted((ROOT / "tests/data/invalid").glob("*.yaml"))
+
+
+@pytest.fixture(scope="module")
+def crds(testbed: Testbed) -> Kubectl:
+    k = Kubectl(testbed)
+    k.run("apply", "--server-side", "--force-conflicts", "-f", str(ROOT / "crds"))
+    for name in ("federations.pollinate.dev", "trainingrounds.pollinate.dev"):
+        k.run("wait", "--for=condition=Established", f"crd/{name}", "--timeout=60s")
+    # Discovery can lag the Established condition by a moment.
+    eventually(lambda: k.run("get", "federations", "-A", check=False).returncode == 0,
+               what="federations served")
+    return k
+
+
+def test_examples_are_accepted_as_they_are(crds: Kubectl, namespace: str) -> None:
+    k = Kubectl(crds.bed, namespace)
+    for example in ("federation.yaml", "traininground.yaml"):
+        k.run("apply", "--dry-run=server", "-f", str(ROOT / "examples" / example))
+
+
+def test_defaults_are_filled_in_by_the_api_server(crds: Kubectl, namespace: str) -> None:
+    k = Kubectl(crds.bed, namespace)
+    k.run("apply", "-f", str(ROOT / "examples/traininground.yaml"))
+    spec = k.json("get", "traininground", "notes-v1")["spec"]
+    assert spec["pendingTimeoutSeconds"] == 300
+    assert spec["transport"] == {"dtype": "float16", "maxUpdateNorm": 1000}
+    assert spec["privacy"]["targetDelta"] == 1e-05
+    assert spec["suspend"] is False
+
+
+@pytest.mark.parametrize("manifest", INVALID, ids=[p.stem for p in INVALID])
+def test_invalid_manifest_is_rejected_naming_the_field(crds: Kubectl, namespace: str,
+                                                      manifest: Path) -> None:
+    expected = manifest.read_text().splitlines()[0].removeprefix("# expect: ")
+    result = Kubectl(crds.bed, namespace).run(
+        "apply", "--dry-run=server", "-f", str(manifest), check=False)
+    assert result.returncode != 0, f"{manifest.name} was accepted"
+    assert expected in result.stderr, result.stderr
+
+
+def test_federation_is_immutable_on_a_traininground(crds: Kubectl, namespace: str) -> None:
+    k = Kubectl(crds.bed, namespace)
+    k.run("apply", "-f", str(ROOT / "examples/traininground.yaml"))
+    result = k.run("patch", "traininground", "notes-v1", "--type=merge",
+                   "-p", '{"spec":{"federation":"other"}}', check=False)
+    assert result.returncode != 0
+    assert "federation is immutable" in result.stderr
+
+
+def test_kubectl_explain_documents_the_api(crds: Kubectl) -> None:
+    out = crds.run("explain", "federation.spec.sites").stdout
+    assert "The sites of the federation" in out
+    for field in ("nodeSelector", "external", "quantization", "data"):
+        assert field in out
+    out = crds.run("explain", "traininground.spec.strategy").stdout
+    assert "trimmedmean" in out
+
+
+def test_printer_columns(crds: Kubectl, namespace: str) -> None:
+    k = Kubectl(crds.bed, namespace)
+    k.run("apply", "-f", str(ROOT / "examples/traininground.yaml"))
+    header = k.run("get", "trainingrounds").stdout.splitlines()[0].split()
+    assert header[:5] == ["NAME", "FEDERATION", "PHASE", "ROUND", "SITES"]
+    assert {"PERPLEXITY", "ADAPTER", "AGE"} <= set(header)
+    fed = yaml.safe_load((ROOT / "examples/federation.yaml").read_text())
+    k.apply(yaml.safe_dump(fed))
+    header = k.run("get", "federations").stdout.splitlines()[0].split()
+    assert header == ["NAME", "PHASE", "ENDPOINT", "SITES", "LATEST", "ADAPTER", "AGE"]
