@@ -9,15 +9,14 @@ from pathlib import Path
 
 import pytest
 import yaml
-from pydantic import BaseModel
-from pydantic_core import PydanticUndefined
-
 from pollinate_operator.api import (
     FederationSpec,
     FederationStatus,
     TrainingRoundSpec,
     TrainingRoundStatus,
 )
+from pydantic import BaseModel
+from pydantic_core import PydanticUndefined
 
 CRDS = Path(__file__).resolve().parents[3] / "crds"
 PRIMITIVES = {"string": str, "integer": int, "number": float, "boolean": bool}

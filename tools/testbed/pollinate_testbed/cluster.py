@@ -8,6 +8,7 @@ by `make up` outlives the command and is reused by tests that find it running.
 from __future__ import annotations
 
 import base64
+import contextlib
 import json
 import os
 import secrets
@@ -41,6 +42,12 @@ class Ports:
     apiserver: int = 36443
     s3: int = 39000
     s3_console: int = 39001
+
+    @classmethod
+    def from_env(cls) -> Ports:
+        """Shifted by $POLLINATE_TESTBED_PORT_OFFSET, so two clusters can run side by side."""
+        offset = int(os.environ.get("POLLINATE_TESTBED_PORT_OFFSET", "0"))
+        return cls(**{k: v + offset for k, v in asdict(cls()).items()})
 
 
 @dataclass(frozen=True)
@@ -76,9 +83,11 @@ def build_binaries() -> Path:
 
 
 class Testbed:
-    def __init__(self, state_dir: Path | None = None, ports: Ports = Ports()) -> None:
+    __test__ = False  # not a pytest test class, despite the name
+
+    def __init__(self, state_dir: Path | None = None, ports: Ports | None = None) -> None:
         self.state_dir = state_dir or default_state_dir()
-        self.ports = ports
+        self.ports = ports or Ports.from_env()
         self.pki_dir = self.state_dir / "pki"
         self.log_dir = self.state_dir / "logs"
         self.pid_dir = self.state_dir / "pids"
@@ -357,7 +366,5 @@ def _stop(pid: int, grace: float = 10.0) -> None:
         except ProcessLookupError:
             return
         time.sleep(0.1)
-    try:
+    with contextlib.suppress(ProcessLookupError):
         os.killpg(pid, signal.SIGKILL)
-    except ProcessLookupError:
-        pass

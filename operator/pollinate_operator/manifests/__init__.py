@@ -1,0 +1,1 @@
+"""Pure functions from a resource's spec to the Kubernetes objects it implies. No I/O."""

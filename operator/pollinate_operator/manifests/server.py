@@ -1,0 +1,203 @@
+"""The Flower server of a Federation: SuperLink Deployment, Service, Ingress, NetworkPolicy.
+
+Flower 1.41 serves its fleet, control and runtime APIs as protobuf over HTTP/1.1 on one
+port, so there is one Service port; the Ingress exposes only the fleet path (the control
+API is for the operator, the runtime API must never leave the pod), and the NetworkPolicy
+limits who reaches the port at all.
+"""
+
+from __future__ import annotations
+
+from ..api.federation import FederationSpec
+from ..settings import Settings
+from . import names
+from .security import CONTAINER_SECURITY_CONTEXT, POD_SECURITY_CONTEXT
+
+TLS_DIR = "/etc/pollinate/tls"
+STATE_DIR = "/var/lib/pollinate"
+FLEET_PATH = "/v1/fleet"
+DEFAULT_RESOURCES = {
+    "requests": {"cpu": "250m", "memory": "512Mi"},
+    "limits": {"memory": "4Gi"},
+}
+
+
+def superlink_args(spec: FederationSpec, port: int) -> list[str]:
+    args = [
+        "--host=0.0.0.0",
+        f"--port={port}",
+        f"--ssl-certfile={TLS_DIR}/tls.crt",
+        f"--ssl-keyfile={TLS_DIR}/tls.key",
+        f"--ssl-ca-certfile={TLS_DIR}/ca.crt",
+        # The server app ships in the image; runs must never pip-install at run time.
+        "--disable-runtime-dependency-installation",
+        f"--database={STATE_DIR}/state.db",
+    ]
+    if spec.server.node_authentication:
+        args.append("--enable-supernode-auth")
+    return args
+
+
+def deployment(name: str, namespace: str, spec: FederationSpec, settings: Settings) -> dict:
+    port = settings.flower_port
+    labels = names.server_labels(name)
+    s3 = spec.storage.s3
+    probe = {
+        "httpGet": {"path": "/health", "port": "flower", "scheme": "HTTPS"},
+        "periodSeconds": 10,
+        "timeoutSeconds": 5,
+    }
+    container = {
+        "name": "superlink",
+        "image": spec.server.image,
+        "command": ["flower-superlink"],
+        "args": superlink_args(spec, port),
+        "ports": [{"name": "flower", "containerPort": port, "protocol": "TCP"}],
+        "env": [
+            {"name": "FLWR_HOME", "value": f"{STATE_DIR}/flwr"},
+            {"name": "HOME", "value": f"{STATE_DIR}/home"},
+            # The server app writes checkpoints and adapter versions with these.
+            {"name": "AWS_DEFAULT_REGION", "value": s3.region},
+        ],
+        "envFrom": [{"secretRef": {"name": s3.credentials_secret}}],
+        "readinessProbe": {**probe, "initialDelaySeconds": 2, "failureThreshold": 3},
+        "livenessProbe": {**probe, "initialDelaySeconds": 20, "failureThreshold": 6},
+        "resources": spec.server.resources or DEFAULT_RESOURCES,
+        "securityContext": CONTAINER_SECURITY_CONTEXT,
+        "volumeMounts": [
+            {"name": "tls", "mountPath": TLS_DIR, "readOnly": True},
+            {"name": "state", "mountPath": STATE_DIR},
+            {"name": "tmp", "mountPath": "/tmp"},
+        ],
+    }
+    return {
+        "apiVersion": "apps/v1",
+        "kind": "Deployment",
+        "metadata": {"name": names.server(name), "namespace": namespace, "labels": labels},
+        "spec": {
+            "replicas": 1,
+            # Two SuperLinks would split the sites between them: never run both at once.
+            "strategy": {"type": "Recreate"},
+            "selector": {"matchLabels": names.server_selector(name)},
+            "template": {
+                "metadata": {"labels": labels},
+                "spec": {
+                    "automountServiceAccountToken": False,
+                    "securityContext": POD_SECURITY_CONTEXT,
+                    "containers": [container],
+                    "volumes": [
+                        {"name": "tls", "secret": {"secretName": names.server_tls_secret(name)}},
+                        {"name": "state", "emptyDir": {}},
+                        {"name": "tmp", "emptyDir": {}},
+                    ],
+                },
+            },
+        },
+    }
+
+
+def service(name: str, namespace: str, settings: Settings) -> dict:
+    return {
+        "apiVersion": "v1",
+        "kind": "Service",
+        "metadata": {
+            "name": names.server(name), "namespace": namespace,
+            "labels": names.server_labels(name),
+        },
+        "spec": {
+            "selector": names.server_selector(name),
+            "ports": [{
+                "name": "flower", "port": settings.flower_port, "targetPort": "flower",
+                "protocol": "TCP", "appProtocol": "https",
+            }],
+        },
+    }
+
+
+def ingress(name: str, namespace: str, spec: FederationSpec, settings: Settings) -> dict | None:
+    ing = spec.server.ingress
+    if ing is None:
+        return None
+    annotations = {
+        # Flower serves TLS itself; arrays travel in 5 MiB chunks; streams stay open.
+        "nginx.ingress.kubernetes.io/backend-protocol": "HTTPS",
+        "nginx.ingress.kubernetes.io/proxy-body-size": "64m",
+        "nginx.ingress.kubernetes.io/proxy-read-timeout": "3600",
+        "nginx.ingress.kubernetes.io/proxy-buffering": "off",
+        **(ing.annotations or {}),
+    }
+    body: dict = {
+        "apiVersion": "networking.k8s.io/v1",
+        "kind": "Ingress",
+        "metadata": {
+            "name": names.server(name), "namespace": namespace,
+            "labels": names.server_labels(name), "annotations": annotations,
+        },
+        "spec": {
+            "tls": [{"hosts": [ing.host],
+                     "secretName": ing.tls_secret or names.server_tls_secret(name)}],
+            "rules": [{
+                "host": ing.host,
+                "http": {"paths": [{
+                    "path": FLEET_PATH,
+                    "pathType": "Prefix",
+                    "backend": {"service": {
+                        "name": names.server(name), "port": {"number": settings.flower_port}}},
+                }]},
+            }],
+        },
+    }
+    if ing.class_name:
+        body["spec"]["ingressClassName"] = ing.class_name
+    return body
+
+
+def network_policy(name: str, namespace: str, settings: Settings) -> dict:
+    """Only the ingress controller, this federation's in-cluster clients and the operator
+    may reach the server's port."""
+    peers = [
+        {"namespaceSelector": {}, "podSelector": {"matchLabels": settings.ingress_controller_labels}},
+        {"podSelector": {"matchLabels": {
+            names.FEDERATION_LABEL: name, names.COMPONENT_LABEL: "site-client"}}},
+        {"namespaceSelector": {}, "podSelector": {"matchLabels": settings.operator_labels}},
+    ]
+    return {
+        "apiVersion": "networking.k8s.io/v1",
+        "kind": "NetworkPolicy",
+        "metadata": {
+            "name": names.server(name), "namespace": namespace,
+            "labels": names.server_labels(name),
+        },
+        "spec": {
+            "podSelector": {"matchLabels": names.server_selector(name)},
+            "policyTypes": ["Ingress"],
+            "ingress": [{"from": peers, "ports": [{"port": settings.flower_port, "protocol": "TCP"}]}],
+        },
+    }
+
+
+def server_objects(name: str, namespace: str, spec: FederationSpec, settings: Settings) -> list[dict]:
+    objects = [
+        deployment(name, namespace, spec, settings),
+        service(name, namespace, settings),
+        ingress(name, namespace, spec, settings),
+        network_policy(name, namespace, settings),
+    ]
+    return [o for o in objects if o is not None]
+
+
+def in_cluster_address(name: str, namespace: str, settings: Settings) -> str:
+    return f"{names.server(name)}.{namespace}.svc:{settings.flower_port}"
+
+
+def external_endpoint(spec: FederationSpec) -> str | None:
+    return f"{spec.server.ingress.host}:443" if spec.server.ingress else None
+
+
+def tls_dns_names(name: str, namespace: str, spec: FederationSpec) -> list[str]:
+    svc = names.server(name)
+    dns = [svc, f"{svc}.{namespace}", f"{svc}.{namespace}.svc", f"{svc}.{namespace}.svc.cluster.local",
+           "localhost"]
+    if spec.server.ingress:
+        dns.insert(0, spec.server.ingress.host)
+    return dns
