@@ -1,0 +1,48 @@
+"""Secrets of a Federation: its CA, the server's TLS certificate, one identity per site."""
+
+from __future__ import annotations
+
+import base64
+
+from ..pki import CertificateAuthority, ServerCertificate, SiteKey
+from . import names
+
+
+def _b64(data: bytes) -> str:
+    return base64.b64encode(data).decode()
+
+
+def _secret(name: str, namespace: str, federation: str, data: dict[str, bytes],
+            annotations: dict[str, str] | None = None, type: str = "Opaque") -> dict:
+    return {
+        "apiVersion": "v1",
+        "kind": "Secret",
+        "type": type,
+        "metadata": {
+            "name": name, "namespace": namespace,
+            "labels": {names.FEDERATION_LABEL: federation, **names.MANAGED_BY},
+            "annotations": annotations or {},
+        },
+        "data": {k: _b64(v) for k, v in data.items()},
+    }
+
+
+def ca_secret(federation: str, namespace: str, ca: CertificateAuthority, rotation: int) -> dict:
+    return _secret(names.ca_secret(federation), namespace, federation,
+                   {"ca.crt": ca.cert_pem, "ca.key": ca.key_pem},
+                   {names.ROTATION_ANNOTATION: str(rotation)})
+
+
+def server_tls_secret(federation: str, namespace: str, ca: CertificateAuthority,
+                      cert: ServerCertificate, rotation: int) -> dict:
+    return _secret(names.server_tls_secret(federation), namespace, federation,
+                   {"ca.crt": ca.cert_pem, "tls.crt": cert.cert_pem, "tls.key": cert.key_pem},
+                   {names.ROTATION_ANNOTATION: str(rotation)}, type="kubernetes.io/tls")
+
+
+def site_secret(federation: str, namespace: str, site: str, key: SiteKey, ca_cert_pem: bytes) -> dict:
+    body = _secret(names.site_secret(federation, site), namespace, federation,
+                   {"site.key": key.private_openssh, "site.pub": key.public_openssh,
+                    "ca.crt": ca_cert_pem})
+    body["metadata"]["labels"][names.SITE_LABEL] = site
+    return body
