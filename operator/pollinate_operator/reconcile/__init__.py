@@ -1,0 +1,1 @@
+"""Pure decisions: from desired and observed state to actions and status."""
