@@ -9,6 +9,7 @@ Site keys are OpenSSH EC P-384 keys, the format Flower's SuperNode authenticatio
 from __future__ import annotations
 
 import datetime as dt
+import hashlib
 import ipaddress
 from dataclasses import dataclass
 
@@ -111,3 +112,8 @@ def public_key_pem(public_openssh: bytes) -> bytes:
     key = serialization.load_ssh_public_key(public_openssh)
     return key.public_bytes(
         serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo)
+
+
+def fingerprint(cert_pem: bytes) -> str:
+    """A short, stable identifier of a certificate (for annotations, never a secret)."""
+    return hashlib.sha256(cert_pem).hexdigest()[:16]

@@ -20,3 +20,10 @@ class ApiModel(BaseModel):
 
     def to_wire(self) -> dict:
         return self.model_dump(by_alias=True, exclude_none=True, mode="json")
+
+    @classmethod
+    def from_stored(cls, raw: dict | None):
+        """Read a stored status, ignoring keys that are not ours (kopf keeps its own there)."""
+        raw = raw or {}
+        aliases = {f.alias or name for name, f in cls.model_fields.items()}
+        return cls.model_validate({k: v for k, v in raw.items() if k in aliases})

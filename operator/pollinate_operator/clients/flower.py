@@ -8,7 +8,6 @@ from __future__ import annotations
 import hashlib
 from dataclasses import dataclass
 
-from cryptography.hazmat.primitives import serialization
 from flwr.cli.build import build_fab_from_files
 from flwr.common.serde import fab_to_proto, run_from_proto, user_config_to_proto
 from flwr.proto.control_pb2 import (  # pylint: disable=no-name-in-module
@@ -22,7 +21,6 @@ from flwr.proto.control_pb2 import (  # pylint: disable=no-name-in-module
 from flwr.supercore.control import ControlHttpClient
 from flwr.supercore.fab import Fab
 from flwr.supercore.interceptors.http.runtime_version import RuntimeVersionHttpInterceptor
-from flwr.supercore.primitives.asymmetric import public_key_to_bytes
 from pollinate_runtime.run_config import RunConfig, flower_app_pyproject
 
 
@@ -43,10 +41,18 @@ class RunState:
 
 
 @dataclass(frozen=True)
-class RegisteredNode:
-    node_id: int
+class RunSummary:
+    run_id: int
     status: str
+    override_config: dict
+
+
+@dataclass(frozen=True)
+class RegisteredNode:
+    node_id: str  # a uint64: kept as text, as in status
+    status: str  # registered | online | offline | unregistered
     name: str
+    public_key_pem: bytes
 
 
 def app_bundle(config: RunConfig) -> Fab:
@@ -96,20 +102,25 @@ class FlowerControl:
         run = run_from_proto(proto)
         return RunState(run.run_id, run.status.status, run.status.sub_status, run.status.details)
 
+    def list_runs(self) -> list[RunSummary]:
+        response = self._call("ListRuns", ListRunsRequest())
+        runs = (run_from_proto(p) for p in response.run_dict.values())
+        return [RunSummary(r.run_id, r.status.status, dict(r.override_config)) for r in runs]
+
     def stop_run(self, run_id: int) -> None:
         self._call("StopRun", StopRunRequest(run_id=run_id))
 
-    def register_site(self, name: str, public_openssh: bytes) -> int:
-        key = serialization.load_ssh_public_key(public_openssh)
-        request = RegisterNodeRequest(public_key=public_key_to_bytes(key), name=name)
-        return int(self._call("RegisterNode", request).node_id)
+    def register_site(self, name: str, public_key_pem: bytes) -> str:
+        request = RegisterNodeRequest(public_key=public_key_pem, name=name)
+        return str(self._call("RegisterNode", request).node_id)
 
-    def unregister_site(self, node_id: int) -> None:
-        self._call("UnregisterNode", UnregisterNodeRequest(node_id=node_id))
+    def unregister_site(self, node_id: str) -> None:
+        self._call("UnregisterNode", UnregisterNodeRequest(node_id=int(node_id)))
 
     def nodes(self) -> list[RegisteredNode]:
         response = self._call("ListNodes", ListNodesRequest())
-        return [RegisteredNode(int(n.node_id), n.status, n.owner_name) for n in response.nodes_info]
+        return [RegisteredNode(str(n.node_id), n.status, n.name, bytes(n.public_key))
+                for n in response.nodes_info]
 
 
 def _is_connection_error(err: Exception) -> bool:

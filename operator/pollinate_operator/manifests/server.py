@@ -38,7 +38,8 @@ def superlink_args(spec: FederationSpec, port: int) -> list[str]:
     return args
 
 
-def deployment(name: str, namespace: str, spec: FederationSpec, settings: Settings) -> dict:
+def deployment(name: str, namespace: str, spec: FederationSpec, settings: Settings,
+               cert_fingerprint: str = "") -> dict:
     port = settings.flower_port
     labels = names.server_labels(name)
     s3 = spec.storage.s3
@@ -80,13 +81,15 @@ def deployment(name: str, namespace: str, spec: FederationSpec, settings: Settin
             "strategy": {"type": "Recreate"},
             "selector": {"matchLabels": names.server_selector(name)},
             "template": {
-                "metadata": {"labels": labels},
+                # A new certificate restarts the server: it reads its certificate at start.
+                "metadata": {"labels": labels,
+                             "annotations": {f"{names.GROUP}/server-certificate": cert_fingerprint}},
                 "spec": {
                     "automountServiceAccountToken": False,
                     "securityContext": POD_SECURITY_CONTEXT,
                     "containers": [container],
                     "volumes": [
-                        {"name": "tls", "secret": {"secretName": names.server_tls_secret(name)}},
+                        {"name": "tls", "secret": {"secretName": tls_secret_name(name, spec)}},
                         {"name": "state", "emptyDir": {}},
                         {"name": "tmp", "emptyDir": {}},
                     ],
@@ -176,9 +179,10 @@ def network_policy(name: str, namespace: str, settings: Settings) -> dict:
     }
 
 
-def server_objects(name: str, namespace: str, spec: FederationSpec, settings: Settings) -> list[dict]:
+def server_objects(name: str, namespace: str, spec: FederationSpec, settings: Settings,
+                   cert_fingerprint: str = "") -> list[dict]:
     objects = [
-        deployment(name, namespace, spec, settings),
+        deployment(name, namespace, spec, settings, cert_fingerprint),
         service(name, namespace, settings),
         ingress(name, namespace, spec, settings),
         network_policy(name, namespace, settings),
@@ -201,3 +205,8 @@ def tls_dns_names(name: str, namespace: str, spec: FederationSpec) -> list[str]:
     if spec.server.ingress:
         dns.insert(0, spec.server.ingress.host)
     return dns
+
+
+def tls_secret_name(name: str, spec: FederationSpec) -> str:
+    """The Secret with ca.crt, tls.crt and tls.key the server presents: the user's or ours."""
+    return spec.server.tls.secret_name or names.server_tls_secret(name)

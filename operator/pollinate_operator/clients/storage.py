@@ -1,0 +1,48 @@
+"""A Federation's S3 store, as the operator reads it: run progress and adapter versions."""
+
+from __future__ import annotations
+
+import logging
+
+from pollinate_runtime.store import FederationStore, ObjectStore, RetryPolicy, StoreError, s3_client
+
+from ..api.federation import FederationSpec
+from ..api.traininground import RoundMetrics
+from ..reconcile.traininground import Progress
+from . import kube
+
+log = logging.getLogger(__name__)
+# The operator polls: a failed read is retried on the next pass, not inside this one.
+_NO_RETRY = RetryPolicy(deadline_seconds=0.0)
+
+
+def federation_store(fed: FederationSpec, federation: str, namespace: str) -> FederationStore | None:
+    s3 = fed.storage.s3
+    creds = kube.read_secret(namespace, s3.credentials_secret)
+    if creds is None:
+        return None
+    client = s3_client(
+        s3.endpoint, region=s3.region,
+        access_key=creds.data.get("AWS_ACCESS_KEY_ID", b"").decode(),
+        secret_key=creds.data.get("AWS_SECRET_ACCESS_KEY", b"").decode(),
+        connect_timeout=2.0, read_timeout=5.0,
+    )
+    prefix = s3.prefix if s3.prefix is not None else federation
+    return FederationStore(ObjectStore(client, s3.bucket, prefix, retry=_NO_RETRY))
+
+
+def read_progress(fed: FederationSpec, federation: str, namespace: str,
+                  training_round: str) -> Progress | None:
+    store = federation_store(fed, federation, namespace)
+    if store is None:
+        return None
+    try:
+        progress = store.read_progress(training_round)
+    except StoreError as err:
+        log.info("run progress of %s not readable yet: %s", training_round, err)
+        return None
+    if progress is None:
+        return None
+    metrics = tuple(RoundMetrics.from_stored(m) for m in progress.rounds)
+    version = f"v{progress.adapter_version}" if progress.adapter_version else None
+    return Progress(progress.round, metrics, version, progress.last_checkpoint)

@@ -1,0 +1,155 @@
+"""kopf wiring for Federation: gather what is observed, let `reconcile` decide, apply it."""
+
+from __future__ import annotations
+
+import logging
+import threading
+
+import kopf
+
+from .. import pki
+from ..api.federation import FederationSpec, FederationStatus
+from ..clients import kube
+from ..clients.flower import FlowerControl, FlowerUnavailable
+from ..manifests import names, secrets, server
+from ..manifests.security import owner_reference
+from ..metrics import observe_reconcile
+from ..reconcile import federation as plan
+from ..settings import Settings
+
+
+def _owned(obj: dict, body: kopf.Body) -> dict:
+    obj["metadata"]["ownerReferences"] = [owner_reference(dict(body))]
+    return obj
+
+
+def _public_pem(openssh: bytes) -> bytes:
+    return pki.public_key_pem(openssh)
+
+
+def flower_address(name: str, namespace: str, settings: Settings) -> str:
+    return settings.flower_address_override or server.in_cluster_address(name, namespace, settings)
+
+
+def _ensure_tls(name: str, namespace: str, spec: FederationSpec, body: kopf.Body,
+                logger: logging.Logger) -> bytes:
+    """Make the CA and server certificate exist and cover the server; return the CA cert."""
+    if spec.server.tls.secret_name:
+        given = kube.read_secret(namespace, spec.server.tls.secret_name)
+        if given is None or "ca.crt" not in given.data:
+            raise kopf.TemporaryError(
+                f"spec.server.tls.secretName {spec.server.tls.secret_name!r}: Secret missing or "
+                "without ca.crt, tls.crt and tls.key", delay=30)
+        return given.data["ca.crt"]
+    ca_secret = kube.read_secret(namespace, names.ca_secret(name))
+    tls_secret = kube.read_secret(namespace, names.server_tls_secret(name))
+    observed = plan.TLSObserved(
+        ca_cert_pem=ca_secret.data.get("ca.crt") if ca_secret else None,
+        ca_rotation=int(ca_secret.annotations.get(names.ROTATION_ANNOTATION, -1)) if ca_secret else None,
+        server_cert_names=tuple(map(frozenset, pki.certificate_names(tls_secret.data["tls.crt"])))
+        if tls_secret and "tls.crt" in tls_secret.data else None,
+        server_rotation=int(tls_secret.annotations.get(names.ROTATION_ANNOTATION, -1))
+        if tls_secret else None,
+    )
+    dns = server.tls_dns_names(name, namespace, spec)
+    decision = plan.plan_tls(spec, observed, dns)
+    rotation = spec.server.tls.rotation
+    if decision.new_ca:
+        ca = pki.new_ca(f"pollinate {namespace}/{name} CA")
+        kube.apply(_owned(secrets.ca_secret(name, namespace, ca, rotation), body))
+        logger.info("generated the federation CA (rotation %d)", rotation)
+    else:
+        assert ca_secret is not None
+        ca = pki.CertificateAuthority(ca_secret.data["ca.crt"], ca_secret.data["ca.key"])
+    if decision.new_server_certificate:
+        cert = pki.new_server_certificate(ca, dns)
+        kube.apply(_owned(secrets.server_tls_secret(name, namespace, ca, cert, rotation), body))
+        logger.info("issued the server certificate for %s", ", ".join(dns))
+    return ca.cert_pem
+
+
+def _ensure_site_keys(name: str, namespace: str, spec: FederationSpec, ca_pem: bytes,
+                      body: kopf.Body) -> dict[str, bytes]:
+    """Every site has a key Secret carrying the current CA; return site -> public key PEM."""
+    selector = f"{names.FEDERATION_LABEL}={name},{names.SITE_LABEL}"
+    keys: dict[str, bytes] = {}
+    for site in kube.list_secret_labels(namespace, selector, names.SITE_LABEL):
+        stored = kube.read_secret(namespace, names.site_secret(name, site))
+        if stored is None or "site.pub" not in stored.data:
+            continue
+        if stored.data.get("ca.crt") != ca_pem and spec.site(site):  # CA rotated
+            key = pki.SiteKey(stored.data["site.key"], stored.data["site.pub"])
+            kube.apply(_owned(secrets.site_secret(name, namespace, site, key, ca_pem), body))
+        keys[site] = _public_pem(stored.data["site.pub"])
+    for site in spec.sites:
+        if site.name not in keys:
+            key = pki.new_site_key()
+            kube.apply(_owned(secrets.site_secret(name, namespace, site.name, key, ca_pem), body))
+            keys[site.name] = _public_pem(key.public_openssh)
+    return keys
+
+
+def reconcile(name: str, namespace: str, body: kopf.Body, settings: Settings,
+              logger: logging.Logger) -> FederationStatus:
+    spec = FederationSpec.model_validate(dict(body["spec"]))
+    previous = FederationStatus.from_stored(dict(body.get("status") or {}))
+    ca_pem = _ensure_tls(name, namespace, spec, body, logger)
+    site_keys = _ensure_site_keys(name, namespace, spec, ca_pem, body)
+
+    tls_secret = kube.read_secret(namespace, server.tls_secret_name(name, spec))
+    cert_fingerprint = pki.fingerprint(tls_secret.data.get("tls.crt", b"")) if tls_secret else ""
+    for obj in server.server_objects(name, namespace, spec, settings, cert_fingerprint):
+        kube.apply(_owned(obj, body))
+
+    ready = kube.deployment_ready_replicas(namespace, names.server(name))
+    flower_nodes = None
+    if ready or settings.flower_address_override:
+        try:
+            with FlowerControl(flower_address(name, namespace, settings), ca_pem) as control:
+                flower_nodes = [plan.FlowerNode(n.node_id, n.status, n.public_key_pem)
+                                for n in control.nodes()]
+                observed = plan.FederationObserved(
+                    body.meta.get("generation", 0), plan.TLSObserved(), site_keys, ready,
+                    flower_nodes, previous)
+                for site, node_id in plan.nodes_to_unregister(spec, observed).items():
+                    control.unregister_site(node_id)
+                    logger.info("unregistered site %s (node %s): it left the federation", site, node_id)
+                for site in plan.sites_to_register(spec, observed):
+                    node_id = control.register_site(site, site_keys[site])
+                    logger.info("registered site %s as node %s", site, node_id)
+                flower_nodes = [plan.FlowerNode(n.node_id, n.status, n.public_key_pem)
+                                for n in control.nodes()]
+        except FlowerUnavailable as err:
+            logger.info("Flower server not reachable yet: %s", err)
+            flower_nodes = None
+
+    observed = plan.FederationObserved(
+        generation=body.meta.get("generation", 0), tls=plan.TLSObserved(), site_keys=site_keys,
+        server_ready_replicas=ready, flower_nodes=flower_nodes, previous=previous,
+    )
+    registered = plan.registered_sites(observed)
+    if flower_nodes is not None:
+        for site in plan.stale_sites(spec, observed):
+            if site not in registered:  # unregistered first, so a crash here loses nothing
+                kube.delete("v1", "Secret", namespace, names.site_secret(name, site))
+    return plan.federation_status(
+        name, namespace, spec, observed, registered,
+        internal_endpoint=server.in_cluster_address(name, namespace, settings),
+        external_endpoint=server.external_endpoint(spec),
+    )
+
+
+def register(settings: Settings) -> None:
+    group, version, plural = "pollinate.dev", "v1alpha1", "federations"
+
+    @kopf.on.resume(group, version, plural)
+    @kopf.on.create(group, version, plural)
+    @kopf.on.update(group, version, plural, field="spec")
+    @kopf.timer(group, version, plural, interval=settings.resync_seconds,
+                initial_delay=settings.resync_seconds)
+    def federation(name: str, namespace: str, body: kopf.Body, patch: kopf.Patch,
+                   memo: kopf.Memo, logger: logging.Logger, **_) -> None:
+        lock = memo.setdefault("lock", threading.Lock())
+        with lock, observe_reconcile("federation"):
+            status = reconcile(name, namespace, body, settings, logger)
+        patch.status.update(status.to_wire())

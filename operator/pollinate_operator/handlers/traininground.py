@@ -1,0 +1,178 @@
+"""kopf wiring for TrainingRound: observe, `reconcile.traininground.decide`, act, write status."""
+
+from __future__ import annotations
+
+import datetime as dt
+import logging
+import threading
+
+import kopf
+
+from ..api.federation import FederationSpec, FederationStatus
+from ..api.traininground import TrainingRoundSpec, TrainingRoundStatus
+from ..clients import kube, storage
+from ..clients.flower import FlowerControl, FlowerUnavailable
+from ..manifests import clients as client_manifests
+from ..manifests import names, server
+from ..manifests.run import run_config
+from ..manifests.security import owner_reference
+from ..metrics import ROUNDS_COMPLETED, RUNS_FINISHED, observe_reconcile
+from ..reconcile import traininground as plan
+from ..settings import Settings
+from .federation import flower_address
+
+
+def _parse_time(value: str | None) -> dt.datetime | None:
+    if not value:
+        return None
+    return dt.datetime.fromisoformat(value.replace("Z", "+00:00"))
+
+
+def observe_jobs(namespace: str, training_round: str) -> dict[str, plan.JobObserved]:
+    selector = f"{names.TRAINING_ROUND_LABEL}={training_round}"
+    pods_by_site: dict[str, list[plan.PodObserved]] = {}
+    for pod in sorted(kube.list_pods(namespace, selector),
+                      key=lambda p: p["metadata"].get("creationTimestamp", "")):
+        site = pod["metadata"]["labels"].get(names.SITE_LABEL)
+        scheduled = next((c for c in pod.get("status", {}).get("conditions", [])
+                          if c["type"] == "PodScheduled"), None)
+        unschedulable = (scheduled and scheduled["status"] == "False"
+                         and scheduled.get("reason") == "Unschedulable")
+        pods_by_site.setdefault(site, []).append(plan.PodObserved(
+            phase=pod.get("status", {}).get("phase", "Pending"),
+            node=pod["spec"].get("nodeName"),
+            unschedulable_since=_parse_time(scheduled.get("lastTransitionTime")) if unschedulable else None,
+            message=scheduled.get("message", "") if unschedulable else "",
+        ))
+    jobs: dict[str, plan.JobObserved] = {}
+    for job in kube.list_jobs(namespace, selector):
+        site = job["metadata"]["labels"].get(names.SITE_LABEL)
+        status = job.get("status", {})
+        failed = any(c["type"] == "Failed" and c["status"] == "True" for c in status.get("conditions", []))
+        jobs[site] = plan.JobObserved(
+            name=job["metadata"]["name"], active=status.get("active", 0) or 0,
+            succeeded=status.get("succeeded", 0) or 0, failed=failed,
+            pods=tuple(pods_by_site.get(site, [])))
+    return jobs
+
+
+def _find_run(control: FlowerControl, namespace: str, training_round: str) -> int | None:
+    """A live run of this TrainingRound the server already has (submitted by a pass whose
+    status write was lost): adopted instead of submitting a duplicate."""
+    for run in control.list_runs():
+        config = run.override_config
+        if (config.get("training-round") == training_round and config.get("namespace") == namespace
+                and run.status != "finished"):
+            return run.run_id
+    return None
+
+
+def reconcile(name: str, namespace: str, body: kopf.Body, settings: Settings,
+              logger: logging.Logger) -> TrainingRoundStatus:
+    spec = TrainingRoundSpec.model_validate(dict(body["spec"]))
+    previous = TrainingRoundStatus.from_stored(dict(body.get("status") or {}))
+    fed_body = kube.get_custom("federations", namespace, spec.federation)
+    fed = FederationSpec.model_validate(fed_body["spec"]) if fed_body else None
+    fed_status = FederationStatus.from_stored(fed_body.get("status")) if fed_body else None
+    fed_ready = bool(fed_status and fed_status.phase == "Ready")
+
+    run_id = int(previous.run_id) if previous.run_id else None
+    run: plan.RunObserved | None = None
+    reachable = False
+    control: FlowerControl | None = None
+    if fed is not None and fed_ready and previous.phase not in plan.TERMINAL:
+        tls = kube.read_secret(namespace, server.tls_secret_name(spec.federation, fed))
+        if tls is not None:
+            try:
+                control = FlowerControl(flower_address(spec.federation, namespace, settings),
+                                        tls.data["ca.crt"])
+                if run_id is None:
+                    run_id = _find_run(control, namespace, name)
+                state = control.get_run(run_id) if run_id is not None else None
+                run = plan.RunObserved(state.status, state.sub_status, state.details) if state else None
+                reachable = True
+            except FlowerUnavailable as err:
+                logger.info("Flower server not reachable: %s", err)
+    progress = None
+    if fed is not None and previous.phase not in plan.TERMINAL:
+        progress = storage.read_progress(fed, spec.federation, namespace, name)
+
+    observed = plan.TrainingRoundObserved(
+        now=dt.datetime.now(dt.UTC), generation=body.meta.get("generation", 0),
+        federation=fed, federation_ready=fed_ready, jobs=observe_jobs(namespace, name),
+        run=run, server_reachable=reachable, progress=progress,
+        previous=previous.model_copy(update={"run_id": str(run_id) if run_id else None}),
+    )
+    decision = plan.decide(name, spec, observed)
+    status = decision.status
+    try:
+        if decision.stop_run and control and run_id is not None:
+            control.stop_run(run_id)
+            logger.info("stopped Flower run %s", run_id)
+        if decision.submit_run and control and fed is not None:
+            run_id = control.start_run(run_config(name, namespace, spec, spec.federation, fed))
+            status = status.model_copy(update={"run_id": str(run_id)})
+            logger.info("submitted Flower run %s (%d rounds)", run_id, spec.rounds)
+    finally:
+        if control:
+            control.close()
+    if fed is not None:
+        address = server.in_cluster_address(spec.federation, namespace, settings)
+        for site_name in decision.create_jobs:
+            site = fed.site(site_name)
+            assert site is not None
+            job = client_manifests.client_job(name, namespace, spec, spec.federation, fed, site, address)
+            job["metadata"]["ownerReferences"] = [owner_reference(dict(body))]
+            kube.apply(job)
+    for site_name in decision.delete_jobs:
+        kube.delete("batch/v1", "Job", namespace, names.client_job(name, site_name))
+    for event in decision.events:
+        kopf.event(body, type=event.type, reason=event.reason, message=event.message)
+    if (status.round or 0) > (previous.round or 0):
+        ROUNDS_COMPLETED.labels(namespace).inc((status.round or 0) - (previous.round or 0))
+    if status.phase in plan.TERMINAL and previous.phase not in plan.TERMINAL:
+        RUNS_FINISHED.labels(status.phase).inc()
+    return status
+
+
+def stop_run_on_delete(name: str, namespace: str, body: kopf.Body, settings: Settings,
+                       logger: logging.Logger) -> None:
+    status = TrainingRoundStatus.from_stored(dict(body.get("status") or {}))
+    if not status.run_id or status.phase in plan.TERMINAL:
+        return
+    fed_body = kube.get_custom("federations", namespace, body["spec"]["federation"])
+    if fed_body is None:
+        return
+    fed = FederationSpec.model_validate(fed_body["spec"])
+    tls = kube.read_secret(namespace, server.tls_secret_name(body["spec"]["federation"], fed))
+    if tls is None:
+        return
+    try:
+        with FlowerControl(flower_address(body["spec"]["federation"], namespace, settings),
+                           tls.data["ca.crt"]) as control:
+            control.stop_run(int(status.run_id))
+            logger.info("stopped Flower run %s: its TrainingRound was deleted", status.run_id)
+    except FlowerUnavailable as err:
+        logger.warning("could not stop Flower run %s: %s", status.run_id, err)
+
+
+def register(settings: Settings) -> None:
+    group, version, plural = "pollinate.dev", "v1alpha1", "trainingrounds"
+
+    @kopf.on.resume(group, version, plural)
+    @kopf.on.create(group, version, plural)
+    @kopf.on.update(group, version, plural, field="spec")
+    @kopf.timer(group, version, plural, interval=settings.resync_seconds,
+                initial_delay=settings.resync_seconds)
+    def training_round(name: str, namespace: str, body: kopf.Body, patch: kopf.Patch,
+                       memo: kopf.Memo, logger: logging.Logger, **_) -> None:
+        lock = memo.setdefault("lock", threading.Lock())
+        with lock, observe_reconcile("traininground"):
+            status = reconcile(name, namespace, body, settings, logger)
+        patch.status.update(status.to_wire())
+
+    @kopf.on.delete(group, version, plural, optional=True)
+    def training_round_deleted(name: str, namespace: str, body: kopf.Body,
+                               logger: logging.Logger, **_) -> None:
+        stop_run_on_delete(name, namespace, body, settings, logger)
+

@@ -1,0 +1,151 @@
+"""What a Federation needs next, decided from what is observed. No I/O here.
+
+The handler gathers a `FederationObserved`, asks these functions what to write, writes it,
+and stores the status they compute. Everything is recomputed on every pass, so a deleted
+child or a lost registration is repaired by the next pass (level-triggered).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from ..api.conditions import Condition, set_condition
+from ..api.federation import FederationSpec, FederationStatus, SiteIdentity
+from ..manifests import names
+
+
+@dataclass(frozen=True)
+class TLSObserved:
+    ca_cert_pem: bytes | None = None
+    ca_rotation: int | None = None
+    server_cert_names: tuple[frozenset[str], frozenset[str]] | None = None  # DNS, IPs
+    server_rotation: int | None = None
+
+
+@dataclass(frozen=True)
+class FlowerNode:
+    node_id: str
+    status: str
+    public_key_pem: bytes
+
+
+@dataclass(frozen=True)
+class FederationObserved:
+    generation: int
+    tls: TLSObserved
+    # Site name -> PEM public key, from the site Secrets that exist.
+    site_keys: dict[str, bytes]
+    # None: the Deployment does not exist; otherwise its ready replicas.
+    server_ready_replicas: int | None
+    # None when the server could not be asked.
+    flower_nodes: list[FlowerNode] | None
+    previous: FederationStatus = field(default_factory=FederationStatus)
+    latest_adapter_version: str | None = None
+
+
+@dataclass(frozen=True)
+class TLSPlan:
+    new_ca: bool
+    new_server_certificate: bool
+
+
+def plan_tls(spec: FederationSpec, observed: TLSObserved, dns_names: list[str]) -> TLSPlan:
+    """Generate what is missing, what a rotation asks for, and a certificate whose names
+    no longer cover the server (e.g. a new ingress host)."""
+    if spec.server.tls.secret_name:
+        return TLSPlan(False, False)  # the user owns the material
+    rotation = spec.server.tls.rotation
+    new_ca = observed.ca_cert_pem is None or observed.ca_rotation != rotation
+    names_ok = observed.server_cert_names is not None and (
+        set(dns_names) <= observed.server_cert_names[0] and "127.0.0.1" in observed.server_cert_names[1]
+    )
+    new_cert = new_ca or not names_ok or observed.server_rotation != rotation
+    return TLSPlan(new_ca, new_cert)
+
+
+def sites_needing_keys(spec: FederationSpec, observed: FederationObserved) -> list[str]:
+    return [s.name for s in spec.sites if s.name not in observed.site_keys]
+
+
+def stale_sites(spec: FederationSpec, observed: FederationObserved) -> list[str]:
+    """Sites with a key Secret that are no longer in the spec."""
+    wanted = {s.name for s in spec.sites}
+    return sorted(s for s in observed.site_keys if s not in wanted)
+
+
+def registered_sites(observed: FederationObserved) -> dict[str, str]:
+    """Site -> node id of every site whose key the server holds (by the key itself, so a
+    registration whose status write was lost is still found)."""
+    if observed.flower_nodes is None:
+        # Cannot ask now: keep what the last pass recorded.
+        return {s.name: s.node_id for s in observed.previous.sites if s.registered and s.node_id}
+    by_key = {n.public_key_pem: n.node_id for n in observed.flower_nodes if n.status != "unregistered"}
+    return {site: by_key[pem] for site, pem in observed.site_keys.items() if pem in by_key}
+
+
+def sites_to_register(spec: FederationSpec, observed: FederationObserved) -> list[str]:
+    if not spec.server.node_authentication or observed.flower_nodes is None:
+        return []
+    registered = registered_sites(observed)
+    return [s.name for s in spec.sites if s.name not in registered and s.name in observed.site_keys]
+
+
+def nodes_to_unregister(spec: FederationSpec, observed: FederationObserved) -> dict[str, str]:
+    """Sites removed from the spec whose keys are still registered: site -> node id."""
+    if observed.flower_nodes is None:
+        return {}
+    registered = registered_sites(observed)
+    return {site: registered[site] for site in stale_sites(spec, observed) if site in registered}
+
+
+def federation_status(
+    name: str, namespace: str, spec: FederationSpec, observed: FederationObserved,
+    registered: dict[str, str], internal_endpoint: str, external_endpoint: str | None,
+    now: str | None = None,
+) -> FederationStatus:
+    gen = observed.generation
+    auth = spec.server.node_authentication
+    sites = [
+        SiteIdentity(
+            name=s.name, external=s.external, key_secret=names.site_secret(name, s.name),
+            node_id=registered.get(s.name), registered=s.name in registered if auth else None,
+        )
+        for s in spec.sites
+    ]
+    n_registered = sum(1 for s in spec.sites if s.name in registered)
+    server_up = bool(observed.server_ready_replicas)
+    all_registered = not auth or n_registered == len(spec.sites)
+    conditions: list[Condition] = list(observed.previous.conditions)
+    if server_up and all_registered:
+        phase = "Ready"
+        conditions = set_condition(conditions, "Ready", True, "ServerReady",
+                                   "the server is serving and every site can join", gen, now)
+        conditions = set_condition(conditions, "Progressing", False, "Reconciled", "", gen, now)
+        conditions = set_condition(conditions, "Degraded", False, "AsExpected", "", gen, now)
+    else:
+        was_ready = observed.previous.phase == "Ready"
+        if not server_up:
+            reason = "ServerUnavailable" if was_ready else "ServerStarting"
+            message = (f"Deployment {names.server(name)} has no ready replica"
+                       if observed.server_ready_replicas is not None
+                       else f"Deployment {names.server(name)} is being created")
+        else:
+            reason, message = "RegisteringSites", (
+                f"{n_registered}/{len(spec.sites)} site keys registered with the server")
+        phase = "Degraded" if was_ready and not server_up else "Pending"
+        conditions = set_condition(conditions, "Ready", False, reason, message, gen, now)
+        conditions = set_condition(conditions, "Progressing", not was_ready, reason, message, gen, now)
+        conditions = set_condition(conditions, "Degraded", phase == "Degraded", reason,
+                                   message if phase == "Degraded" else "", gen, now)
+    return FederationStatus(
+        phase=phase,
+        endpoint=external_endpoint or internal_endpoint,
+        internal_endpoint=internal_endpoint,
+        ca_secret=names.server_tls_secret(name) if not spec.server.tls.secret_name
+        else spec.server.tls.secret_name,
+        sites_summary=f"{n_registered if auth else len(spec.sites)}/{len(spec.sites)}",
+        latest_adapter_version=observed.latest_adapter_version or observed.previous.latest_adapter_version,
+        observed_generation=gen,
+        sites=sites,
+        conditions=conditions,
+    )
