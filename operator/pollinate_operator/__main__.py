@@ -22,7 +22,7 @@ def main(argv: list[str] | None = None) -> int:
     from . import handlers  # noqa: F401 - registers the handlers
 
     kopf.run(
-        clusterwide=not args.namespace, namespaces=args.namespace or None,
+        clusterwide=not args.namespace, namespaces=args.namespace,
         liveness_endpoint=args.liveness or None,
     )
     return 0

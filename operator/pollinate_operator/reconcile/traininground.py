@@ -192,7 +192,8 @@ def decide(name: str, spec: TrainingRoundSpec, obs: TrainingRoundObserved) -> De
         if prev.phase != "Suspended":
             events.append(Event("Normal", "Suspended", "run stopped and client Jobs deleted"))
         return Decision(
-            base.model_copy(update={"phase": "Suspended", "conditions": conds, "sites": []}),
+            # The stopped run is finished for good; resuming submits a new one.
+            base.model_copy(update={"phase": "Suspended", "conditions": conds, "sites": [], "run_id": None}),
             stop_run=bool(prev.run_id) and obs.run is not None and obs.run.status != "finished",
             delete_jobs=tuple(obs.jobs), events=tuple(events))
     if prev.phase == "Suspended":

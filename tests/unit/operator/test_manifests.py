@@ -1,0 +1,144 @@
+"""Manifest builders: spec in, Kubernetes objects out."""
+
+from __future__ import annotations
+
+import pytest
+from pollinate_operator.api import FederationSpec, TrainingRoundSpec
+from pollinate_operator.manifests import clients, names, run, server
+from pollinate_operator.manifests.security import owner_reference
+from pollinate_operator.settings import Settings
+
+SETTINGS = Settings()
+
+
+def test_server_deployment_is_one_recreated_hardened_superlink(fed_spec: FederationSpec) -> None:
+    dep = server.deployment("clinical-notes", "research", fed_spec, SETTINGS, "abc")
+    assert dep["spec"]["replicas"] == 1
+    assert dep["spec"]["strategy"] == {"type": "Recreate"}
+    pod = dep["spec"]["template"]["spec"]
+    assert pod["securityContext"]["runAsNonRoot"] is True
+    assert pod["automountServiceAccountToken"] is False
+    (c,) = pod["containers"]
+    assert c["command"] == ["flower-superlink"]
+    assert "--enable-supernode-auth" in c["args"]
+    assert "--disable-runtime-dependency-installation" in c["args"]
+    assert c["securityContext"] == {
+        "allowPrivilegeEscalation": False, "readOnlyRootFilesystem": True,
+        "capabilities": {"drop": ["ALL"]}}
+    # Writable places Flower needs, on a read-only root filesystem.
+    mounts = {m["mountPath"] for m in c["volumeMounts"]}
+    assert {"/tmp", server.STATE_DIR, server.TLS_DIR} <= mounts
+    assert c["readinessProbe"]["httpGet"]["scheme"] == "HTTPS"
+    assert c["envFrom"] == [{"secretRef": {"name": "s3-credentials"}}]
+    annotations = dep["spec"]["template"]["metadata"]["annotations"]
+    assert annotations["pollinate.dev/server-certificate"] == "abc"
+
+
+def test_node_authentication_off_drops_the_flag(fed_spec: FederationSpec) -> None:
+    spec = fed_spec.model_copy(update={"server": fed_spec.server.model_copy(
+        update={"node_authentication": False})})
+    assert "--enable-supernode-auth" not in server.superlink_args(spec, 9092)
+
+
+def test_service_has_one_port_for_every_flower_api(fed_spec: FederationSpec) -> None:
+    svc = server.service("clinical-notes", "research", SETTINGS)
+    assert [p["port"] for p in svc["spec"]["ports"]] == [SETTINGS.flower_port]
+    assert svc["spec"]["selector"] == names.server_selector("clinical-notes")
+
+
+def test_ingress_exposes_only_the_fleet_path_over_tls(fed_spec: FederationSpec) -> None:
+    ing = server.ingress("clinical-notes", "research", fed_spec, SETTINGS)
+    assert ing is not None
+    (rule,) = ing["spec"]["rules"]
+    assert rule["host"] == "fl.pollinate.localhost"
+    assert [p["path"] for p in rule["http"]["paths"]] == ["/v1/fleet"]
+    assert ing["spec"]["tls"] == [{"hosts": ["fl.pollinate.localhost"],
+                                   "secretName": "clinical-notes-server-tls"}]
+    assert ing["spec"]["ingressClassName"] == "nginx"
+    assert ing["metadata"]["annotations"]["nginx.ingress.kubernetes.io/backend-protocol"] == "HTTPS"
+
+
+def test_no_ingress_without_a_host(fed_spec: FederationSpec) -> None:
+    spec = fed_spec.model_copy(update={"server": fed_spec.server.model_copy(update={"ingress": None})})
+    assert server.ingress("x", "ns", spec, SETTINGS) is None
+    kinds = [o["kind"] for o in server.server_objects("x", "ns", spec, SETTINGS)]
+    assert kinds == ["Deployment", "Service", "NetworkPolicy"]
+    assert server.external_endpoint(spec) is None
+
+
+def test_network_policy_admits_only_ingress_clients_and_operator() -> None:
+    policy = server.network_policy("clinical-notes", "research", SETTINGS)
+    (rule,) = policy["spec"]["ingress"]
+    assert rule["ports"] == [{"port": 9092, "protocol": "TCP"}]
+    selectors = [peer["podSelector"]["matchLabels"] for peer in rule["from"]]
+    assert SETTINGS.ingress_controller_labels in selectors
+    assert SETTINGS.operator_labels in selectors
+    assert {"pollinate.dev/federation": "clinical-notes",
+            "app.kubernetes.io/component": "site-client"} in selectors
+
+
+def test_server_certificate_names_cover_ingress_and_service(fed_spec: FederationSpec) -> None:
+    dns = server.tls_dns_names("clinical-notes", "research", fed_spec)
+    assert dns[0] == "fl.pollinate.localhost"
+    assert "clinical-notes-server.research.svc" in dns
+    assert "clinical-notes-server.research.svc.cluster.local" in dns
+
+
+def test_client_job_is_pinned_to_its_site_with_its_identity(
+        fed_spec: FederationSpec, tr_spec: TrainingRoundSpec) -> None:
+    site = fed_spec.site("hospital-b")
+    job = clients.client_job("notes-v1", "research", tr_spec, "clinical-notes", fed_spec, site,
+                             "clinical-notes-server.research.svc:9092")
+    assert job["metadata"]["name"] == "notes-v1-hospital-b"
+    assert job["spec"]["backoffLimit"] == 2
+    pod = job["spec"]["template"]["spec"]
+    assert pod["nodeSelector"] == {"pollinate.dev/site": "hospital-b"}
+    assert pod["restartPolicy"] == "Never"
+    (c,) = pod["containers"]
+    assert c["resources"] == {"limits": {"nvidia.com/gpu": 1}}
+    assert c["command"] == ["pollinate-client"]
+    assert c["args"][:3] == ["join", "--server=clinical-notes-server.research.svc:9092", "--site=hospital-b"]
+    volumes = {v["name"]: v for v in pod["volumes"]}
+    assert volumes["site-identity"]["secret"]["secretName"] == "clinical-notes-site-hospital-b"
+    assert volumes["data"]["configMap"] == {"name": "hospital-b-notes"}
+    labels = job["spec"]["template"]["metadata"]["labels"]
+    assert labels["pollinate.dev/site"] == "hospital-b"
+    assert "envFrom" not in c  # no S3 credentials unless the base model is in S3
+
+
+def test_job_names_stay_short_enough_for_pod_labels() -> None:
+    name = names.client_job("a" * 60, "hospital-a")
+    assert len(name) <= 52 and not name.endswith("-")
+
+
+def test_run_config_carries_the_whole_training_round(
+        fed_spec: FederationSpec, tr_spec: TrainingRoundSpec) -> None:
+    config = run.run_config("notes-v1", "research", tr_spec, "clinical-notes", fed_spec)
+    assert config.sites == ("hospital-a", "hospital-b", "clinic-c")
+    assert config.local_max_steps == 4 and config.local_epochs == 0
+    assert config.s3_prefix == "clinical-notes"
+    assert config.lora_rank == 8 and config.lora_target_modules == ("q_proj", "v_proj")
+    flat = config.to_flower()
+    assert flat["training-round"] == "notes-v1"
+    assert type(config).from_flower(flat) == config
+
+
+@pytest.mark.parametrize(("strategy", "expected"), [
+    ({"name": "fedprox", "mu": 0.1}, {"strategy": "fedprox", "fedprox_mu": 0.1}),
+    ({"name": "fedadam", "serverLearningRate": 0.05}, {"strategy": "fedadam", "server_learning_rate": 0.05}),
+    ({"name": "trimmedmean", "beta": 0.1}, {"strategy": "trimmedmean", "trim_beta": 0.1}),
+    ({"name": "median"}, {"strategy": "median"}),
+])
+def test_strategy_parameters_reach_the_run(fed_spec: FederationSpec, tr_spec: TrainingRoundSpec,
+                                           strategy: dict, expected: dict) -> None:
+    spec = TrainingRoundSpec.model_validate({**tr_spec.to_wire(), "strategy": strategy})
+    config = run.run_config("r", "ns", spec, "f", fed_spec)
+    for key, value in expected.items():
+        assert getattr(config, key) == value
+
+
+def test_owner_reference_makes_the_federation_the_controller(federation_body: dict) -> None:
+    ref = owner_reference(federation_body)
+    assert ref == {"apiVersion": "pollinate.dev/v1alpha1", "kind": "Federation",
+                   "name": "clinical-notes", "uid": "fed-uid", "controller": True,
+                   "blockOwnerDeletion": True}

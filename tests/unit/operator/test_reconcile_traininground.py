@@ -1,0 +1,196 @@
+"""The TrainingRound state machine as a table of observations and decisions."""
+
+from __future__ import annotations
+
+import datetime as dt
+
+from pollinate_operator.api import FederationSpec, TrainingRoundSpec, TrainingRoundStatus
+from pollinate_operator.api.traininground import RoundMetrics
+from pollinate_operator.reconcile.traininground import (
+    Decision,
+    JobObserved,
+    PodObserved,
+    Progress,
+    RunObserved,
+    TrainingRoundObserved,
+    decide,
+)
+
+NOW = dt.datetime(2026, 11, 22, 12, 0, tzinfo=dt.UTC)
+SITES = ("hospital-a", "hospital-b", "clinic-c")
+
+
+def running_jobs(*sites: str, phase: str = "Running") -> dict[str, JobObserved]:
+    return {s: JobObserved(name=f"notes-v1-{s}", active=1, pods=(PodObserved(phase, node=f"gpu-{s}-0"),))
+            for s in sites}
+
+
+def observe(fed: FederationSpec | None, **overrides) -> TrainingRoundObserved:
+    values = dict(now=NOW, generation=1, federation=fed, federation_ready=True, jobs={},
+                  run=None, server_reachable=True, progress=None, previous=TrainingRoundStatus())
+    values.update(overrides)
+    return TrainingRoundObserved(**values)
+
+
+def reasons(decision: Decision) -> list[str]:
+    return [e.reason for e in decision.events]
+
+
+def test_missing_federation_keeps_the_round_pending_with_a_condition(tr_spec: TrainingRoundSpec) -> None:
+    d = decide("notes-v1", tr_spec, observe(None))
+    assert d.status.phase == "Pending"
+    cond = next(c for c in d.status.conditions if c.type == "FederationFound")
+    assert cond.status == "False" and cond.reason == "FederationNotFound"
+    assert "spec.federation 'clinical-notes'" in cond.message
+    assert not d.submit_run and not d.create_jobs
+    assert reasons(d) == ["FederationNotFound"]
+
+
+def test_site_not_in_federation_fails_naming_the_field(fed_spec, tr_spec) -> None:
+    spec = tr_spec.model_copy(update={"sites": ["hospital-a", "mars-base"]})
+    d = decide("notes-v1", spec, observe(fed_spec))
+    assert d.status.phase == "Failed"
+    failed = next(c for c in d.status.conditions if c.type == "Failed")
+    assert failed.reason == "InvalidSpec"
+    assert "spec.sites: 'mars-base' not a site of Federation 'clinical-notes'" in failed.message
+
+
+def test_min_sites_above_federation_sites_fails(fed_spec, tr_spec) -> None:
+    spec = tr_spec.model_copy(update={"sites": None, "min_sites": 9})
+    d = decide("notes-v1", spec, observe(fed_spec))
+    assert d.status.phase == "Failed"
+    assert "spec.minSites 9 is more than the 4 sites" in d.status.conditions[-1].message
+
+
+def test_federation_not_ready_waits(fed_spec, tr_spec) -> None:
+    d = decide("notes-v1", tr_spec, observe(fed_spec, federation_ready=False))
+    assert d.status.phase == "Pending"
+    assert not d.submit_run and not d.create_jobs
+
+
+def test_ready_federation_submits_the_run_and_creates_one_job_per_site(fed_spec, tr_spec) -> None:
+    d = decide("notes-v1", tr_spec, observe(fed_spec))
+    assert d.status.phase == "Running"
+    assert d.submit_run
+    assert d.create_jobs == SITES
+    assert d.status.progress == "0/3"
+    assert d.status.sites_ready == "0/3"
+    assert d.status.start_time == "2026-11-22T12:00:00Z"
+    assert "RunSubmitted" in reasons(d)
+
+
+def test_existing_jobs_and_run_are_not_duplicated(fed_spec, tr_spec) -> None:
+    prev = TrainingRoundStatus(phase="Running", run_id="7", start_time="t")
+    d = decide("notes-v1", tr_spec, observe(
+        fed_spec, jobs=running_jobs(*SITES), run=RunObserved("running"), previous=prev))
+    assert not d.submit_run and d.create_jobs == ()
+    assert d.status.sites_ready == "3/3"
+    assert [s.node for s in d.status.sites] == [f"gpu-{s}-0" for s in SITES]
+
+
+def test_external_sites_get_no_job(fed_spec, tr_spec) -> None:
+    spec = tr_spec.model_copy(update={"sites": ["hospital-a", "alice-laptop"]})
+    d = decide("notes-v1", spec, observe(fed_spec))
+    assert d.create_jobs == ("hospital-a",)
+    assert {s.name: s.state for s in d.status.sites}["alice-laptop"] == "External"
+
+
+def test_unschedulable_site_is_reported_after_pending_timeout_and_the_round_goes_on(fed_spec, tr_spec):
+    jobs = running_jobs("hospital-a", "hospital-b")
+    since = NOW - dt.timedelta(seconds=tr_spec.pending_timeout_seconds + 1)
+    full = "0/7 nodes are available: 2 Insufficient nvidia.com/gpu"
+    jobs["clinic-c"] = JobObserved("notes-v1-clinic-c", active=1, pods=(PodObserved(
+        "Pending", unschedulable_since=since, message=full),))
+    prev = TrainingRoundStatus(phase="Running", run_id="7")
+    d = decide("notes-v1", tr_spec, observe(fed_spec, jobs=jobs, run=RunObserved("running"), previous=prev))
+    assert d.status.phase == "Running"
+    state = {s.name: s for s in d.status.sites}["clinic-c"]
+    assert state.state == "Unschedulable" and "Insufficient nvidia.com/gpu" in state.message
+    cond = next(c for c in d.status.conditions if c.type == "SitesPending")
+    assert cond.status == "True" and "clinic-c" in cond.message
+    assert reasons(d) == ["SiteUnschedulable"]
+
+
+def test_unschedulable_site_before_the_timeout_is_just_pending(fed_spec, tr_spec) -> None:
+    jobs = {"clinic-c": JobObserved("j", active=1, pods=(PodObserved(
+        "Pending", unschedulable_since=NOW - dt.timedelta(seconds=5), message="no gpu"),))}
+    d = decide("notes-v1", tr_spec, observe(fed_spec, jobs=jobs))
+    assert {s.name: s.state for s in d.status.sites}["clinic-c"] == "Pending"
+
+
+def test_too_few_sites_left_fails_the_round(fed_spec, tr_spec) -> None:
+    since = NOW - dt.timedelta(hours=1)
+    jobs = {s: JobObserved(f"j-{s}", active=1, pods=(PodObserved("Pending", unschedulable_since=since),))
+            for s in ("hospital-b", "clinic-c")}
+    jobs.update(running_jobs("hospital-a"))
+    prev = TrainingRoundStatus(phase="Running", run_id="7")
+    d = decide("notes-v1", tr_spec, observe(fed_spec, jobs=jobs, run=RunObserved("running"), previous=prev))
+    assert d.status.phase == "Failed"
+    assert d.stop_run
+    assert set(d.delete_jobs) == set(SITES)
+    assert "only 1 of 3 sites can take part, minSites is 2" in d.status.conditions[-1].message
+
+
+def test_progress_from_the_server_reaches_status(fed_spec, tr_spec) -> None:
+    metrics = (RoundMetrics(round=1, perplexity=40.0), RoundMetrics(round=2, perplexity=31.5))
+    prev = TrainingRoundStatus(phase="Running", run_id="7", round=1)
+    d = decide("notes-v1", tr_spec, observe(
+        fed_spec, jobs=running_jobs(*SITES), run=RunObserved("running"), previous=prev,
+        progress=Progress(2, metrics, None, "checkpoints/notes-v1/round-2/manifest.json")))
+    assert d.status.round == 2 and d.status.progress == "2/3"
+    assert d.status.last_perplexity == 31.5
+    assert d.status.last_checkpoint.endswith("round-2/manifest.json")
+    assert "RoundCompleted" in reasons(d)
+
+
+def test_completed_run_succeeds_with_the_adapter_version_and_frees_the_gpus(fed_spec, tr_spec) -> None:
+    prev = TrainingRoundStatus(phase="Running", run_id="7", round=2)
+    d = decide("notes-v1", tr_spec, observe(
+        fed_spec, jobs=running_jobs(*SITES), run=RunObserved("finished", "completed"), previous=prev,
+        progress=Progress(3, (RoundMetrics(round=3, perplexity=20.0),), "v4", "k")))
+    assert d.status.phase == "Succeeded"
+    assert d.status.adapter_version == "v4"
+    assert d.status.completion_time == "2026-11-22T12:00:00Z"
+    assert set(d.delete_jobs) == set(SITES)
+    assert "published adapter v4" in d.status.conditions[-1].message
+
+
+def test_failed_run_fails_with_flowers_details(fed_spec, tr_spec) -> None:
+    prev = TrainingRoundStatus(phase="Running", run_id="7")
+    d = decide("notes-v1", tr_spec, observe(
+        fed_spec, run=RunObserved("finished", "failed", "ServerApp raised"), previous=prev))
+    assert d.status.phase == "Failed"
+    assert d.status.conditions[-1].reason == "RunFailed"
+    assert "ServerApp raised" in d.status.conditions[-1].message
+
+
+def test_vanished_run_is_resubmitted_to_resume_from_the_checkpoint(fed_spec, tr_spec) -> None:
+    prev = TrainingRoundStatus(phase="Running", run_id="7", round=1)
+    d = decide("notes-v1", tr_spec, observe(fed_spec, jobs=running_jobs(*SITES), run=None, previous=prev))
+    assert d.submit_run
+    assert "RunResubmitted" in reasons(d)
+
+
+def test_unreachable_server_submits_nothing(fed_spec, tr_spec) -> None:
+    d = decide("notes-v1", tr_spec, observe(fed_spec, server_reachable=False))
+    assert not d.submit_run
+    assert d.create_jobs == SITES  # the clients can start and wait for the server
+
+
+def test_suspend_stops_the_run_and_jobs_then_resume_resubmits(fed_spec, tr_spec) -> None:
+    prev = TrainingRoundStatus(phase="Running", run_id="7")
+    spec = tr_spec.model_copy(update={"suspend": True})
+    d = decide("notes-v1", spec, observe(
+        fed_spec, jobs=running_jobs(*SITES), run=RunObserved("running"), previous=prev))
+    assert d.status.phase == "Suspended" and d.stop_run and set(d.delete_jobs) == set(SITES)
+    assert d.status.run_id is None
+    resumed = decide("notes-v1", tr_spec, observe(fed_spec, run=None, previous=d.status))
+    assert resumed.status.phase == "Running" and resumed.submit_run
+    assert "Resumed" in reasons(resumed)
+
+
+def test_terminal_round_only_cleans_up(fed_spec, tr_spec) -> None:
+    prev = TrainingRoundStatus(phase="Succeeded", run_id="7")
+    d = decide("notes-v1", tr_spec, observe(fed_spec, jobs=running_jobs("hospital-a"), previous=prev))
+    assert d.status.phase == "Succeeded"
+    assert d.delete_jobs == ("hospital-a",) and not d.submit_run and not d.events
