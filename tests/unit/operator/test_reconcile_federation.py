@@ -1,0 +1,124 @@
+"""Federation decisions: TLS material, site keys and registrations, status."""
+
+from __future__ import annotations
+
+from pollinate_operator.api import FederationSpec, FederationStatus
+from pollinate_operator.api.federation import SiteIdentity
+from pollinate_operator.reconcile.federation import (
+    FederationObserved,
+    FlowerNode,
+    TLSObserved,
+    federation_status,
+    nodes_to_unregister,
+    plan_tls,
+    registered_sites,
+    sites_needing_keys,
+    sites_to_register,
+    stale_sites,
+)
+
+DNS = ["fl.pollinate.localhost", "clinical-notes-server.research.svc"]
+GOOD_NAMES = (frozenset(DNS), frozenset({"127.0.0.1"}))
+KEYS = {s: f"pem-{s}".encode() for s in ("hospital-a", "hospital-b", "clinic-c", "alice-laptop")}
+
+
+def observed(**overrides) -> FederationObserved:
+    values = dict(generation=1, tls=TLSObserved(), site_keys=dict(KEYS), server_ready_replicas=1,
+                  flower_nodes=[], previous=FederationStatus())
+    values.update(overrides)
+    return FederationObserved(**values)
+
+
+def test_first_pass_generates_ca_and_certificate(fed_spec: FederationSpec) -> None:
+    plan = plan_tls(fed_spec, TLSObserved(), DNS)
+    assert plan.new_ca and plan.new_server_certificate
+
+
+def test_existing_material_is_kept(fed_spec: FederationSpec) -> None:
+    tls = TLSObserved(b"ca", 0, GOOD_NAMES, 0)
+    plan = plan_tls(fed_spec, tls, DNS)
+    assert not plan.new_ca and not plan.new_server_certificate
+
+
+def test_a_new_ingress_host_reissues_only_the_certificate(fed_spec: FederationSpec) -> None:
+    tls = TLSObserved(b"ca", 0, GOOD_NAMES, 0)
+    plan = plan_tls(fed_spec, tls, [*DNS, "new.example.org"])
+    assert not plan.new_ca and plan.new_server_certificate
+
+
+def test_certificate_without_loopback_is_reissued(fed_spec: FederationSpec) -> None:
+    tls = TLSObserved(b"ca", 0, (frozenset(DNS), frozenset()), 0)
+    assert plan_tls(fed_spec, tls, DNS).new_server_certificate
+
+
+def test_rotation_request_renews_ca_and_certificate(fed_spec: FederationSpec) -> None:
+    spec = fed_spec.model_copy(update={"server": fed_spec.server.model_copy(update={
+        "tls": fed_spec.server.tls.model_copy(update={"rotation": 1})})})
+    plan = plan_tls(spec, TLSObserved(b"ca", 0, GOOD_NAMES, 0), DNS)
+    assert plan.new_ca and plan.new_server_certificate
+
+
+def test_user_supplied_tls_is_never_generated(fed_spec: FederationSpec) -> None:
+    spec = fed_spec.model_copy(update={"server": fed_spec.server.model_copy(update={
+        "tls": fed_spec.server.tls.model_copy(update={"secret_name": "mine"})})})
+    plan = plan_tls(spec, TLSObserved(), DNS)
+    assert not plan.new_ca and not plan.new_server_certificate
+
+
+def test_every_site_without_a_key_gets_one(fed_spec: FederationSpec) -> None:
+    obs = observed(site_keys={"hospital-a": b"k"})
+    assert sites_needing_keys(fed_spec, obs) == ["hospital-b", "clinic-c", "alice-laptop"]
+
+
+def test_registration_is_found_by_key_even_if_status_lost_it(fed_spec: FederationSpec) -> None:
+    obs = observed(flower_nodes=[FlowerNode("11", "online", KEYS["hospital-a"]),
+                                 FlowerNode("12", "unregistered", KEYS["hospital-b"])])
+    assert registered_sites(obs) == {"hospital-a": "11"}
+    assert sites_to_register(fed_spec, obs) == ["hospital-b", "clinic-c", "alice-laptop"]
+
+
+def test_unreachable_server_trusts_the_recorded_status(fed_spec: FederationSpec) -> None:
+    prev = FederationStatus(sites=[SiteIdentity(name="hospital-a", registered=True, node_id="11")])
+    obs = observed(flower_nodes=None, previous=prev)
+    assert registered_sites(obs) == {"hospital-a": "11"}
+    assert sites_to_register(fed_spec, obs) == []
+
+
+def test_a_site_removed_from_the_spec_is_unregistered_then_forgotten(fed_spec: FederationSpec) -> None:
+    keys = {**KEYS, "old-site": b"pem-old"}
+    obs = observed(site_keys=keys, flower_nodes=[FlowerNode("99", "online", b"pem-old")])
+    assert stale_sites(fed_spec, obs) == ["old-site"]
+    assert nodes_to_unregister(fed_spec, obs) == {"old-site": "99"}
+
+
+def test_node_authentication_off_registers_nothing(fed_spec: FederationSpec) -> None:
+    spec = fed_spec.model_copy(update={"server": fed_spec.server.model_copy(
+        update={"node_authentication": False})})
+    assert sites_to_register(spec, observed()) == []
+
+
+def test_status_is_ready_when_serving_and_all_sites_registered(fed_spec: FederationSpec) -> None:
+    registered = {s: str(i) for i, s in enumerate(KEYS)}
+    status = federation_status("clinical-notes", "research", fed_spec, observed(), registered,
+                               "clinical-notes-server.research.svc:9092", "fl.pollinate.localhost:443")
+    assert status.phase == "Ready"
+    assert status.endpoint == "fl.pollinate.localhost:443"
+    assert status.sites_summary == "4/4"
+    assert {c.type: c.status for c in status.conditions} == {
+        "Ready": "True", "Progressing": "False", "Degraded": "False"}
+    assert status.sites[0].key_secret == "clinical-notes-site-hospital-a"
+
+
+def test_status_is_pending_while_registering(fed_spec: FederationSpec) -> None:
+    status = federation_status("f", "ns", fed_spec, observed(), {"hospital-a": "1"}, "in", None)
+    assert status.phase == "Pending"
+    ready = next(c for c in status.conditions if c.type == "Ready")
+    assert ready.reason == "RegisteringSites" and "1/4 site keys registered" in ready.message
+
+
+def test_a_ready_federation_whose_server_goes_away_is_degraded(fed_spec: FederationSpec) -> None:
+    obs = observed(server_ready_replicas=0, previous=FederationStatus(phase="Ready"))
+    status = federation_status("f", "ns", fed_spec, obs, {}, "in", None)
+    assert status.phase == "Degraded"
+    degraded = next(c for c in status.conditions if c.type == "Degraded")
+    assert degraded.status == "True" and degraded.reason == "ServerUnavailable"
