@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 import yaml
 from pollinate_testbed import Testbed
-from pollinate_testbed.testing import Kubectl, eventually
+from pollinate_testbed.testing import Kubectl
 
 pytestmark = pytest.mark.cluster
 
@@ -16,28 +16,14 @@ ROOT = Path(__file__).resolve().parents[2]
 INVALID = sorted((ROOT / "tests/data/invalid").glob("*.yaml"))
 
 
-@pytest.fixture(scope="module")
-def crds(testbed: Testbed) -> Kubectl:
-    k = Kubectl(testbed)
-    k.run("apply", "--server-side", "--force-conflicts", "-f", str(ROOT / "crds"))
-    for name in ("federations.pollinate.dev", "trainingrounds.pollinate.dev"):
-        k.run("wait", "--for=condition=Established", f"crd/{name}", "--timeout=60s")
-    # Discovery can lag the Established condition by a moment.
-    eventually(lambda: k.run("get", "federations", "-A", check=False).returncode == 0,
-               what="federations served")
-    return k
-
-
-def test_examples_are_accepted_as_they_are(crds: Kubectl, namespace: str) -> None:
-    k = Kubectl(crds.bed, namespace)
+def test_examples_are_accepted_as_they_are(crds: None, kubectl: Kubectl) -> None:
     for example in ("federation.yaml", "traininground.yaml"):
-        k.run("apply", "--dry-run=server", "-f", str(ROOT / "examples" / example))
+        kubectl.run("apply", "--dry-run=server", "-f", str(ROOT / "examples" / example))
 
 
-def test_defaults_are_filled_in_by_the_api_server(crds: Kubectl, namespace: str) -> None:
-    k = Kubectl(crds.bed, namespace)
-    k.run("apply", "-f", str(ROOT / "examples/traininground.yaml"))
-    spec = k.json("get", "traininground", "notes-v1")["spec"]
+def test_defaults_are_filled_in_by_the_api_server(crds: None, kubectl: Kubectl) -> None:
+    kubectl.run("apply", "-f", str(ROOT / "examples/traininground.yaml"))
+    spec = kubectl.json("get", "traininground", "notes-v1")["spec"]
     assert spec["pendingTimeoutSeconds"] == 300
     assert spec["transport"] == {"dtype": "float16", "maxUpdateNorm": 1000}
     assert spec["privacy"]["targetDelta"] == 1e-05
@@ -45,40 +31,39 @@ def test_defaults_are_filled_in_by_the_api_server(crds: Kubectl, namespace: str)
 
 
 @pytest.mark.parametrize("manifest", INVALID, ids=[p.stem for p in INVALID])
-def test_invalid_manifest_is_rejected_naming_the_field(crds: Kubectl, namespace: str,
+def test_invalid_manifest_is_rejected_naming_the_field(crds: None, kubectl: Kubectl,
                                                       manifest: Path) -> None:
     expected = manifest.read_text().splitlines()[0].removeprefix("# expect: ")
-    result = Kubectl(crds.bed, namespace).run(
+    result = kubectl.run(
         "apply", "--dry-run=server", "-f", str(manifest), check=False)
     assert result.returncode != 0, f"{manifest.name} was accepted"
     assert expected in result.stderr, result.stderr
 
 
-def test_federation_is_immutable_on_a_traininground(crds: Kubectl, namespace: str) -> None:
-    k = Kubectl(crds.bed, namespace)
-    k.run("apply", "-f", str(ROOT / "examples/traininground.yaml"))
-    result = k.run("patch", "traininground", "notes-v1", "--type=merge",
+def test_federation_is_immutable_on_a_traininground(crds: None, kubectl: Kubectl) -> None:
+    kubectl.run("apply", "-f", str(ROOT / "examples/traininground.yaml"))
+    result = kubectl.run("patch", "traininground", "notes-v1", "--type=merge",
                    "-p", '{"spec":{"federation":"other"}}', check=False)
     assert result.returncode != 0
     assert "federation is immutable" in result.stderr
 
 
-def test_kubectl_explain_documents_the_api(crds: Kubectl) -> None:
-    out = crds.run("explain", "federation.spec.sites").stdout
+def test_kubectl_explain_documents_the_api(crds: None, testbed: Testbed) -> None:
+    k = Kubectl(testbed)
+    out = k.run("explain", "federation.spec.sites").stdout
     assert "The sites of the federation" in out
     for field in ("nodeSelector", "external", "quantization", "data"):
         assert field in out
-    out = crds.run("explain", "traininground.spec.strategy").stdout
+    out = k.run("explain", "traininground.spec.strategy").stdout
     assert "trimmedmean" in out
 
 
-def test_printer_columns(crds: Kubectl, namespace: str) -> None:
-    k = Kubectl(crds.bed, namespace)
-    k.run("apply", "-f", str(ROOT / "examples/traininground.yaml"))
-    header = k.run("get", "trainingrounds").stdout.splitlines()[0].split()
+def test_printer_columns(crds: None, kubectl: Kubectl) -> None:
+    kubectl.run("apply", "-f", str(ROOT / "examples/traininground.yaml"))
+    header = kubectl.run("get", "trainingrounds").stdout.splitlines()[0].split()
     assert header[:5] == ["NAME", "FEDERATION", "PHASE", "ROUND", "SITES"]
     assert {"PERPLEXITY", "ADAPTER", "AGE"} <= set(header)
     fed = yaml.safe_load((ROOT / "examples/federation.yaml").read_text())
-    k.apply(yaml.safe_dump(fed))
-    header = k.run("get", "federations").stdout.splitlines()[0].split()
+    kubectl.apply(yaml.safe_dump(fed))
+    header = kubectl.run("get", "federations").stdout.splitlines()[0].split()
     assert header == ["NAME", "PHASE", "ENDPOINT", "SITES", "LATEST", "ADAPTER", "AGE"]

@@ -128,7 +128,9 @@ def reconcile(name: str, namespace: str, body: kopf.Body, settings: Settings,
         server_ready_replicas=ready, flower_nodes=flower_nodes, previous=previous,
     )
     registered = plan.registered_sites(observed)
-    if flower_nodes is not None:
+    # With authentication on, a removed site's key is deleted only once the server has
+    # forgotten it: a key that is still registered must stay revocable.
+    if flower_nodes is not None or not spec.server.node_authentication:
         for site in plan.stale_sites(spec, observed):
             if site not in registered:  # unregistered first, so a crash here loses nothing
                 kube.delete("v1", "Secret", namespace, names.site_secret(name, site))

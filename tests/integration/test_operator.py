@@ -1,0 +1,205 @@
+"""The operator against the real control plane: children, placement on simulated GPU nodes,
+pending timeouts, self-healing, restarts without duplicates, garbage collection."""
+
+from __future__ import annotations
+
+import base64
+import copy
+import json
+import textwrap
+from pathlib import Path
+
+import pytest
+import yaml
+from pollinate_testbed.testing import Kubectl, eventually
+
+pytestmark = pytest.mark.cluster
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def federation(name: str = "clinical-notes", *, auth: bool = False, sites: list[dict] | None = None) -> str:
+    """The example Federation; node authentication off, because no Flower server really runs
+    on simulated nodes (the end-to-end tests cover authentication with real processes)."""
+    body = yaml.safe_load((ROOT / "examples/federation.yaml").read_text())
+    body["metadata"]["name"] = name
+    body["spec"]["server"]["nodeAuthentication"] = auth
+    if sites is not None:
+        body["spec"]["sites"] = sites
+    return yaml.safe_dump(body)
+
+
+def training_round(name: str = "notes-v1", **spec_changes) -> str:
+    body = yaml.safe_load((ROOT / "examples/traininground.yaml").read_text())
+    body["metadata"]["name"] = name
+    body["spec"].update(spec_changes)
+    return yaml.safe_dump(body)
+
+
+def s3_secret(kubectl: Kubectl) -> None:
+    s3 = kubectl.bed.s3()
+    kubectl.run("create", "secret", "generic", "s3-credentials",
+                f"--from-literal=AWS_ACCESS_KEY_ID={s3.access_key}",
+                f"--from-literal=AWS_SECRET_ACCESS_KEY={s3.secret_key}")
+
+
+def status(kubectl: Kubectl, kind: str, name: str) -> dict:
+    return kubectl.json("get", kind, name).get("status", {})
+
+
+def condition(kubectl: Kubectl, kind: str, name: str, type_: str) -> dict | None:
+    return next((c for c in status(kubectl, kind, name).get("conditions", []) if c["type"] == type_), None)
+
+
+def events(kubectl: Kubectl, name: str) -> list[dict]:
+    return kubectl.json("get", "events", "--field-selector", f"involvedObject.name={name}")["items"]
+
+
+@pytest.fixture
+def ready_federation(operator, kubectl: Kubectl) -> str:
+    s3_secret(kubectl)
+    kubectl.apply(federation())
+    eventually(lambda: status(kubectl, "federation", "clinical-notes").get("phase") == "Ready",
+               timeout=60, what="Federation Ready")
+    return "clinical-notes"
+
+
+def test_federation_creates_its_server_secrets_and_policy(operator, kubectl: Kubectl) -> None:
+    s3_secret(kubectl)
+    kubectl.apply(federation(auth=True))
+    eventually(lambda: kubectl.run("get", "deployment", "clinical-notes-server", check=False).returncode == 0,
+               what="server Deployment")
+    dep = kubectl.json("get", "deployment", "clinical-notes-server")
+    assert dep["spec"]["strategy"]["type"] == "Recreate"
+    assert dep["metadata"]["ownerReferences"][0]["kind"] == "Federation"
+    container = dep["spec"]["template"]["spec"]["containers"][0]
+    assert "--enable-supernode-auth" in container["args"]
+    svc = kubectl.json("get", "service", "clinical-notes-server")
+    assert [p["port"] for p in svc["spec"]["ports"]] == [9092]
+    ing = kubectl.json("get", "ingress", "clinical-notes-server")
+    assert [p["path"] for p in ing["spec"]["rules"][0]["http"]["paths"]] == ["/v1/fleet"]
+    kubectl.json("get", "networkpolicy", "clinical-notes-server")
+    tls = kubectl.json("get", "secret", "clinical-notes-server-tls")
+    assert set(tls["data"]) == {"ca.crt", "tls.crt", "tls.key"}
+    for site in ("hospital-a", "hospital-b", "clinic-c", "alice-laptop"):
+        secret = kubectl.json("get", "secret", f"clinical-notes-site-{site}")
+        assert set(secret["data"]) == {"site.key", "site.pub", "ca.crt"}
+    st = eventually(lambda: status(kubectl, "federation", "clinical-notes").get("sitesSummary") and
+                    status(kubectl, "federation", "clinical-notes"), what="Federation status")
+    assert st["endpoint"] == "fl.pollinate.localhost:443"
+    assert st["internalEndpoint"] == f"clinical-notes-server.{kubectl.namespace}.svc:9092"
+    # No Flower server really runs on a simulated node, so no key can be registered yet.
+    assert st["phase"] == "Pending"
+    assert st["sitesSummary"] == "0/4"
+
+
+def test_client_jobs_land_on_their_sites_gpu_nodes(ready_federation: str, kubectl: Kubectl) -> None:
+    kubectl.apply(training_round())
+    for site in ("hospital-a", "hospital-b", "clinic-c"):
+        def placed(site=site) -> str | None:
+            pods = kubectl.json("get", "pods", "-l", f"pollinate.dev/site={site}")["items"]
+            return pods[0]["spec"].get("nodeName") if pods else None
+        node = eventually(placed, what=f"{site} client pod scheduled")
+        assert node.startswith(f"gpu-{site}-")
+    job = kubectl.json("get", "job", "notes-v1-hospital-a")
+    assert job["metadata"]["ownerReferences"][0]["kind"] == "TrainingRound"
+    assert job["spec"]["template"]["spec"]["containers"][0]["resources"]["limits"] == {"nvidia.com/gpu": "1"}
+    st = eventually(lambda: status(kubectl, "traininground", "notes-v1").get("phase") == "Running"
+                    and status(kubectl, "traininground", "notes-v1"), what="TrainingRound Running")
+    assert st["progress"] == "0/3"
+    out = kubectl.run("get", "trainingrounds").stdout
+    assert "clinical-notes" in out and "Running" in out
+
+
+def test_site_without_a_free_gpu_is_reported_after_the_pending_timeout(
+        ready_federation: str, kubectl: Kubectl) -> None:
+    for i in range(2):  # take both of clinic-c's GPUs
+        kubectl.apply(textwrap.dedent(f"""
+            apiVersion: v1
+            kind: Pod
+            metadata: {{name: holder-{i}}}
+            spec:
+              nodeSelector: {{pollinate.dev/site: clinic-c}}
+              containers: [{{name: c, image: x, resources: {{limits: {{nvidia.com/gpu: 1}}}}}}]
+            """))
+    eventually(lambda: all(kubectl.json("get", "pod", f"holder-{i}")["status"].get("phase") == "Running"
+                           for i in range(2)), what="GPU holders running")
+    kubectl.apply(training_round(pendingTimeoutSeconds=10))
+    cond = eventually(lambda: (c := condition(kubectl, "traininground", "notes-v1", "SitesPending"))
+                      and c["status"] == "True" and c, timeout=60, what="SitesPending condition")
+    assert "clinic-c" in cond["message"] and "nvidia.com/gpu" in cond["message"]
+    st = status(kubectl, "traininground", "notes-v1")
+    assert st["phase"] == "Running"  # minSites 2 still holds
+    assert {s["name"]: s["state"] for s in st["sites"]}["clinic-c"] == "Unschedulable"
+    reasons = [e["reason"] for e in events(kubectl, "notes-v1")]
+    assert "SiteUnschedulable" in reasons
+
+
+def test_deleted_server_deployment_comes_back(ready_federation: str, kubectl: Kubectl) -> None:
+    uid = kubectl.json("get", "deployment", "clinical-notes-server")["metadata"]["uid"]
+    kubectl.run("delete", "deployment", "clinical-notes-server")
+    eventually(lambda: (r := kubectl.run("get", "deployment", "clinical-notes-server", "-o", "json",
+                                         check=False)).returncode == 0
+               and json.loads(r.stdout)["metadata"]["uid"] != uid, what="Deployment recreated")
+
+
+def test_operator_restarts_mid_reconcile_without_duplicating_children(
+        operator, kubectl: Kubectl) -> None:
+    s3_secret(kubectl)
+    kubectl.apply(federation())
+    kubectl.apply(training_round())
+    for _ in range(3):  # kill it at whatever point it is in, three times
+        operator.kill()
+        operator.start()
+        eventually(lambda: kubectl.run("get", "deployment", "clinical-notes-server", check=False)
+                   .returncode == 0, what="server Deployment")
+    eventually(lambda: len(kubectl.json("get", "jobs")["items"]) == 3, timeout=60, what="three client Jobs")
+    assert len(kubectl.json("get", "deployments")["items"]) == 1
+    secrets = kubectl.json("get", "secrets", "-l", "pollinate.dev/federation=clinical-notes")["items"]
+    sites = ("hospital-a", "hospital-b", "clinic-c", "alice-laptop")
+    assert sorted(s["metadata"]["name"] for s in secrets) == sorted([
+        "clinical-notes-ca", "clinical-notes-server-tls", *(f"clinical-notes-site-{s}" for s in sites)])
+    assert len(kubectl.json("get", "jobs")["items"]) == 3
+
+
+def test_deleting_a_federation_collects_its_children(ready_federation: str, kubectl: Kubectl) -> None:
+    kubectl.run("delete", "federation", "clinical-notes", "--wait=true", "--timeout=60s")
+    for kind in ("deployment", "service", "ingress", "networkpolicy"):
+        eventually(lambda kind=kind: kubectl.run("get", kind, "clinical-notes-server", check=False)
+                   .returncode != 0, what=f"{kind} collected")
+    eventually(lambda: not kubectl.json("get", "secrets", "-l", "pollinate.dev/federation")["items"],
+               what="secrets collected")
+
+
+def test_traininground_naming_a_missing_federation_says_so(operator, kubectl: Kubectl) -> None:
+    kubectl.apply(training_round(federation="no-such-federation"))
+    cond = eventually(lambda: condition(kubectl, "traininground", "notes-v1", "FederationFound"),
+                      what="FederationFound condition")
+    assert cond["status"] == "False" and cond["reason"] == "FederationNotFound"
+    assert "spec.federation 'no-such-federation'" in cond["message"]
+    assert status(kubectl, "traininground", "notes-v1")["phase"] == "Pending"
+
+
+def test_traininground_naming_unknown_sites_fails_naming_the_field(
+        ready_federation: str, kubectl: Kubectl) -> None:
+    kubectl.apply(training_round(sites=["hospital-a", "mars-base"], minSites=1))
+    cond = eventually(lambda: condition(kubectl, "traininground", "notes-v1", "Failed"), what="Failed")
+    assert cond["reason"] == "InvalidSpec"
+    assert "spec.sites: 'mars-base' not a site of Federation 'clinical-notes'" in cond["message"]
+
+
+def test_site_removed_from_federation_loses_its_key(ready_federation: str, kubectl: Kubectl) -> None:
+    body = yaml.safe_load(federation())
+    body["spec"]["sites"] = [s for s in copy.deepcopy(body["spec"]["sites"]) if s["name"] != "alice-laptop"]
+    kubectl.apply(yaml.safe_dump(body))
+    eventually(lambda: kubectl.run("get", "secret", "clinical-notes-site-alice-laptop", check=False)
+               .returncode != 0, what="alice-laptop key removed")
+
+
+def test_operator_logs_never_contain_secrets(operator, ready_federation: str, kubectl: Kubectl) -> None:
+    secret = kubectl.json("get", "secret", "clinical-notes-site-hospital-a")["data"]["site.key"]
+    key = base64.b64decode(secret).decode()
+    body = key.splitlines()[1]
+    logs = operator.logs()
+    assert body not in logs
+    assert kubectl.bed.s3().secret_key not in logs
