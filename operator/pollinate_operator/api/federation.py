@@ -82,7 +82,6 @@ class SiteData(ApiModel):
     host_path: HostPathSource | None = None
     config_map: ConfigMapSource | None = None
     path: str | None = None
-    format: Literal["auto", "text", "jsonl", "instructions"] = "auto"
 
 
 class ResourceRequirements(ApiModel):

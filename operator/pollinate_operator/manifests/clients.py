@@ -34,7 +34,6 @@ def client_args(site: Site, server_address: str) -> list[str]:
         f"--server={server_address}",
         f"--site={site.name}",
         f"--data={data_path}",
-        f"--data-format={data.format if data else 'auto'}",
         f"--ca={SITE_DIR}/ca.crt",
         f"--key={SITE_DIR}/site.key",
         f"--device={site.device}",

@@ -1,0 +1,312 @@
+"""`pollinate-client`: the one entry point of every site, in a Job, a Helm release or a laptop.
+
+    pollinate-client join --server fl.example.org:443 --site alice-laptop --data notes.jsonl \
+        --ca ca.crt --key site.key
+    pollinate-client eval --adapter-dir ./v3 --data notes.jsonl
+
+`join` checks its inputs and the connection first (so a wrong CA, a wrong server name or a
+missing file fails in a second with a message that says which), starts the site trainer with
+the model resident, then runs Flower's SuperNode with Pollinate's ClientApp.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import re
+import shutil
+import signal
+import socket
+import ssl
+import subprocess
+import sys
+import threading
+from pathlib import Path
+
+from . import __version__
+from .site_trainer import SiteOptions, SiteTrainer, TrainerServer
+
+log = logging.getLogger("pollinate.client")
+
+
+class JoinError(RuntimeError):
+    """A problem the person running the site can fix; printed without a traceback."""
+
+
+# ---- input checks --------------------------------------------------------------------------
+def parse_server(address: str) -> tuple[str, int]:
+    match = re.fullmatch(r"\[?([^\]\s]+?)\]?:(\d{1,5})", address.strip())
+    if not match or not 0 < int(match.group(2)) < 65536:
+        raise JoinError(f"--server {address!r}: expected host:port, e.g. fl.example.org:443")
+    return match.group(1), int(match.group(2))
+
+
+def check_file(flag: str, path: Path, what: str) -> None:
+    if not path.exists():
+        raise JoinError(f"{flag} {path}: no such file ({what})")
+    if path.is_file() and not os.access(path, os.R_OK):
+        raise JoinError(f"{flag} {path}: not readable ({what})")
+
+
+def check_key(path: Path) -> None:
+    from cryptography.hazmat.primitives import serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+
+    check_file("--key", path, "this site's private key, from the site Secret's site.key")
+    try:
+        key = serialization.load_ssh_private_key(path.read_bytes(), password=None)
+    except (ValueError, TypeError) as err:
+        raise JoinError(f"--key {path}: not an OpenSSH private key ({err})") from err
+    if not isinstance(key, ec.EllipticCurvePrivateKey):
+        raise JoinError(f"--key {path}: an EC key (P-256 or P-384) is needed, got {type(key).__name__}")
+
+
+def check_connection(host: str, port: int, ca: Path | None, timeout: float = 10.0) -> None:
+    """Reach the server and complete a TLS handshake with `ca`, naming what went wrong."""
+    try:
+        sock = socket.create_connection((host, port), timeout=timeout)
+    except OSError as err:
+        raise JoinError(f"cannot reach the server at {host}:{port}: {err.strerror or err}") from err
+    if ca is None:
+        sock.close()
+        return
+    context = ssl.create_default_context(cafile=str(ca))
+    try:
+        with context.wrap_socket(sock, server_hostname=host):
+            pass
+    except ssl.SSLCertVerificationError as err:
+        detail = err.verify_message or str(err)
+        if "mismatch" in detail.lower():
+            raise JoinError(
+                f"the server's certificate is not valid for {host!r} ({detail}); use the host "
+                "name the Federation's ingress names (status.endpoint)") from err
+        raise JoinError(
+            f"the server's certificate is not trusted by --ca {ca} ({detail}); use the "
+            "Federation's CA (ca.crt in the site Secret)") from err
+    except ssl.SSLError as err:
+        raise JoinError(f"TLS with the server at {host}:{port} failed: {err}") from err
+    except OSError as err:
+        raise JoinError(f"the server at {host}:{port} closed the connection: {err}") from err
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+# ---- SuperNode output ----------------------------------------------------------------------
+KNOWN_FAILURES = [
+    (re.compile(r"No SuperNode found with the given public key|code: 2004|Failed to activate SuperNode"),
+     "the server rejected this site's key: it is not registered with the Federation (or was "
+     "revoked). Check --key and that the site is in the Federation's spec.sites"),
+    (re.compile(r"All SuperNodes must be registered"),
+     "the server requires a registered site key: pass --key with the site's site.key"),
+    (re.compile(r"Unable to parse the private key"), "--key could not be read by Flower"),
+    (re.compile(r"CERTIFICATE_VERIFY_FAILED|SSL/TLS handshake error"),
+     "TLS with the server failed: check --ca and the server name in --server"),
+    (re.compile(r"terminated gracefully|unregistered", re.I),
+     "the server ended this site's membership (the site key was unregistered)"),
+]
+
+
+def explain_supernode_exit(output_tail: list[str]) -> str | None:
+    text = "\n".join(output_tail)
+    for pattern, message in KNOWN_FAILURES:
+        if pattern.search(text):
+            return message
+    return None
+
+
+class Reporter:
+    """Progress for a person at a terminal (rich), plain log lines in a pod."""
+
+    def __init__(self, site: str) -> None:
+        self.site = site
+        self.interactive = sys.stderr.isatty()
+        self._console = None
+        if self.interactive:
+            from rich.console import Console
+            self._console = Console(stderr=True)
+
+    def __call__(self, kind: str, info: dict) -> None:
+        if kind == "loading":
+            msg = f"loading base model {info['model']} (kept resident across rounds)"
+        elif kind == "training":
+            msg = f"round {info['round']}: training on local data"
+        elif kind == "trained":
+            msg = (f"round {info['round']}: done, train loss {info['loss']:.4f}, "
+                   f"{info['seconds']:.1f} s; adapter sent")
+        else:
+            msg = f"{kind}: {info}"
+        if self._console is not None:
+            self._console.log(f"[bold]{self.site}[/bold] {msg}")
+        else:
+            log.info(msg)
+
+
+# ---- commands ------------------------------------------------------------------------------
+def join(args: argparse.Namespace) -> int:
+    host, port = parse_server(args.server)
+    data = Path(args.data)
+    check_file("--data", data, "this site's private training data")
+    ca = Path(args.ca) if args.ca else None
+    if args.insecure and (ca or args.key):
+        raise JoinError("--insecure turns TLS off: do not combine it with --ca or --key")
+    if not args.insecure:
+        if ca is None:
+            raise JoinError("--ca is required (the Federation's CA, ca.crt in the site Secret); "
+                            "--insecure only for local tests")
+        check_file("--ca", ca, "the Federation's CA certificate")
+    if args.key:
+        check_key(Path(args.key))
+    if args.general_eval:
+        check_file("--general-eval", Path(args.general_eval), "general held-out text")
+    check_connection(host, port, None if args.insecure else ca)
+
+    work = Path(args.work_dir).expanduser()
+    work.mkdir(parents=True, exist_ok=True)
+    reporter = Reporter(args.site)
+    trainer = SiteTrainer(SiteOptions(
+        site=args.site, data=data, device=args.device, quantization=args.quantization,
+        general_eval=Path(args.general_eval) if args.general_eval else None), on_event=reporter)
+    socket_path = work / f"trainer-{args.site}.sock"
+    server = TrainerServer(trainer, socket_path)
+    server.start()
+
+    command = [
+        shutil.which("flower-supernode") or "flower-supernode",
+        "--superlink", f"{host}:{port}",
+        "--node-config", f'site="{args.site}" trainer-socket="{socket_path}"',
+        "--port", str(free_port()),
+        "--max-retries", str(args.max_retries),
+    ]
+    command += ["--insecure"] if args.insecure else ["--root-certificates", str(ca)]
+    if args.key:
+        command += ["--auth-supernode-private-key", str(args.key)]
+    env = {**os.environ, "FLWR_HOME": str(work / "flwr"), "PYTHONUNBUFFERED": "1"}
+    log.info("site %s joining %s:%d (pollinate %s)", args.site, host, port, __version__)
+    # Same process group as this one: whoever stops the site stops its SuperNode too.
+    proc = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
+    tail: list[str] = []
+
+    def forward_output() -> None:
+        assert proc.stdout is not None
+        for line in proc.stdout:
+            line = line.rstrip()
+            tail.append(line)
+            del tail[:-50]
+            if args.verbose or "ERROR" in line or "WARN" in line:
+                log.info("supernode: %s", line)
+
+    reader = threading.Thread(target=forward_output, daemon=True)
+    reader.start()
+
+    def stop(signum: int, _frame: object) -> None:
+        log.info("stopping (signal %d)", signum)
+        if proc.poll() is None:
+            proc.terminate()
+
+    signal.signal(signal.SIGTERM, stop)
+    signal.signal(signal.SIGINT, stop)
+    code = proc.wait()
+    reader.join(timeout=2)
+    server.stop()
+    if code in (0, -signal.SIGTERM, 128 + signal.SIGTERM):
+        log.info("site %s left the federation", args.site)
+        return 0
+    reason = explain_supernode_exit(tail)
+    raise JoinError(f"the SuperNode exited with code {code}: "
+                    f"{reason or 'see the log above (run with --verbose for all of it)'}")
+
+
+def evaluate(args: argparse.Namespace) -> int:
+    """Score an adapter version on local data: perplexity of base model + adapter."""
+    import json
+
+    import numpy as np
+
+    check_file("--data", Path(args.data), "data to evaluate on")
+    from .train.data import load_eval_blocks
+    from .train.device import choose_device
+    from .train.local import evaluate as eval_blocks
+    from .train.model import LoraSettings, load_adapter_state, load_model
+
+    if args.adapter_dir:
+        folder = Path(args.adapter_dir)
+        check_file("--adapter-dir", folder / "adapter_config.json", "a PEFT adapter folder")
+        adapter_config = json.loads((folder / "adapter_config.json").read_text())
+        from safetensors.numpy import load_file
+        state = load_file(str(folder / "adapter_model.safetensors"))
+    else:
+        from .store import FederationStore
+        if not (args.s3_bucket and args.adapter_version):
+            raise JoinError("give --adapter-dir, or --s3-bucket, --s3-prefix and --adapter-version")
+        store = FederationStore.connect(args.s3_bucket, args.s3_prefix or "",
+                                        endpoint_url=args.s3_endpoint or None)
+        published = store.load_adapter(int(args.adapter_version.lstrip("v")))
+        adapter_config, state = published.adapter_config, published.adapter
+    lora = LoraSettings(rank=int(adapter_config["r"]), alpha=float(adapter_config["lora_alpha"]),
+                        dropout=float(adapter_config.get("lora_dropout", 0.0)),
+                        target_modules=tuple(adapter_config["target_modules"]))
+    base = args.base_model or adapter_config["base_model_name_or_path"]
+    from .site_trainer import BUNDLED_MODELS, _in_hub_cache
+    if BUNDLED_MODELS.get(base) == "smollm2" and not _in_hub_cache(base):
+        from .train.model import smollm2_path
+        base = str(smollm2_path())
+    loaded = load_model(base, lora, choose_device(args.device))
+    blocks = load_eval_blocks(args.data, loaded.tokenizer, args.sequence_length)
+    before, _ = eval_blocks(loaded.model, blocks)  # LoRA B starts at zero: the base model
+    load_adapter_state(loaded.model, {k: np.asarray(v) for k, v in state.items()})
+    after, ppl = eval_blocks(loaded.model, blocks)
+    import math
+    print(json.dumps({"blocks": len(blocks), "base_perplexity": math.exp(before),
+                      "adapter_perplexity": ppl, "adapter_loss": after}))
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="pollinate-client", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--version", action="version", version=f"pollinate-client {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True)
+    j = sub.add_parser("join", help="join a federation as a site and train when asked")
+    j.add_argument("--server", required=True, help="the server's host:port (Federation status.endpoint)")
+    j.add_argument("--site", required=True, help="this site's name in the Federation")
+    j.add_argument("--data", required=True, help="private training data: .jsonl, .txt or a folder")
+    j.add_argument("--ca", help="the Federation's CA certificate (ca.crt)")
+    j.add_argument("--key", help="this site's private key (site.key, OpenSSH EC)")
+    j.add_argument("--device", default="auto", choices=["auto", "cuda", "mps", "cpu"])
+    j.add_argument("--quantization", default="none", choices=["none", "nf4"])
+    j.add_argument("--general-eval", help="general held-out text to measure forgetting on")
+    j.add_argument("--work-dir", default=os.environ.get("POLLINATE_WORK_DIR", "~/.cache/pollinate/site"))
+    j.add_argument("--max-retries", type=int, default=10, help="SuperNode reconnection attempts")
+    j.add_argument("--insecure", action="store_true", help="no TLS (local tests only)")
+    j.add_argument("--verbose", action="store_true")
+    e = sub.add_parser("eval", help="score an adapter version on local data")
+    e.add_argument("--data", required=True)
+    e.add_argument("--adapter-dir", help="a PEFT adapter folder (adapter_model.safetensors + config)")
+    e.add_argument("--s3-bucket")
+    e.add_argument("--s3-prefix")
+    e.add_argument("--s3-endpoint")
+    e.add_argument("--adapter-version", help="adapter version in S3, e.g. v3")
+    e.add_argument("--base-model", help="override the base model named in the adapter config")
+    e.add_argument("--device", default="auto", choices=["auto", "cuda", "mps", "cpu"])
+    e.add_argument("--sequence-length", type=int, default=256)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.DEBUG if getattr(args, "verbose", False) else logging.INFO,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    try:
+        return join(args) if args.command == "join" else evaluate(args)
+    except JoinError as err:
+        print(f"pollinate-client: error: {err}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,415 @@
+"""The server's round loop: sample sites, send the global adapter, fold replies in as they
+arrive, checkpoint, report progress, publish the adapter version at the end.
+
+Why not Flower's `Strategy.start`: it collects every reply of a round before aggregating
+(O(sites x parameters) in memory) and its `send_and_receive` sleeps 3 s between pulls. Here
+each reply is validated and folded into an fp32 accumulator the moment it is pulled, then
+dropped, and the loop polls every `poll_seconds`. The aggregation rules themselves are small
+composable classes (`aggregation`, `privacy`), in the spirit of Flower's Message-API
+strategies.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import random
+import tempfile
+import time
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+import numpy as np
+from flwr.app import ConfigRecord, Message, MetricRecord, RecordDict
+
+from . import messages as m
+from .aggregation import Aggregator, make_aggregator
+from .privacy import CentralDP, PrivateAggregator
+from .run_config import RunConfig
+from .store import Checkpoint, FederationStore, RunProgress, lora_adapter_config
+from .wire import (
+    AdapterSpec,
+    AdapterState,
+    RejectReason,
+    UpdateRejected,
+    from_record,
+    payload_bytes,
+    to_record,
+    validate_update,
+)
+
+log = logging.getLogger(__name__)
+
+
+class RunFailed(RuntimeError):
+    """The run cannot go on; the message says why, for the TrainingRound's status."""
+
+
+class Grid(Protocol):
+    def get_node_ids(self) -> Iterable[int]: ...
+    def push_messages(self, messages: Iterable[Message]) -> Iterable[str]: ...
+    def pull_messages(self, message_ids: Iterable[str]) -> Iterable[Message]: ...
+
+
+@dataclass
+class Reply:
+    node_id: int
+    site: str
+    message: Message
+
+
+@dataclass(frozen=True)
+class SiteEval:
+    """A site's evaluation of a global adapter on its own held-out data."""
+
+    site: str
+    loss: float
+    examples: float
+    general_loss: float | None
+
+
+def _site_eval(site: str, metrics: MetricRecord) -> SiteEval | None:
+    if m.EVAL_LOSS not in metrics:
+        return None
+    general = float(metrics[m.GENERAL_LOSS]) if m.GENERAL_LOSS in metrics else None
+    return SiteEval(site, float(metrics[m.EVAL_LOSS]), float(metrics.get(m.EVAL_EXAMPLES, 1)), general)
+
+
+@dataclass
+class Exchange:
+    replies: list[Reply] = field(default_factory=list)
+    failed: dict[int, str] = field(default_factory=dict)  # node id -> why
+    bytes_sent: int = 0
+    bytes_received: int = 0
+
+
+@dataclass
+class RoundOutcome:
+    round: int
+    participants: int
+    train_loss: float | None
+    seconds: float
+    bytes_sent: int
+    bytes_received: int
+    rejected: list[dict[str, str]]
+    epsilon: float | None
+    examples: dict[str, int]
+
+
+def _weighted(values: list[tuple[float, float]]) -> float | None:
+    total = sum(w for _, w in values)
+    if total <= 0:
+        return None
+    return sum(v * w for v, w in values) / total
+
+
+def _perplexity(loss: float | None) -> float | None:
+    if loss is None or not math.isfinite(loss):
+        return None
+    return math.exp(min(loss, 50.0))
+
+
+class FederatedRun:
+    def __init__(self, grid: Grid, config: RunConfig, store: FederationStore, *,
+                 poll_seconds: float = 0.1, clock: Callable[[], float] = time.monotonic,
+                 node_wait_seconds: float | None = None) -> None:
+        self.grid = grid
+        self.config = config
+        self.store = store
+        self.poll_seconds = poll_seconds
+        self.clock = clock
+        self.node_wait_seconds = node_wait_seconds or max(60.0, config.round_timeout_seconds)
+        self.sites_by_node: dict[int, str] = {}
+        self.metrics: list[dict[str, Any]] = []
+        self.site_states: dict[str, dict[str, Any]] = {}
+        self._spill = tempfile.TemporaryDirectory(prefix="pollinate-spill-")
+        self.aggregator = self._make_aggregator()
+        self.rng = random.Random(config.training_round)
+
+    def _make_aggregator(self) -> Aggregator:
+        c = self.config
+        inner = make_aggregator(
+            c.strategy, beta=c.trim_beta, server_learning_rate=c.server_learning_rate,
+            beta_1=c.adam_beta1, beta_2=c.adam_beta2, tau=c.adam_tau, spill_dir=self._spill.name)
+        if c.clipping_norm > 0:
+            population = max(len(c.sites), c.min_sites)
+            return PrivateAggregator(inner, CentralDP(
+                clipping_norm=c.clipping_norm, noise_multiplier=c.noise_multiplier,
+                population_size=population, target_delta=c.target_delta))
+        return inner
+
+    # ---- Flower message exchange -------------------------------------------------------
+    def wait_for_nodes(self, count: int) -> list[int]:
+        deadline = self.clock() + self.node_wait_seconds
+        while True:
+            nodes = sorted(self.grid.get_node_ids())
+            if len(nodes) >= count:
+                return nodes
+            if self.clock() >= deadline:
+                raise RunFailed(
+                    f"only {len(nodes)} site(s) connected after {self.node_wait_seconds:.0f} s; "
+                    f"minSites is {count}")
+            time.sleep(0.5)
+
+    def exchange(self, nodes: list[int], message_type: str, content: Callable[[int], RecordDict],
+                 round: int, on_reply: Callable[[Reply], None]) -> Exchange:
+        """Send one message per node and hand each reply to `on_reply` as it arrives; return
+        when every node answered or the round timeout passed (closing with what arrived)."""
+        out = Exchange()
+        timeout = self.config.round_timeout_seconds
+        outgoing = []
+        for node in nodes:
+            body = content(node)
+            out.bytes_sent += sum(payload_bytes(r) for r in body.array_records.values())
+            outgoing.append(Message(body, dst_node_id=node, message_type=message_type,
+                                    ttl=timeout, group_id=str(round)))
+        ids = list(self.grid.push_messages(outgoing))
+        pending = {mid: node for mid, node in zip(ids, nodes, strict=True) if mid}
+        deadline = self.clock() + timeout
+        while pending and self.clock() < deadline:
+            for reply in self.grid.pull_messages(list(pending)):
+                node = pending.pop(reply.metadata.reply_to_message_id, None)
+                if node is None:
+                    continue
+                if reply.has_error():
+                    out.failed[node] = f"{reply.error.code}: {reply.error.reason}"
+                    continue
+                site = str(reply.content.config_records.get(m.CONFIG, {}).get(m.SITE, f"node-{node}"))
+                self.sites_by_node[node] = site
+                out.bytes_received += sum(payload_bytes(r) for r in reply.content.array_records.values())
+                wrapped = Reply(node, site, reply)
+                out.replies.append(wrapped)
+                on_reply(wrapped)
+            if pending:
+                time.sleep(self.poll_seconds)
+        for node in pending.values():
+            out.failed[node] = f"no reply within {timeout:.0f} s"
+        return out
+
+    # ---- phases ------------------------------------------------------------------------
+    def initial_adapter(self) -> AdapterState:
+        if self.config.initial_adapter_version:
+            version = int(self.config.initial_adapter_version.lstrip("v"))
+            log.info("starting from published adapter v%d", version)
+            return self.store.load_adapter(version).adapter
+        nodes = self.wait_for_nodes(1)
+        got: list[AdapterState] = []
+
+        def take(reply: Reply) -> None:
+            got.append({k: np.array(v, dtype=np.float32) for k, v in
+                        from_record(reply.message.content.array_records[m.ARRAYS]).items()})
+
+        self.exchange(nodes[:1], "query", lambda _: RecordDict(
+            {m.CONFIG: ConfigRecord({m.ROUND: 0})}), 0, take)
+        if not got:
+            raise RunFailed("no site answered the request for the initial adapter")
+        return got[0]
+
+    def sample(self, nodes: list[int]) -> list[int]:
+        wanted = max(self.config.min_sites, math.ceil(self.config.fraction_per_round * len(nodes)))
+        if wanted >= len(nodes):
+            return nodes
+        return sorted(self.rng.sample(nodes, wanted))
+
+    def train_round(self, round: int, global_adapter: AdapterState,
+                    spec: AdapterSpec) -> tuple[AdapterState, RoundOutcome, list[SiteEval]]:
+        """One round of training; returns the new global adapter, what happened, and the
+        sites' evaluations of the adapter they received (the previous round's result)."""
+        start = self.clock()
+        nodes = self.sample(self.wait_for_nodes(self.config.min_sites))
+        record = to_record(global_adapter, self.config.transport_dtype)
+        round_mean = self.aggregator.begin_round(global_adapter)
+        accepted: dict[str, int] = {}
+        rejected: list[dict[str, str]] = []
+        losses: list[tuple[float, float]] = []
+        evals: list[SiteEval] = []
+
+        def fold(reply: Reply) -> None:
+            content = reply.message.content
+            metrics = content.metric_records.get(m.METRICS, MetricRecord())
+            reported = content.config_records.get(m.CONFIG, {}).get(m.ROUND)
+            examples = float(metrics.get(m.NUM_EXAMPLES, 0))
+            if (evaluation := _site_eval(reply.site, metrics)) is not None:
+                evals.append(evaluation)
+            try:
+                if m.ARRAYS not in content.array_records:
+                    raise UpdateRejected(RejectReason.EMPTY, "the reply carries no adapter")
+                if examples <= 0:
+                    raise UpdateRejected(RejectReason.EMPTY, f"{m.NUM_EXAMPLES} is {examples}, expected > 0")
+                update = validate_update(content.array_records[m.ARRAYS], spec,
+                                         max_norm=self.config.max_update_norm,
+                                         expected_round=round,
+                                         reported_round=int(reported) if reported is not None else None)
+            except UpdateRejected as err:
+                rejected.append({"site": reply.site, "reason": str(err)[:300]})
+                log.warning("round %d: rejected the update of site %s: %s", round, reply.site, err)
+                self.site_states[reply.site] = {"state": "Rejected", "lastRound": round,
+                                                "message": str(err)[:300]}
+                return
+            round_mean.add(update, weight=examples)
+            accepted[reply.site] = int(examples)
+            if m.TRAIN_LOSS in metrics:
+                losses.append((float(metrics[m.TRAIN_LOSS]), examples))
+            self.site_states[reply.site] = {"state": "Trained", "lastRound": round}
+
+        def content(_: int) -> RecordDict:
+            return RecordDict({m.ARRAYS: record, m.CONFIG: ConfigRecord({m.ROUND: round})})
+
+        exchange = self.exchange(nodes, "train", content, round, fold)
+        for node, why in exchange.failed.items():
+            site = self.sites_by_node.get(node, f"node-{node}")
+            self.site_states[site] = {"state": "NoReply", "lastRound": round, "message": why}
+            log.warning("round %d: site %s did not reply: %s", round, site, why)
+        if len(accepted) < self.config.min_sites:
+            round_mean.close()
+            raise RunFailed(
+                f"round {round}: only {len(accepted)} valid update(s) ({', '.join(accepted) or 'none'}), "
+                f"minSites is {self.config.min_sites}; no reply from "
+                f"{', '.join(self.sites_by_node.get(n, str(n)) for n in exchange.failed) or 'none'}; "
+                f"rejected: {', '.join(r['site'] for r in rejected) or 'none'}")
+        new_global = self.aggregator.finish_round(round_mean)
+        report = getattr(self.aggregator, "last_report", None)
+        outcome = RoundOutcome(
+            round=round, participants=len(accepted), train_loss=_weighted(losses),
+            seconds=self.clock() - start, bytes_sent=exchange.bytes_sent,
+            bytes_received=exchange.bytes_received, rejected=rejected,
+            epsilon=report.epsilon if report and math.isfinite(report.epsilon) else None,
+            examples=accepted)
+        return new_global, outcome, evals
+
+    def evaluate(self, round: int, global_adapter: AdapterState) -> list[SiteEval]:
+        nodes = self.wait_for_nodes(self.config.min_sites)
+        record = to_record(global_adapter, self.config.transport_dtype)
+        evals: list[SiteEval] = []
+
+        def take(reply: Reply) -> None:
+            metrics = reply.message.content.metric_records.get(m.METRICS, MetricRecord())
+            if (evaluation := _site_eval(reply.site, metrics)) is not None:
+                evals.append(evaluation)
+
+        self.exchange(nodes, "evaluate", lambda _: RecordDict(
+            {m.ARRAYS: record, m.CONFIG: ConfigRecord({m.ROUND: round})}), round, take)
+        return evals
+
+    # ---- bookkeeping -------------------------------------------------------------------
+    def _record_eval(self, round: int, evals: list[SiteEval]) -> None:
+        """Evaluations of the adapter produced by `round` (round 0: the starting adapter)."""
+        if not evals:
+            return
+        entry = self._metrics_entry(round)
+        loss = _weighted([(e.loss, e.examples) for e in evals])
+        general = _weighted([(e.general_loss, e.examples) for e in evals if e.general_loss is not None])
+        entry.update({"evalLoss": loss, "perplexity": _perplexity(loss),
+                      "generalPerplexity": _perplexity(general),
+                      "sitePerplexity": {e.site: _perplexity(e.loss) for e in evals}})
+
+    def _metrics_entry(self, round: int) -> dict[str, Any]:
+        for entry in self.metrics:
+            if entry["round"] == round:
+                return entry
+        entry = {"round": round}
+        self.metrics.append(entry)
+        self.metrics.sort(key=lambda e: e["round"])
+        return entry
+
+    def _record_outcome(self, o: RoundOutcome) -> None:
+        entry = self._metrics_entry(o.round)
+        entry.update({
+            "participants": o.participants, "trainLoss": o.train_loss, "seconds": round(o.seconds, 3),
+            "bytesSent": o.bytes_sent, "bytesReceived": o.bytes_received, "rejected": o.rejected,
+            "examples": o.examples,
+        })
+        if o.epsilon is not None:
+            entry["epsilon"] = o.epsilon
+
+    def status_metrics(self) -> list[dict[str, Any]]:
+        """The metrics in the TrainingRound status schema (extra per-site detail stays in S3)."""
+        keep = ("round", "participants", "trainLoss", "evalLoss", "perplexity", "generalPerplexity",
+                "bytesSent", "bytesReceived", "seconds", "epsilon", "rejected")
+        return [{k: v for k, v in e.items() if k in keep and v is not None} for e in self.metrics]
+
+    def write_progress(self, round: int, phase: str = "Running", adapter_version: int | None = None,
+                       last_checkpoint: str | None = None, message: str = "") -> None:
+        self.store.write_progress(RunProgress(
+            training_round=self.config.training_round, round=round, total_rounds=self.config.rounds,
+            phase=phase, rounds=self.status_metrics(), sites=self.site_states,
+            last_checkpoint=last_checkpoint, adapter_version=adapter_version, message=message))
+
+    def checkpoint(self, round: int, adapter: AdapterState) -> str:
+        privacy = getattr(self.aggregator, "privacy", None)
+        pointer = self.store.save_checkpoint(self.config.training_round, Checkpoint(
+            round=round, adapter=adapter, strategy_state=self.aggregator.state_dict(),
+            privacy_state=privacy.state_dict() if privacy else None,
+            metrics=self.metrics,
+            server_state={"sites_by_node": {str(k): v for k, v in self.sites_by_node.items()}}))
+        return f"{self.store.checkpoint_dir(self.config.training_round, round)} ({pointer.round})"
+
+    def resume(self) -> tuple[int, AdapterState | None]:
+        checkpoint = self.store.load_checkpoint(self.config.training_round)
+        if checkpoint is None:
+            return 0, None
+        self.aggregator.load_state_dict(checkpoint.strategy_state)
+        privacy = getattr(self.aggregator, "privacy", None)
+        if privacy and checkpoint.privacy_state:
+            privacy.load_state_dict(checkpoint.privacy_state)
+        self.metrics = list(checkpoint.metrics)
+        log.info("resuming %s after round %d from its checkpoint",
+                 self.config.training_round, checkpoint.round)
+        return checkpoint.round, checkpoint.adapter
+
+    def _published_version(self) -> int | None:
+        """A version this training round already published (a restart after publishing)."""
+        for version in sorted(self.store.adapter_versions(), reverse=True):
+            manifest = self.store.load_adapter(version).manifest
+            if manifest.get("trainingRound") == self.config.training_round:
+                return version
+        return None
+
+    # ---- the whole run -----------------------------------------------------------------
+    def run(self) -> int:
+        c = self.config
+        try:
+            done, adapter = self.resume()
+            if adapter is None:
+                adapter = self.initial_adapter()
+                self.write_progress(0, message="starting")
+            spec = AdapterSpec.from_template(adapter)
+            last_checkpoint = None
+            for round in range(done + 1, c.rounds + 1):
+                adapter_before = adapter
+                adapter, outcome, evals = self.train_round(round, adapter_before, spec)
+                self._record_eval(round - 1, evals)
+                self._record_outcome(outcome)
+                last_checkpoint = self.checkpoint(round, adapter)
+                self.write_progress(round, last_checkpoint=last_checkpoint)
+                log.info("round %d/%d: %d sites, train loss %s, %.1f s", round, c.rounds,
+                         outcome.participants, outcome.train_loss, outcome.seconds)
+            self._record_eval(c.rounds, self.evaluate(c.rounds, adapter))
+            version = self._published_version() or self.publish(adapter)
+            self.write_progress(c.rounds, phase="Succeeded", adapter_version=version,
+                                last_checkpoint=last_checkpoint,
+                                message=f"published adapter v{version}")
+            return version
+        except RunFailed as err:
+            self.write_progress(max((e["round"] for e in self.metrics), default=0), phase="Failed",
+                                message=str(err))
+            raise
+        finally:
+            self._spill.cleanup()
+
+    def publish(self, adapter: AdapterState) -> int:
+        c = self.config
+        examples: dict[str, int] = {}
+        for entry in self.metrics:
+            for site, n in (entry.get("examples") or {}).items():
+                examples[site] = examples.get(site, 0) + int(n)
+        config = lora_adapter_config(
+            c.base_model, rank=c.lora_rank, alpha=c.lora_alpha, dropout=c.lora_dropout,
+            target_modules=list(c.lora_target_modules), revision=c.base_model_revision)
+        parent = int(c.initial_adapter_version.lstrip("v")) if c.initial_adapter_version else None
+        published = self.store.publish_adapter(
+            adapter, config, training_round=c.training_round, round=c.rounds, sites=examples,
+            metrics={"rounds": self.status_metrics()}, parent_version=parent)
+        log.info("published adapter v%d", published.version)
+        return published.version

@@ -1,0 +1,26 @@
+"""Pollinate's Flower ServerApp: a thin entry point around `rounds.FederatedRun`."""
+
+from __future__ import annotations
+
+import logging
+import os
+
+from flwr.app import Context
+from flwr.serverapp import Grid, ServerApp
+
+from .rounds import FederatedRun
+from .run_config import RunConfig
+from .store import FederationStore
+
+app = ServerApp()
+
+
+@app.main()
+def main(grid: Grid, context: Context) -> None:
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    config = RunConfig.from_flower(dict(context.run_config))
+    store = FederationStore.connect(
+        config.s3_bucket, config.s3_root,
+        endpoint_url=config.s3_endpoint or os.environ.get("POLLINATE_S3_ENDPOINT") or None,
+        region=config.s3_region)
+    FederatedRun(grid, config, store).run()

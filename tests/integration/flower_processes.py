@@ -1,0 +1,172 @@
+"""Real Flower processes on loopback for tests: a SuperLink with TLS and site authentication,
+and sites joined with `pollinate-client join`, exactly as a laptop would."""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from pollinate_operator import pki
+from pollinate_operator.clients.flower import FlowerControl, RunState
+from pollinate_runtime.run_config import RunConfig
+
+BIN = Path(sys.executable).parent
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def wait_for_port(port: int, timeout: float = 30.0) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        with socket.socket() as s:
+            if s.connect_ex(("127.0.0.1", port)) == 0:
+                return
+        time.sleep(0.2)
+    raise TimeoutError(f"nothing listens on 127.0.0.1:{port} after {timeout} s")
+
+
+def _spawn(argv: list[str], log: Path, env: dict[str, str]) -> subprocess.Popen:
+    handle = open(log, "ab")  # noqa: SIM115 - the child owns it
+    proc = subprocess.Popen(argv, stdout=handle, stderr=subprocess.STDOUT, env=env,
+                            start_new_session=True)
+    handle.close()
+    return proc
+
+
+def _stop(proc: subprocess.Popen, sig: int = signal.SIGTERM, timeout: float = 15.0) -> None:
+    if proc.poll() is not None:
+        return
+    try:
+        os.killpg(proc.pid, sig)
+        proc.wait(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+    except ProcessLookupError:
+        pass
+
+
+@dataclass
+class FlowerServer:
+    """A SuperLink on loopback with a CA and certificate from the operator's own PKI."""
+
+    home: Path
+    env: dict[str, str]
+    auth: bool = True
+    port: int = field(default_factory=free_port)
+    proc: subprocess.Popen | None = None
+    ca: pki.CertificateAuthority = field(default_factory=lambda: pki.new_ca("test federation CA"))
+
+    @property
+    def address(self) -> str:
+        return f"127.0.0.1:{self.port}"
+
+    @property
+    def ca_path(self) -> Path:
+        return self.home / "ca.crt"
+
+    @property
+    def log(self) -> Path:
+        return self.home / "superlink.log"
+
+    def start(self) -> None:
+        self.home.mkdir(parents=True, exist_ok=True)
+        if not self.ca_path.exists():
+            cert = pki.new_server_certificate(self.ca, ["localhost"])
+            self.ca_path.write_bytes(self.ca.cert_pem)
+            (self.home / "tls.crt").write_bytes(cert.cert_pem)
+            (self.home / "tls.key").write_bytes(cert.key_pem)
+        argv = [str(BIN / "flower-superlink"), "--host", "127.0.0.1", "--port", str(self.port),
+                "--ssl-certfile", str(self.home / "tls.crt"), "--ssl-keyfile", str(self.home / "tls.key"),
+                "--ssl-ca-certfile", str(self.ca_path), "--disable-runtime-dependency-installation",
+                "--database", str(self.home / "state.db")]
+        if self.auth:
+            argv.append("--enable-supernode-auth")
+        env = {**os.environ, **self.env, "FLWR_HOME": str(self.home / "flwr"),
+               "PATH": f"{BIN}{os.pathsep}{os.environ['PATH']}"}
+        self.proc = _spawn(argv, self.log, env)
+        wait_for_port(self.port)
+
+    def kill(self) -> None:
+        if self.proc:
+            _stop(self.proc, signal.SIGKILL)
+
+    def stop(self) -> None:
+        if self.proc:
+            _stop(self.proc)
+
+    def control(self) -> FlowerControl:
+        return FlowerControl(self.address, self.ca.cert_pem)
+
+    def register(self, site: str, key_dir: Path) -> tuple[Path, str]:
+        """A new site key, registered; returns the private key file and the node id."""
+        key = pki.new_site_key()
+        key_dir.mkdir(parents=True, exist_ok=True)
+        path = key_dir / f"{site}.key"
+        path.write_bytes(key.private_openssh)
+        path.chmod(0o600)
+        with self.control() as control:
+            node_id = control.register_site(site, pki.public_key_pem(key.public_openssh))
+        return path, node_id
+
+    def start_run(self, config: RunConfig) -> int:
+        with self.control() as control:
+            return control.start_run(config)
+
+    def wait_run(self, run_id: int, timeout: float) -> RunState:
+        deadline = time.monotonic() + timeout
+        state = None
+        while time.monotonic() < deadline:
+            with self.control() as control:
+                state = control.get_run(run_id)
+            if state and state.finished:
+                return state
+            time.sleep(1.0)
+        raise TimeoutError(f"run {run_id} not finished after {timeout} s (last: {state}); "
+                           f"server log: {self.log}")
+
+
+@dataclass
+class Site:
+    name: str
+    data: Path
+    work: Path
+    key: Path | None
+    proc: subprocess.Popen | None = None
+
+    @property
+    def log(self) -> Path:
+        return self.work / "join.log"
+
+    def join(self, server: FlowerServer, *extra: str) -> None:
+        self.work.mkdir(parents=True, exist_ok=True)
+        argv = [str(BIN / "pollinate-client"), "join", "--server", server.address, "--site", self.name,
+                "--data", str(self.data), "--ca", str(server.ca_path), "--work-dir", str(self.work),
+                "--device", "cpu", *extra]
+        if self.key:
+            argv += ["--key", str(self.key)]
+        env = {**os.environ, "PATH": f"{BIN}{os.pathsep}{os.environ['PATH']}", "HF_HUB_OFFLINE": "1",
+               # Two cores for four Python processes: keep torch from oversubscribing them.
+               "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
+        self.proc = _spawn(argv, self.log, env)
+
+    def kill(self) -> None:
+        if self.proc:
+            _stop(self.proc, signal.SIGKILL)
+
+    def stop(self) -> None:
+        if self.proc:
+            _stop(self.proc)
+
+    def output(self) -> str:
+        return self.log.read_text(errors="replace") if self.log.exists() else ""
