@@ -253,7 +253,7 @@ def evaluate(args: argparse.Namespace) -> int:
     base = args.base_model or adapter_config["base_model_name_or_path"]
     from .site_trainer import BUNDLED_MODELS, _in_hub_cache
     if BUNDLED_MODELS.get(base) == "smollm2" and not _in_hub_cache(base):
-        from .train.model import smollm2_path
+        from .train.sources import smollm2_path
         base = str(smollm2_path())
     loaded = load_model(base, lora, choose_device(args.device))
     blocks = load_eval_blocks(args.data, loaded.tokenizer, args.sequence_length)

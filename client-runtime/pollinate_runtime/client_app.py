@@ -35,7 +35,8 @@ def _forward(kind: str, msg: Message, context: Context) -> Message:
     answer = call_trainer(socket_path, {
         "kind": kind, "config": dict(context.run_config), "round": round_number, "adapter": adapter})
     records: dict = {
-        m.CONFIG: ConfigRecord({m.ROUND: round_number, m.SITE: site}),
+        # The round the trainer's answer belongs to (a late answer may be for an older round).
+        m.CONFIG: ConfigRecord({m.ROUND: int(answer.get("round", round_number)), m.SITE: site}),
         m.METRICS: MetricRecord({k: float(v) for k, v in answer["metrics"].items()}),
     }
     if answer.get("adapter") is not None:

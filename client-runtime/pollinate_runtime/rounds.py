@@ -343,7 +343,7 @@ class FederatedRun:
             privacy_state=privacy.state_dict() if privacy else None,
             metrics=self.metrics,
             server_state={"sites_by_node": {str(k): v for k, v in self.sites_by_node.items()}}))
-        return f"{self.store.checkpoint_dir(self.config.training_round, round)} ({pointer.round})"
+        return pointer.manifest_key
 
     def resume(self) -> tuple[int, AdapterState | None]:
         checkpoint = self.store.load_checkpoint(self.config.training_round)

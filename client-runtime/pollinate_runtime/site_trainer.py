@@ -88,7 +88,8 @@ class SiteTrainer:
     # ---- resident state ----------------------------------------------------------------
     def _ensure_model(self, config: RunConfig) -> tuple[Any, float]:
         from .train.device import choose_device
-        from .train.model import LoraSettings, load_model, smollm2_path
+        from .train.model import LoraSettings, load_model
+        from .train.sources import smollm2_path
 
         rank = config.rank_of(self.options.site)
         key = (config.base_model, config.base_model_revision, rank, config.lora_alpha,
@@ -180,7 +181,7 @@ class SiteTrainer:
 
 
 def _in_hub_cache(repo_id: str) -> bool:
-    from .train.model import ModelSourceError, resolve_model_source
+    from .train.sources import ModelSourceError, resolve_model_source
 
     try:
         resolve_model_source(repo_id)

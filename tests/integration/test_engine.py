@@ -1,0 +1,232 @@
+"""The federated LoRA engine end to end with real processes: a SuperLink with TLS and site
+keys, three non-IID sites joined with `pollinate-client join`, hostile sites, and the real S3
+server. The base model is the tiny Llama of tests/support/tiny_lm.py (SmolLM2 runs in the
+slow end-to-end test)."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import numpy as np
+import pytest
+from flower_processes import FlowerServer, Site
+from pollinate_runtime.run_config import RunConfig
+from pollinate_runtime.store import FederationStore, RunProgress
+from pollinate_testbed import Testbed
+from tiny_lm import docstring_corpus
+
+pytestmark = [pytest.mark.cluster, pytest.mark.slow]
+
+DOMAINS = {  # one kind of text per site: non-IID
+    "site-a": ("pathlib", "shutil", "os"),
+    "site-b": ("datetime", "calendar", "time"),
+    "site-c": ("re", "string", "difflib"),
+}
+HOSTILE = ("nan", "inf", "wrong-shape", "wrong-name", "missing", "huge-norm", "empty", "stale-round")
+
+
+@pytest.fixture(scope="module")
+def site_data(tmp_path_factory) -> dict[str, Path]:
+    root = tmp_path_factory.mktemp("site-data")
+    folders = {}
+    for site, modules in DOMAINS.items():
+        (root / site).mkdir()
+        (root / site / "notes.txt").write_text("\n\n".join(docstring_corpus(modules)) + "\n")
+        folders[site] = root / site
+    return folders
+
+
+@pytest.fixture(scope="module")
+def server(testbed: Testbed, tmp_path_factory) -> Iterator[FlowerServer]:
+    s3 = testbed.s3()
+    srv = FlowerServer(tmp_path_factory.mktemp("superlink"),
+                       env={"AWS_ACCESS_KEY_ID": s3.access_key, "AWS_SECRET_ACCESS_KEY": s3.secret_key})
+    srv.start()
+    yield srv
+    srv.stop()
+
+
+@pytest.fixture(scope="module")
+def sites(server: FlowerServer, site_data: dict[str, Path], tmp_path_factory) -> Iterator[dict[str, Site]]:
+    root = tmp_path_factory.mktemp("sites")
+    joined = {}
+    for name, data in site_data.items():
+        key, _ = server.register(name, root / "keys")
+        site = Site(name, data, root / name, key)
+        site.join(server)
+        joined[name] = site
+    yield joined
+    for site in joined.values():
+        site.stop()
+
+
+def run_config(testbed: Testbed, model: Path, name: str, **changes) -> RunConfig:
+    s3 = testbed.s3()
+    values = dict(training_round=name, base_model=str(model), lora_rank=4, lora_alpha=8.0,
+                  lora_dropout=0.0, rounds=3, min_sites=3, local_max_steps=8, batch_size=4,
+                  sequence_length=64, learning_rate=5e-3, round_timeout_seconds=120,
+                  s3_bucket=s3.bucket, s3_prefix="engine-tests", s3_endpoint=s3.endpoint,
+                  sites=tuple(DOMAINS))
+    values.update(changes)
+    return RunConfig(**values)
+
+
+def store(testbed: Testbed) -> FederationStore:
+    s3 = testbed.s3()
+    os.environ.setdefault("AWS_ACCESS_KEY_ID", s3.access_key)
+    os.environ.setdefault("AWS_SECRET_ACCESS_KEY", s3.secret_key)
+    return FederationStore.connect(s3.bucket, "engine-tests", endpoint_url=s3.endpoint)
+
+
+def progress(testbed: Testbed, name: str) -> RunProgress:
+    p = store(testbed).read_progress(name)
+    assert p is not None, f"no progress written for {name}"
+    return p
+
+
+def unique(name: str) -> str:
+    return f"{name}-{int(time.time() * 1000) % 10**9}"
+
+
+def test_federated_rounds_lower_perplexity_and_publish_a_loadable_adapter(
+        testbed: Testbed, server: FlowerServer, sites, tiny_model_dir: Path) -> None:
+    name = unique("fedavg")
+    run_id = server.start_run(run_config(testbed, tiny_model_dir, name))
+    state = server.wait_run(run_id, timeout=600)
+    assert (state.status, state.sub_status) == ("finished", "completed"), state
+    p = progress(testbed, name)
+    assert p.phase == "Succeeded" and p.round == 3
+    ppl = {r["round"]: r["perplexity"] for r in p.rounds}
+    assert sorted(ppl) == [0, 1, 2, 3]
+    assert ppl[3] < ppl[0], f"federated perplexity did not fall: {ppl}"
+    assert all(r["participants"] == 3 for r in p.rounds if r["round"] > 0)
+    assert all(r["bytesReceived"] > 0 for r in p.rounds if r["round"] > 0)
+
+    # The published version is PEFT's own format and reproduces the trained adapter exactly.
+    published = store(testbed).load_adapter(p.adapter_version)
+    checkpoint = store(testbed).load_checkpoint(name)
+    assert checkpoint is not None and checkpoint.round == 3
+    for key, value in checkpoint.adapter.items():
+        np.testing.assert_array_equal(published.adapter[key], value)
+    assert {s["name"] for s in published.manifest["sites"]} == set(DOMAINS)
+
+    import torch
+    from peft import PeftModel
+    from pollinate_runtime.train.model import load_adapter_state
+    from transformers import AutoModelForCausalLM
+
+    folder = Path(os.environ.get("TMPDIR", "/tmp")) / f"adapter-{name}"
+    folder.mkdir(parents=True, exist_ok=True)
+    for file in ("adapter_model.safetensors", "adapter_config.json"):
+        data = store(testbed).objects.get(f"adapters/v{p.adapter_version}/{file}")
+        (folder / file).write_bytes(data)
+    tokens = torch.tensor([[1, 5, 9, 42, 7, 3]])
+    peft_model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tiny_model_dir), folder)
+    from pollinate_runtime.train.model import LoraSettings, add_lora
+    ours = add_lora(AutoModelForCausalLM.from_pretrained(tiny_model_dir),
+                    LoraSettings(rank=4, alpha=8.0, dropout=0.0))
+    load_adapter_state(ours, checkpoint.adapter)
+    with torch.no_grad():
+        torch.testing.assert_close(peft_model(tokens).logits, ours(tokens).logits)
+
+
+def test_malformed_updates_are_rejected_attributed_and_never_abort_a_round(
+        testbed: Testbed, server: FlowerServer, sites, tiny_model_dir: Path, tmp_path: Path) -> None:
+    hostile = []
+    for kind in HOSTILE:
+        key, _ = server.register(f"mallory-{kind}", tmp_path / "keys")
+        hostile.append(subprocess.Popen(
+            [sys.executable, "-m", "hostile_site", "--kind", kind, "--site", f"mallory-{kind}",
+             "--server", server.address, "--ca", str(server.ca_path), "--key", str(key),
+             "--work-dir", str(tmp_path / kind)],
+            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True,
+            env={**os.environ, "PYTHONPATH": str(Path(__file__).parents[1] / "support")}))
+    try:
+        time.sleep(5)  # let them connect before the round samples nodes
+        name = unique("hostile")
+        run_id = server.start_run(run_config(testbed, tiny_model_dir, name, rounds=2))
+        state = server.wait_run(run_id, timeout=600)
+        assert state.sub_status == "completed", state
+        p = progress(testbed, name)
+        for entry in (r for r in p.rounds if r["round"] > 0):
+            assert entry["participants"] == 3
+            rejected = {r["site"]: r["reason"] for r in entry["rejected"]}
+            assert set(rejected) == {f"mallory-{k}" for k in HOSTILE}, rejected
+        reasons = {r["site"]: r["reason"] for r in p.rounds[1]["rejected"]}
+        assert reasons["mallory-nan"].startswith("NonFiniteValues")
+        assert reasons["mallory-inf"].startswith("NonFiniteValues")
+        assert reasons["mallory-wrong-shape"].startswith("WrongShape")
+        assert reasons["mallory-wrong-name"].startswith("UnknownTensor")
+        assert reasons["mallory-missing"].startswith("MissingTensor")
+        assert reasons["mallory-huge-norm"].startswith("NormTooLarge")
+        assert reasons["mallory-empty"].startswith("EmptyUpdate")
+        assert reasons["mallory-stale-round"].startswith("StaleRound")
+    finally:
+        for proc in hostile:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+
+
+def test_killed_server_resumes_from_its_last_checkpoint(
+        testbed: Testbed, server: FlowerServer, sites, tiny_model_dir: Path) -> None:
+    name = unique("resume")
+    config = run_config(testbed, tiny_model_dir, name, rounds=4)
+    server.start_run(config)
+    deadline = time.monotonic() + 300
+    while time.monotonic() < deadline:
+        p = store(testbed).read_progress(name)
+        if p and p.round >= 2:
+            break
+        time.sleep(0.5)
+    else:
+        pytest.fail("the run never reached round 2")
+    server.kill()
+    before = store(testbed).load_checkpoint(name)
+    assert before is not None and before.round >= 2
+    server.start()
+    run_id = server.start_run(config)  # the operator resubmits; the server app resumes
+    state = server.wait_run(run_id, timeout=600)
+    assert state.sub_status == "completed", state
+    p = progress(testbed, name)
+    rounds = [r["round"] for r in p.rounds]
+    assert rounds == [0, 1, 2, 3, 4], f"a round was lost or counted twice: {rounds}"
+    after = store(testbed).load_checkpoint(name)
+    assert after is not None and after.round == 4
+
+
+def test_site_killed_mid_round_is_left_out_at_the_timeout_and_rejoins(
+        testbed: Testbed, server: FlowerServer, sites, tiny_model_dir: Path) -> None:
+    name = unique("dropout")
+    run_id = server.start_run(run_config(testbed, tiny_model_dir, name, rounds=3, min_sites=2,
+                                         round_timeout_seconds=25))
+    victim = sites["site-c"]
+    deadline = time.monotonic() + 300
+    while time.monotonic() < deadline and "round 1: training" not in victim.output():
+        time.sleep(0.2)
+    victim.kill()
+    time.sleep(2)
+    victim.join(server)
+    state = server.wait_run(run_id, timeout=600)
+    assert state.sub_status == "completed", state
+    p = progress(testbed, name)
+    participants = {r["round"]: r["participants"] for r in p.rounds if r["round"] > 0}
+    assert participants[1] == 2, participants  # closed at the timeout without site-c
+    assert participants[3] == 3, participants  # site-c back
+
+
+def test_central_privacy_reports_a_finite_growing_epsilon(
+        testbed: Testbed, server: FlowerServer, sites, tiny_model_dir: Path) -> None:
+    name = unique("dp")
+    run_id = server.start_run(run_config(testbed, tiny_model_dir, name, rounds=3,
+                                         clipping_norm=1.0, noise_multiplier=0.8))
+    state = server.wait_run(run_id, timeout=600)
+    assert state.sub_status == "completed", state
+    epsilons = [r["epsilon"] for r in progress(testbed, name).rounds if r["round"] > 0]
+    assert all(np.isfinite(e) and e > 0 for e in epsilons)
+    assert epsilons == sorted(epsilons) and epsilons[0] < epsilons[-1]
