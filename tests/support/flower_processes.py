@@ -106,7 +106,7 @@ class FlowerServer:
             _stop(self.proc)
 
     def control(self) -> FlowerControl:
-        return FlowerControl(self.address, self.ca.cert_pem)
+        return FlowerControl(self.address, self.ca_path.read_bytes())
 
     def register(self, site: str, key_dir: Path) -> tuple[Path, str]:
         """A new site key, registered; returns the private key file and the node id."""

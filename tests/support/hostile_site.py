@@ -74,7 +74,9 @@ def main() -> int:
     socket_path = work / f"trainer-{args.site}.sock"
     server = TrainerServer(HostileTrainer(args.kind, args.site), socket_path)  # type: ignore[arg-type]
     server.start()
-    env = {**os.environ, "FLWR_HOME": str(work / "flwr")}
+    bin_dir = str(Path(sys.executable).parent)
+    env = {**os.environ, "FLWR_HOME": str(work / "flwr"),
+           "PATH": f"{bin_dir}{os.pathsep}{os.environ['PATH']}"}
     command = [str(Path(sys.executable).parent / "flower-supernode"), "--superlink", args.server,
                "--root-certificates", args.ca, "--auth-supernode-private-key", args.key,
                "--node-config", f'site="{args.site}" trainer-socket="{socket_path}"',

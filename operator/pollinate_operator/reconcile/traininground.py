@@ -210,7 +210,7 @@ def decide(name: str, spec: TrainingRoundSpec, obs: TrainingRoundObserved) -> De
     progress = obs.progress
     status_update: dict = {}
     if progress:
-        last = progress.metrics[-1] if progress.metrics else None
+        last = next((e for e in reversed(progress.metrics) if e.perplexity is not None), None)
         status_update = {
             "round": progress.round,
             "metrics": list(progress.metrics),

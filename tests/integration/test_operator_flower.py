@@ -1,0 +1,130 @@
+"""The operator drives a real Flower server: it registers the site keys it generated, submits
+the run through Flower's control API, and carries round progress from S3 into the
+TrainingRound's status, up to Succeeded with the published adapter version.
+
+The SuperLink runs on loopback with the certificate the operator generated (it names
+127.0.0.1), and the operator reaches it there (POLLINATE_FLOWER_ADDRESS); the sites join with
+the keys from their Secrets, as `pollinate-client join` on a laptop would."""
+
+from __future__ import annotations
+
+import base64
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+import yaml
+from flower_processes import FlowerServer, Site, free_port
+from operator_process import OperatorProcess
+from pollinate_testbed import Testbed
+from pollinate_testbed.testing import Kubectl, eventually
+from tiny_lm import docstring_corpus
+
+pytestmark = [pytest.mark.cluster, pytest.mark.slow]
+
+ROOT = Path(__file__).resolve().parents[2]
+DOMAINS = {"hospital-a": ("pathlib", "shutil"), "hospital-b": ("datetime", "calendar"),
+           "clinic-c": ("re", "string")}
+
+
+def secret_file(kubectl: Kubectl, name: str, key: str, path: Path) -> Path:
+    data = kubectl.json("get", "secret", name)["data"][key]
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_bytes(base64.b64decode(data))
+    path.chmod(0o600)
+    return path
+
+
+@pytest.fixture
+def flower_port() -> int:
+    return free_port()
+
+
+@pytest.fixture
+def driven_operator(testbed: Testbed, crds: None, flower_port: int,
+                    tmp_path: Path) -> Iterator[OperatorProcess]:
+    op = OperatorProcess(testbed, tmp_path / "operator.log",
+                         {"POLLINATE_FLOWER_ADDRESS": f"127.0.0.1:{flower_port}"})
+    op.start()
+    yield op
+    op.stop()
+
+
+def test_operator_runs_a_training_round_on_a_real_flower_server(
+        testbed: Testbed, driven_operator: OperatorProcess, kubectl: Kubectl, flower_port: int,
+        tiny_model_dir: Path, tmp_path: Path) -> None:
+    s3 = testbed.s3()
+    kubectl.run("create", "secret", "generic", "s3-credentials",
+                f"--from-literal=AWS_ACCESS_KEY_ID={s3.access_key}",
+                f"--from-literal=AWS_SECRET_ACCESS_KEY={s3.secret_key}")
+    fed = yaml.safe_load((ROOT / "examples/federation.yaml").read_text())
+    fed["spec"]["baseModel"] = {"uri": str(tiny_model_dir)}
+    fed["spec"]["adapter"] = {"rank": 4, "alpha": 8, "dropout": 0.0, "targetModules": ["q_proj", "v_proj"]}
+    fed["spec"]["storage"]["s3"]["endpoint"] = s3.endpoint
+    fed["spec"]["storage"]["s3"]["prefix"] = f"operator-flower/{kubectl.namespace}"
+    fed["spec"]["sites"] = [s for s in fed["spec"]["sites"] if not s.get("external")]
+    kubectl.apply(yaml.safe_dump(fed))
+
+    # The server runs here, with the certificate the operator generated for it.
+    tls = eventually(lambda: kubectl.run("get", "secret", "clinical-notes-server-tls", check=False)
+                     .returncode == 0, what="server TLS secret")
+    assert tls
+    home = tmp_path / "superlink"
+    for key in ("ca.crt", "tls.crt", "tls.key"):
+        secret_file(kubectl, "clinical-notes-server-tls", key, home / key)
+    server = FlowerServer(home, env={"AWS_ACCESS_KEY_ID": s3.access_key,
+                                     "AWS_SECRET_ACCESS_KEY": s3.secret_key}, port=flower_port)
+    server.start()
+    sites: list[Site] = []
+    try:
+        def federation_ready() -> dict | None:
+            st = kubectl.json("get", "federation", "clinical-notes").get("status", {})
+            return st if st.get("phase") == "Ready" else None
+
+        st = eventually(federation_ready, timeout=90, what="Federation Ready (site keys registered)")
+        assert st["sitesSummary"] == "3/3"
+        assert all(s["registered"] and s["nodeId"] for s in st["sites"])
+
+        for name, modules in DOMAINS.items():
+            data = tmp_path / "data" / name
+            data.mkdir(parents=True)
+            (data / "notes.txt").write_text("\n\n".join(docstring_corpus(modules)))
+            key = secret_file(kubectl, f"clinical-notes-site-{name}", "site.key", tmp_path / "keys" / name)
+            site = Site(name, data, tmp_path / "work" / name, key)
+            site.join(server)
+            sites.append(site)
+
+        tr = yaml.safe_load((ROOT / "examples/traininground.yaml").read_text())
+        tr["spec"].update({"rounds": 2, "minSites": 3, "roundTimeoutSeconds": 120,
+                           "local": {"maxSteps": 4, "batchSize": 4, "learningRate": 0.005,
+                                     "sequenceLength": 64}})
+        kubectl.apply(yaml.safe_dump(tr))
+
+        def status() -> dict:
+            return kubectl.json("get", "traininground", "notes-v1").get("status", {})
+
+        running = eventually(lambda: status().get("runId") and status(), timeout=60, what="run submitted")
+        assert running["phase"] == "Running"
+        mid = eventually(lambda: (st := status()).get("round", 0) >= 1 and st, timeout=300,
+                         what="round 1 in status")
+        assert mid["progress"] in ("1/2", "2/2")
+        done = eventually(lambda: (st := status()).get("phase") in ("Succeeded", "Failed") and st,
+                          timeout=300, what="TrainingRound finished")
+        assert done["phase"] == "Succeeded", done.get("conditions")
+        assert done["progress"] == "2/2"
+        assert done["adapterVersion"].startswith("v")
+        assert [m["round"] for m in done["metrics"]] == [0, 1, 2]
+        assert done["metrics"][-1]["perplexity"] > 0
+        assert done["lastPerplexity"] == done["metrics"][-1]["perplexity"]
+        assert done["completionTime"]
+        reasons = {e["reason"] for e in kubectl.json(
+            "get", "events", "--field-selector", "involvedObject.name=notes-v1")["items"]}
+        assert {"RunSubmitted", "RoundCompleted", "RunCompleted"} <= reasons
+        # The run's end frees the GPUs: the client Jobs are gone.
+        eventually(lambda: not kubectl.json("get", "jobs")["items"], what="client Jobs deleted")
+        out = kubectl.run("get", "trainingrounds").stdout
+        assert "Succeeded" in out and "2/2" in out
+    finally:
+        for site in sites:
+            site.stop()
+        server.stop()
