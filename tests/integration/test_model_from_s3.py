@@ -9,20 +9,18 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-
-torch = pytest.importorskip("torch", reason="needs pollinate-runtime[train]")
-
-from pollinate_runtime.train.device import DeviceChoice  # noqa: E402
-from pollinate_runtime.train.model import (  # noqa: E402
+import torch
+from pollinate_runtime.train.device import DeviceChoice
+from pollinate_runtime.train.model import (
     LoraSettings,
     ModelSourceError,
     load_model,
     resolve_model_source,
 )
-from pollinate_testbed import Testbed  # noqa: E402
+from pollinate_testbed import Testbed
 
 # The tiny Llama recipe of the unit tests (tests/support: a config and a local tokenizer).
-from tiny_lm import BASE_MODULES, build_tiny_llama, docstring_corpus, train_tokenizer  # noqa: E402
+from tiny_lm import BASE_MODULES, build_tiny_llama, docstring_corpus, train_tokenizer
 
 pytestmark = pytest.mark.cluster
 CPU = DeviceChoice("cpu", "float32")

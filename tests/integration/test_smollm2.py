@@ -9,18 +9,16 @@ import time
 from pathlib import Path
 
 import pytest
-
-torch = pytest.importorskip("torch", reason="needs pollinate-runtime[train]")
-
-from pollinate_runtime import corpora  # noqa: E402
-from pollinate_runtime.train.data import load_site_data, read_documents  # noqa: E402
-from pollinate_runtime.train.device import DeviceChoice  # noqa: E402
-from pollinate_runtime.train.local import (  # noqa: E402
+import torch
+from pollinate_runtime import corpora
+from pollinate_runtime.train.data import load_site_data, read_documents
+from pollinate_runtime.train.device import DeviceChoice
+from pollinate_runtime.train.local import (
     LocalTrainingConfig,
     evaluate,
     train_round,
 )
-from pollinate_runtime.train.model import (  # noqa: E402
+from pollinate_runtime.train.model import (
     LoraSettings,
     load_model,
     smollm2_path,

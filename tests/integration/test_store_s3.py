@@ -389,9 +389,9 @@ def test_adapter_config_rank_must_match_the_adapter(store):
 def test_published_adapter_loads_with_peft_from_pretrained(store, testbed, s3_env, prefix,
                                                            tmp_path: Path, monkeypatch):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")  # the base model here is built, not downloaded
-    torch = pytest.importorskip("torch")
-    peft = pytest.importorskip("peft")
-    transformers = pytest.importorskip("transformers")
+    import peft
+    import torch
+    import transformers
 
     def tiny_llama():
         torch.manual_seed(0)
