@@ -11,6 +11,7 @@ strategies.
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import math
 import random
@@ -190,22 +191,36 @@ class FederatedRun:
 
     # ---- phases ------------------------------------------------------------------------
     def initial_adapter(self) -> AdapterState:
+        """The seeded starting adapter, from the sites (the server holds no model). Every
+        honest site makes the same one, so every connected site is asked and the answer most
+        of them agree on wins: a misbehaving minority cannot choose it. Replies are reduced to
+        one copy per distinct answer as they arrive, so memory stays O(parameters)."""
         if self.config.initial_adapter_version:
             version = int(self.config.initial_adapter_version.lstrip("v"))
             log.info("starting from published adapter v%d", version)
             return self.store.load_adapter(version).adapter
         nodes = self.wait_for_nodes(1)
-        got: list[AdapterState] = []
+        candidates: dict[str, tuple[int, AdapterState]] = {}
 
         def take(reply: Reply) -> None:
-            got.append({k: np.array(v, dtype=np.float32) for k, v in
-                        from_record(reply.message.content.array_records[m.ARRAYS]).items()})
+            record = reply.message.content.array_records.get(m.ARRAYS)
+            if record is None:
+                log.warning("site %s sent no initial adapter", reply.site)
+                return
+            adapter = {k: np.array(v, dtype=np.float32) for k, v in from_record(record).items()}
+            if not adapter or not all(np.isfinite(v).all() for v in adapter.values()):
+                log.warning("site %s sent an unusable initial adapter", reply.site)
+                return
+            digest = hashlib.sha256(b"".join(
+                k.encode() + v.tobytes() for k, v in sorted(adapter.items()))).hexdigest()
+            count, _ = candidates.get(digest, (0, adapter))
+            candidates[digest] = (count + 1, adapter)
 
-        self.exchange(nodes[:1], "query", lambda _: RecordDict(
+        self.exchange(nodes, "query", lambda _: RecordDict(
             {m.CONFIG: ConfigRecord({m.ROUND: 0})}), 0, take)
-        if not got:
+        if not candidates:
             raise RunFailed("no site answered the request for the initial adapter")
-        return got[0]
+        return max(candidates.values(), key=lambda c: c[0])[1]
 
     def sample(self, nodes: list[int]) -> list[int]:
         wanted = max(self.config.min_sites, math.ceil(self.config.fraction_per_round * len(nodes)))
@@ -263,6 +278,8 @@ class FederatedRun:
         for node, why in exchange.failed.items():
             site = self.sites_by_node.get(node, f"node-{node}")
             self.site_states[site] = {"state": "NoReply", "lastRound": round, "message": why}
+            if not why.startswith("no reply"):  # the site answered with an error instead
+                rejected.append({"site": site, "reason": f"SiteError: {why}"[:300]})
             log.warning("round %d: site %s did not reply: %s", round, site, why)
         if len(accepted) < self.config.min_sites:
             round_mean.close()

@@ -18,6 +18,12 @@ app = ServerApp()
 @app.main()
 def main(grid: Grid, context: Context) -> None:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    # Flower captures a ServerApp's output into its own log stream; a file beside it survives
+    # a crashed or killed server for whoever investigates.
+    if path := os.environ.get("POLLINATE_SERVER_LOG"):
+        handler = logging.FileHandler(path)
+        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+        logging.getLogger().addHandler(handler)
     config = RunConfig.from_flower(dict(context.run_config))
     store = FederationStore.connect(
         config.s3_bucket, config.s3_root,

@@ -93,6 +93,7 @@ class FlowerServer:
         if self.auth:
             argv.append("--enable-supernode-auth")
         env = {**os.environ, **self.env, "FLWR_HOME": str(self.home / "flwr"),
+               "POLLINATE_SERVER_LOG": str(self.home / "serverapp.log"),
                "PATH": f"{BIN}{os.pathsep}{os.environ['PATH']}"}
         self.proc = _spawn(argv, self.log, env)
         wait_for_port(self.port)
