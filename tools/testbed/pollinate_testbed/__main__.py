@@ -14,13 +14,16 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="pollinate-testbed", description=__doc__)
     parser.add_argument("command", choices=["up", "down", "status", "env", "build"])
     parser.add_argument("--state-dir", default=None, help="default: $POLLINATE_TESTBED_DIR or ./.testbed")
+    parser.add_argument("--execute", action="store_true", default=None,
+                        help="up: really run pods (node agent) instead of simulating them (kwok); "
+                             "also $POLLINATE_TESTBED_EXECUTE=1")
     args = parser.parse_args(argv)
     testbed = Testbed(state_dir=Path(args.state_dir) if args.state_dir else None)
     try:
         if args.command == "build":
             print(build_binaries())
         elif args.command == "up":
-            testbed.up()
+            testbed.up(execute=args.execute)
             print(f"export KUBECONFIG={testbed.kubeconfig}")
             print(f"# kubectl, helm and the other binaries: {testbed.bin_dir}")
         elif args.command == "down":

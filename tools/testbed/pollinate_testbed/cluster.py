@@ -24,8 +24,11 @@ from pathlib import Path
 
 import yaml
 
-from . import pki
+from . import execute_mode, pki
 from .nodes import cluster_nodes
+from .pod_network import HostNetwork, NetworkLock, NetworkPlan
+from .pod_runtime import HostMountpoints
+from .pod_volumes import claim_dir
 
 BUILD_SCRIPT = Path(__file__).resolve().parent.parent / "build.sh"
 S3_BUCKET = "pollinate"
@@ -37,11 +40,12 @@ class TestbedError(RuntimeError):
 
 @dataclass(frozen=True)
 class Ports:
-    etcd: int = 32379
-    etcd_peer: int = 32380
-    apiserver: int = 36443
-    s3: int = 39000
-    s3_console: int = 39001
+    # Below Linux's ephemeral range (32768-60999), so no outgoing connection can hold them.
+    etcd: int = 22379
+    etcd_peer: int = 22380
+    apiserver: int = 26443
+    s3: int = 29000
+    s3_console: int = 29001
 
     @classmethod
     def from_env(cls) -> Ports:
@@ -69,7 +73,14 @@ class S3Settings:
 
 
 def default_state_dir() -> Path:
-    return Path(os.environ.get("POLLINATE_TESTBED_DIR", Path.cwd() / ".testbed")).resolve()
+    """$POLLINATE_TESTBED_DIR, else .testbed at the top of the clone this package runs from
+    (so every command finds the same cluster whatever its working directory)."""
+    if explicit := os.environ.get("POLLINATE_TESTBED_DIR"):
+        return Path(explicit).resolve()
+    clone = Path(__file__).resolve().parents[3]
+    if (clone / "tools" / "testbed" / "build.sh").exists():
+        return clone / ".testbed"
+    return (Path.cwd() / ".testbed").resolve()
 
 
 def build_binaries() -> Path:
@@ -94,6 +105,10 @@ class Testbed:
         self.kubeconfig = self.state_dir / "kubeconfig"
         self.s3_file = self.state_dir / "s3.json"
         self.bin_file = self.state_dir / "bin-dir"
+        # Execute mode (execute_mode.py): the node agent runs pods for real.
+        self.agent_dir = self.state_dir / "agent"
+        self.execute_marker = self.state_dir / "execute"
+        self.network = NetworkPlan.for_port_offset(self.ports.apiserver - Ports().apiserver)
 
     # ---- discovery -------------------------------------------------------------------
     @property
@@ -115,14 +130,32 @@ class Testbed:
             **self.s3().env(),
         }
 
+    @property
+    def executing(self) -> bool:
+        """Started in execute mode: pods really run (node agent) instead of being simulated."""
+        return self.execute_marker.exists()
+
+    def claim_dir(self, namespace: str, claim: str) -> Path:
+        """The folder a persistentVolumeClaim is in execute mode: put a site's data here."""
+        return claim_dir(self.agent_dir, namespace, claim)
+
     def is_running(self) -> bool:
         if not (self.kubeconfig.exists() and self.s3_file.exists() and self.bin_file.exists()):
             return False
         return self._apiserver_ready() and self._s3_ready()
 
     # ---- lifecycle -------------------------------------------------------------------
-    def up(self, log=print) -> None:
+    def up(self, log=print, execute: bool | None = None) -> None:
+        """Start (or find running) the cluster; `execute` (default $POLLINATE_TESTBED_EXECUTE)
+        has the node agent run pods as local processes instead of kwok simulating them."""
+        execute = execute_mode.requested(execute)
         if self.is_running():
+            if execute != self.executing:
+                mode = "execute" if self.executing else "simulate"
+                raise TestbedError(
+                    f"the testbed in {self.state_dir} runs in {mode} mode, but "
+                    f"{'execute' if execute else 'simulate'} mode was asked for "
+                    f"(${execute_mode.ENV_FLAG}); stop it first with `make down`")
             log(f"testbed already running: KUBECONFIG={self.kubeconfig}")
             return
         self.down(quiet=True)
@@ -131,6 +164,12 @@ class Testbed:
         for d in (self.pki_dir, self.log_dir, self.pid_dir):
             d.mkdir(parents=True, exist_ok=True)
         self.bin_file.write_text(str(bin_dir))
+        if execute:
+            lock = NetworkLock(self.network)
+            if lock.held_by_another():
+                raise TestbedError(f"pod network {self.network.bridge} is in use by another executing "
+                                   f"testbed ({lock.holder()}): set another POLLINATE_TESTBED_PORT_OFFSET")
+            self.execute_marker.write_text(f"network index {self.network.index}\n")
         self._write_pki()
         self._start_etcd()
         self._start_apiserver()
@@ -140,7 +179,10 @@ class Testbed:
         self._start_s3()
         self._wait(self._s3_ready, "minio", 60)
         self._create_bucket()
-        self._create_nodes()
+        if self.executing:
+            self._start_node_agent()
+        else:
+            self._create_nodes()
         self._wait(self._default_service_account_exists, "default ServiceAccount", 60)
         self._wait(self._nodes_ready, "simulated nodes Ready", 60)
         log(f"testbed up in {time.monotonic() - t0:.1f} s: KUBECONFIG={self.kubeconfig}")
@@ -148,6 +190,10 @@ class Testbed:
     def down(self, quiet: bool = False) -> None:
         if self.pid_dir.exists():
             _stop_all([int(p.read_text()) for p in self.pid_dir.glob("*.pid")])
+        if self.executing and not NetworkLock(self.network).held_by_another():
+            # What a killed node agent could not clean: pod processes, namespaces, bridge.
+            HostNetwork(self.network).cleanup()
+            HostMountpoints(self.agent_dir / "host-mountpoints").remove_empty()
         if self.state_dir.exists():
             shutil.rmtree(self.state_dir)
         if not quiet:
@@ -161,7 +207,8 @@ class Testbed:
             ca, d, "apiserver", "kube-apiserver", server=True,
             dns_names=("localhost", "kubernetes", "kubernetes.default",
                        "kubernetes.default.svc", "kubernetes.default.svc.cluster.local"),
-            ip_addresses=("127.0.0.1", "10.96.0.1"),
+            ip_addresses=(execute_mode.apiserver_certificate_ips(self.network) if self.executing
+                          else ("127.0.0.1", "10.96.0.1")),
         )
         admin = pki.issue(ca, d, "admin", "pollinate-admin", organization="system:masters")
         pki.make_service_account_keys(d)
@@ -200,10 +247,12 @@ class Testbed:
 
     def _start_apiserver(self) -> None:
         d = self.pki_dir
+        network_flags = (execute_mode.apiserver_flags(self.network) if self.executing
+                         else ["--bind-address=127.0.0.1", "--service-cluster-ip-range=10.96.0.0/16"])
         self._spawn("kube-apiserver", [
             str(self.bin_dir / "kube-apiserver"),
             f"--etcd-servers=http://127.0.0.1:{self.ports.etcd}",
-            "--bind-address=127.0.0.1",
+            *network_flags,
             f"--secure-port={self.ports.apiserver}",
             f"--tls-cert-file={d / 'apiserver.crt'}",
             f"--tls-private-key-file={d / 'apiserver.key'}",
@@ -211,7 +260,6 @@ class Testbed:
             "--service-account-issuer=https://kubernetes.default.svc.cluster.local",
             f"--service-account-key-file={d / 'sa.pub'}",
             f"--service-account-signing-key-file={d / 'sa.key'}",
-            "--service-cluster-ip-range=10.96.0.0/16",
             "--authorization-mode=Node,RBAC",
             "--allow-privileged=true",
             "--profiling=false",
@@ -254,7 +302,8 @@ class Testbed:
         self.s3_file.chmod(0o600)
         self._spawn("minio", [
             str(self.bin_dir / "minio"), "server", str(self.state_dir / "s3"),
-            "--address", f"127.0.0.1:{self.ports.s3}",
+            # In execute mode pods reach it on the bridge address too.
+            "--address", f"{'' if self.executing else '127.0.0.1'}:{self.ports.s3}",
             "--console-address", f"127.0.0.1:{self.ports.s3_console}", "--quiet",
         ], env={
             "MINIO_ROOT_USER": settings.access_key,
@@ -273,6 +322,13 @@ class Testbed:
     def _create_nodes(self) -> None:
         docs = "\n---\n".join(yaml.safe_dump(n) for n in cluster_nodes())
         self.kubectl("apply", "-f", "-", input=docs)
+
+    def _start_node_agent(self) -> None:
+        """The agent registers the nodes itself; the s3 Service leads pods to MinIO."""
+        self._spawn("node-agent", execute_mode.agent_command(self.kubeconfig, self.agent_dir, self.network),
+                    env={"PATH": execute_mode.agent_path(self.bin_dir)})
+        docs = execute_mode.s3_service_manifests(self.network, self.ports.s3)
+        self.kubectl("apply", "-f", "-", input="\n---\n".join(yaml.safe_dump(d) for d in docs))
 
     # ---- helpers ---------------------------------------------------------------------
     def s3_client(self):
