@@ -11,7 +11,7 @@ from typing import Any
 import matplotlib
 
 matplotlib.use("Agg")  # files only; no display on a server
-import matplotlib.pyplot as plt  # noqa: E402
+import matplotlib.pyplot as plt
 
 
 def _series(rounds: list[dict[str, Any]], key: str) -> tuple[list[int], list[float]]:
@@ -95,7 +95,8 @@ def write_report(folder: Path, name: str, status: dict[str, Any], rounds: list[d
         lines.append(f"- {key}: {value}")
     lines += [
         "",
-        "| round | sites | train loss | eval loss | perplexity | general ppl | bytes sent | bytes received | seconds |",
+        "| round | sites | train loss | eval loss | perplexity | general ppl | bytes sent "
+        "| bytes received | seconds |",
         "| --- | --- | --- | --- | --- | --- | --- | --- | --- |",
     ]
     for r in rounds:
