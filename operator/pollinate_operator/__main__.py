@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 
 from . import logs
@@ -17,6 +18,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--verbose", action="store_true")
     args = parser.parse_args(argv)
     logs.configure(args.verbose)
+    if args.namespace:  # read by Settings when the handlers module loads
+        os.environ["POLLINATE_WATCH_NAMESPACES"] = ",".join(args.namespace)
     import kopf
 
     from . import handlers  # noqa: F401 - registers the handlers

@@ -28,6 +28,9 @@ class Settings:
     # server at this host:port instead of its Service.
     flower_address_override: str | None = None
     metrics_port: int = 8080
+    # Watching only some namespaces: no cluster-wide scans or peering, which a namespaced
+    # Role does not allow.
+    namespaced: bool = False
 
     @classmethod
     def from_env(cls) -> Settings:
@@ -35,4 +38,5 @@ class Settings:
             resync_seconds=float(_env("RESYNC_SECONDS", "10")),
             flower_address_override=os.environ.get("POLLINATE_FLOWER_ADDRESS") or None,
             metrics_port=int(_env("METRICS_PORT", "8080")),
+            namespaced=bool(os.environ.get("POLLINATE_WATCH_NAMESPACES")),
         )

@@ -152,8 +152,8 @@ def test_operator_restarts_mid_reconcile_without_duplicating_children(
         operator.kill()
         operator.start()
         eventually(lambda: kubectl.run("get", "deployment", "clinical-notes-server", check=False)
-                   .returncode == 0, what="server Deployment")
-    eventually(lambda: len(kubectl.json("get", "jobs")["items"]) == 3, timeout=60, what="three client Jobs")
+                   .returncode == 0, timeout=120, what="server Deployment")
+    eventually(lambda: len(kubectl.json("get", "jobs")["items"]) == 3, timeout=180, what="three client Jobs")
     assert len(kubectl.json("get", "deployments")["items"]) == 1
     secrets = kubectl.json("get", "secrets", "-l", "pollinate.dev/federation=clinical-notes")["items"]
     sites = ("hospital-a", "hospital-b", "clinic-c", "alice-laptop")

@@ -22,7 +22,9 @@ def configure(settings: kopf.OperatorSettings, logger: logging.Logger, **_) -> N
     settings.peering.name = "pollinate-operator"
     settings.peering.priority = random.randint(0, 32767)
     settings.peering.mandatory = False
-    settings.peering.clusterwide = True
+    settings.peering.clusterwide = not SETTINGS.namespaced
+    if SETTINGS.namespaced:
+        settings.scanning.disabled = True
     # Our handlers post their own Events; log lines stay logs.
     settings.posting.level = logging.WARNING
     # Bounded watch requests: a silently dead connection is replaced, not waited on forever.
