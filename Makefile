@@ -33,8 +33,8 @@ test-unit: env  ## unit tests only: no cluster, no servers
 test: env testbed lint  ## everything: unit, integration (real control plane, S3, Flower) and e2e
 	@$(VENV)/python -m pytest $(PYTEST_ARGS)
 
-demo: env testbed  ## the end-to-end federated fine-tune on embedded defaults
-	@echo "make demo: not yet - the end-to-end path lands with issue 5 (see README 'Known not to work yet')"; exit 2
+demo: env testbed  ## the end-to-end federated fine-tune on embedded defaults (writes reports/demo-*)
+	@$(VENV)/python tools/demo/run.py $(DEMO_ARGS)
 
 bench: env  ## the benchmarks in bench/
 	@echo "make bench: not yet - benchmarks land with issue 6"; exit 2

@@ -1,0 +1,150 @@
+"""The end-to-end path, for real: `make demo` (its driver, tools/demo/run.py) on a cluster whose
+pods really run, then a laptop joining from outside the cluster with TLS and its site key.
+
+Only the container runtime is replaced (the testbed's node agent); the manifests, scheduling,
+the Flower wire, S3 and the status are real."""
+
+from __future__ import annotations
+
+import base64
+import contextlib
+import json
+import os
+import socket
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+import yaml
+from flower_processes import Site
+from pollinate_testbed import Ports, Testbed
+from pollinate_testbed.testing import Kubectl, eventually
+
+pytestmark = [pytest.mark.slow, pytest.mark.e2e]
+
+ROOT = Path(__file__).resolve().parents[2]
+OFFSET = "300"
+
+
+@pytest.fixture(scope="module")
+def demo(tmp_path_factory) -> Iterator[tuple[Testbed, Path]]:
+    state = tmp_path_factory.mktemp("demo") / "testbed"
+    env = {**os.environ, "POLLINATE_TESTBED_DIR": str(state), "POLLINATE_TESTBED_PORT_OFFSET": OFFSET}
+    log = state.parent / "demo.log"
+    with open(log, "w") as out:
+        code = subprocess.call([sys.executable, str(ROOT / "tools/demo/run.py"), "--keep",
+                                "--chars", "20000", "--timeout", "2400"],
+                               env=env, stdout=out, stderr=subprocess.STDOUT, cwd=ROOT)
+    bed = Testbed(state_dir=state, ports=Ports(**{k: v + int(OFFSET) for k, v in Ports().__dict__.items()}))
+    try:
+        assert code == 0, log.read_text()[-4000:]
+        yield bed, log
+    finally:
+        bed.down(quiet=True)
+
+
+def test_make_demo_trains_publishes_and_reports(demo) -> None:
+    bed, log = demo
+    output = log.read_text()
+    report = Path(output.rsplit("report written to ", 1)[1].split()[0])
+    assert report.exists()
+    text = report.read_text()
+    assert "phase: **Succeeded**" in text
+    for plot in ("loss.png", "perplexity.png", "bytes.png"):
+        assert (report.parent / plot).stat().st_size > 1000
+    data = json.loads((report.parent / "status.json").read_text())
+    status, rounds = data["status"], data["rounds"]
+    assert status["progress"] == "3/3" and status["adapterVersion"] == "v1"
+    assert [r["round"] for r in rounds] == [0, 1, 2, 3]
+    assert rounds[-1]["perplexity"] < rounds[0]["perplexity"]
+    assert all(r["participants"] == 3 for r in rounds[1:])
+    k = Kubectl(bed, "demo")
+    tr = k.json("get", "traininground", "notes-v1")
+    assert tr["status"]["phase"] == "Succeeded"
+    versions = bed.s3_client().list_objects_v2(Bucket=bed.s3().bucket, Prefix="clinical-notes/adapters/v1/")
+    names = {o["Key"].rsplit("/", 1)[1] for o in versions.get("Contents", [])}
+    assert {"adapter_model.safetensors", "adapter_config.json", "manifest.json"} <= names
+
+
+@dataclass
+class Endpoint:
+    """What `Site.join` needs of a server: an address and the CA file."""
+
+    address: str
+    ca_path: Path
+
+
+def forward(listen: socket.socket, target: tuple[str, int], stop: threading.Event) -> None:
+    """A plain TCP forwarder: stands in for the ingress controller the testbed does not have;
+    TLS stays end to end between the laptop and the Flower server."""
+    listen.settimeout(0.5)
+    while not stop.is_set():
+        try:
+            client, _ = listen.accept()
+        except TimeoutError:
+            continue
+        upstream = socket.create_connection(target)
+
+        def pipe(a: socket.socket, b: socket.socket) -> None:
+            try:
+                while data := a.recv(65536):
+                    b.sendall(data)
+            except OSError:
+                pass
+            finally:
+                for s in (a, b):
+                    with contextlib.suppress(OSError):
+                        s.shutdown(socket.SHUT_RDWR)
+
+        threading.Thread(target=pipe, args=(client, upstream), daemon=True).start()
+        threading.Thread(target=pipe, args=(upstream, client), daemon=True).start()
+
+
+def test_a_laptop_joins_from_outside_with_tls_and_its_site_key(demo, tmp_path: Path) -> None:
+    bed, _ = demo
+    k = Kubectl(bed, "demo")
+    secret = k.json("get", "secret", "clinical-notes-site-alice-laptop")["data"]
+    key = tmp_path / "site.key"
+    key.write_bytes(base64.b64decode(secret["site.key"]))
+    key.chmod(0o600)
+    ca = tmp_path / "ca.crt"
+    ca.write_bytes(base64.b64decode(secret["ca.crt"]))
+    service_ip = k.json("get", "service", "clinical-notes-server")["spec"]["clusterIP"]
+    listen = socket.create_server(("127.0.0.1", 0))
+    stop = threading.Event()
+    threading.Thread(target=forward, args=(listen, (service_ip, 9092), stop), daemon=True).start()
+    data = tmp_path / "notes"
+    data.mkdir()
+    from pollinate_runtime import corpora
+    for f in corpora.site_corpus("fortunes-science", max_chars=20_000).iterdir():
+        (data / f.name).write_bytes(f.read_bytes())
+    laptop = Site("alice-laptop", data, tmp_path / "work", key)
+    # The server's certificate names localhost among its in-cluster names.
+    laptop.join(Endpoint(f"localhost:{listen.getsockname()[1]}", ca))  # type: ignore[arg-type]
+    try:
+        tr = yaml.safe_load((ROOT / "examples/traininground.yaml").read_text())
+        tr["metadata"]["name"] = "notes-v2"
+        tr["spec"].update({"rounds": 1, "sites": ["hospital-a", "alice-laptop"], "minSites": 2,
+                           "initialAdapterVersion": "v1"})
+        k.apply(yaml.safe_dump(tr))
+
+        def finished() -> dict | None:
+            st = k.json("get", "traininground", "notes-v2").get("status", {})
+            return st if st.get("phase") in ("Succeeded", "Failed") else None
+
+        st = eventually(finished, timeout=1800, interval=3, what="notes-v2 finished")
+        assert st["phase"] == "Succeeded", st.get("conditions")
+        assert st["metrics"][-1]["participants"] == 2
+        assert {s["name"]: s["state"] for s in st["sites"]}["alice-laptop"] == "External"
+        assert st["adapterVersion"] == "v2"
+        assert "round 1: done" in laptop.output()
+    finally:
+        laptop.stop()
+        stop.set()
+        listen.close()
+        time.sleep(0.5)
