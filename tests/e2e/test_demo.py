@@ -25,7 +25,7 @@ from flower_processes import Site
 from pollinate_testbed import Ports, Testbed
 from pollinate_testbed.testing import Kubectl, eventually
 
-pytestmark = [pytest.mark.slow, pytest.mark.e2e]
+pytestmark = [pytest.mark.slow, pytest.mark.e2e, pytest.mark.timeout(3600)]
 
 ROOT = Path(__file__).resolve().parents[2]
 OFFSET = "300"

@@ -22,7 +22,7 @@ from pollinate_testbed import Testbed
 from pollinate_testbed.testing import eventually
 from tiny_lm import docstring_corpus
 
-pytestmark = [pytest.mark.cluster, pytest.mark.slow]
+pytestmark = [pytest.mark.cluster, pytest.mark.slow, pytest.mark.timeout(1800)]
 
 DOMAINS = {  # one kind of text per site: non-IID
     "site-a": ("pathlib", "shutil", "os"),

@@ -1,0 +1,126 @@
+"""The benchmarks run end to end on tiny inputs and write the results the README table is made
+from. No timing is asserted: only that every figure is there and makes sense."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+def run_bench(script: str, results: Path, *args: str) -> subprocess.CompletedProcess:
+    proc = subprocess.run([sys.executable, str(REPO / "bench" / script), "--tiny",
+                           "--results-dir", str(results), *args],
+                          cwd=REPO, capture_output=True, text=True, timeout=600, check=False)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
+    return proc
+
+
+def check_common_fields(result: dict, name: str) -> None:
+    assert result["benchmark"] == name
+    assert result["mode"] == "tiny"
+    assert result["command"] == f"python bench/{name}.py --tiny"
+    assert len(result["load_average_before"]) == 3 and len(result["load_average_after"]) == 3
+    assert result["machine"]["cores"] >= 1 and result["machine"]["flwr"]
+    for headline in result["headlines"]:
+        assert set(headline) == {"benchmark", "case", "measured", "against", "ratio", "target", "met"}
+        assert headline["benchmark"] == name
+    assert result["notes"]
+
+
+@pytest.fixture(scope="module")
+def aggregation(tmp_path_factory: pytest.TempPathFactory) -> dict:
+    results = tmp_path_factory.mktemp("aggregation")
+    run_bench("aggregation.py", results)
+    return json.loads((results / "aggregation.json").read_text())
+
+
+def test_aggregation_measures_bandwidth_and_every_system_and_strategy(aggregation: dict):
+    check_common_fields(aggregation, "aggregation")
+    bandwidth = aggregation["bandwidth"]
+    assert bandwidth["read"] > 0 and bandwidth["copy"] > 0
+    assert bandwidth["read_write"] == pytest.approx(2 * bandwidth["copy"])
+    seen = {(c["strategy"], c["system"], c["sites"]) for c in aggregation["cases"]}
+    for strategy in ("fedavg", "trimmedmean", "median"):
+        for system in ("pollinate", "flower"):
+            assert (strategy, system, 3) in seen
+    assert ("fedavg", "pollinate", 6) in seen and ("fedavg", "flower", 6) in seen
+
+
+def test_aggregation_cases_carry_rates_ratios_and_memory(aggregation: dict):
+    for case in aggregation["cases"]:
+        assert case["seconds"] > 0
+        assert case["input_gb"] == pytest.approx(case["sites"] * case["params"] * 2 / 1e9)
+        assert case["input_gbps"] == pytest.approx(case["input_gb"] / case["seconds"])
+        assert 0 < case["fraction_of_read_bandwidth"] < 10
+        assert case["work_mib"] >= 0 and case["held_updates_mib"] > 0
+        assert case["peak_mib"] >= case["held_updates_mib"]
+        assert len(case["load_average"]) == 3
+        if case["system"] == "pollinate":
+            assert case["speedup_vs_flower"] > 0
+            # fp32 accumulation: the result is the exact mean to float32 precision.
+            assert case["rel_error"] < 1e-5
+        else:
+            assert case["rel_error"] < 1e-2  # Flower works in float16
+
+
+def test_aggregation_profiles_where_the_weighted_mean_spends_its_time(aggregation: dict):
+    profiled = [c for c in aggregation["cases"] if "profile" in c]
+    assert profiled and all(c["strategy"] == "fedavg" and c["system"] == "pollinate" for c in profiled)
+    for stage in ("decode", "widen", "scale", "accumulate", "validate", "proposal_take"):
+        assert profiled[0]["profile"][f"{stage}_ns"] > 0
+    assert any("ns/param" in note for note in aggregation["notes"])
+
+
+def test_aggregation_headlines_judge_the_three_targets(aggregation: dict):
+    cases = [h["case"] for h in aggregation["headlines"]]
+    assert any(c.startswith("weighted mean") for c in cases)
+    assert any(c.startswith("fedavg vs Flower FedAvg") for c in cases)
+    assert any(c.startswith("fedavg peak memory") for c in cases)
+    targeted = [h for h in aggregation["headlines"] if h["target"] != "-"]
+    assert all(isinstance(h["met"], bool) for h in targeted)
+
+
+@pytest.fixture(scope="module")
+def wire(tmp_path_factory: pytest.TempPathFactory) -> dict:
+    results = tmp_path_factory.mktemp("wire")
+    run_bench("wire_bytes.py", results)
+    return json.loads((results / "wire_bytes.json").read_text())
+
+
+def test_wire_bytes_counts_both_directions_for_every_transport(wire: dict):
+    check_common_fields(wire, "wire_bytes")
+    rounds = {r["variant"]: r for r in wire["rounds"]}
+    assert set(rounds) >= {"float16", "bfloat16", "float32", "float16 packed (proposal)"}
+    for r in rounds.values():
+        assert r["received_bytes"] > 0 and r["sent_bytes"] > 0
+        # The site's whole update goes up; the request carrying it cannot be smaller.
+        assert r["upload"]["protobuf_sent"] >= r["params_x_dtype_bytes"]
+        assert r["sent_overhead"] == pytest.approx(r["sent_bytes"] / r["params_x_2_bytes"] - 1)
+        assert sum(r["upload_breakdown"].values()) == r["upload"]["sent"]
+        assert r["flower_counter_up"] > 0 and r["flower_counter_down"] > 0
+    fp16, fp32 = rounds["float16"], rounds["float32"]
+    assert fp32["upload_breakdown"]["values"] == 2 * fp16["upload_breakdown"]["values"]
+    assert fp32["upload"]["protobuf_sent"] > fp16["upload"]["protobuf_sent"]
+    # Flower sends each object in its own request: one Array in place of many is fewer requests.
+    assert rounds["float16 packed (proposal)"]["upload"]["requests"] < rounds["float16"]["upload"]["requests"]
+
+
+def test_wire_bytes_reports_idle_cost_and_the_one_percent_target(wire: dict):
+    assert wire["idle"]["empty_pull_bytes"] > 0 and wire["idle"]["heartbeat_bytes"] > 0
+    targeted = [h for h in wire["headlines"] if h["target"] != "-"]
+    assert targeted and all(isinstance(h["met"], bool) for h in targeted)
+
+
+def test_run_writes_the_summary_table_from_each_benchmark(tmp_path: Path):
+    run_bench("run.py", tmp_path, "--only", "wire_bytes")
+    summary = (tmp_path / "summary.md").read_text()
+    assert "| benchmark | case | measured | against | ratio | target | verdict |" in summary
+    assert "| wire_bytes | toy r=2" in summary
+    assert "`python bench/wire_bytes.py --tiny`" in summary
+    assert (tmp_path / "wire_bytes.json").exists()
