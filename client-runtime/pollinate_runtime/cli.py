@@ -151,6 +151,11 @@ def join(args: argparse.Namespace) -> int:
     host, port = parse_server(args.server)
     data = Path(args.data)
     check_file("--data", data, "this site's private training data")
+    from .train.data import DataError, data_files  # imports torch: the trainer needs it anyway
+    try:
+        data_files(data)
+    except DataError as err:
+        raise JoinError(f"--data {data}: {err}") from err
     ca = Path(args.ca) if args.ca else None
     if args.insecure and (ca or args.key):
         raise JoinError("--insecure turns TLS off: do not combine it with --ca or --key")

@@ -127,11 +127,11 @@ class SiteTrainer:
         kind = request["kind"]
         config = RunConfig.from_flower(request["config"])
         loaded, load_seconds = self._ensure_model(config)
-        self._ensure_data(config)
-        if kind == "init":
+        if kind == "init":  # needs no data: answering it also tells the server who we are
             from .train.model import adapter_state
             shapes = {k: v.shape for k, v in adapter_state(loaded.model, "float32").items()}
             return {"adapter": initial_adapter(shapes, config.lora_rank, seed=0), "metrics": {}}
+        self._ensure_data(config)
         global_state = request.get("adapter")
         rank = config.rank_of(self.options.site)
         local_state = truncate_to_rank(global_state, rank) if global_state is not None else None

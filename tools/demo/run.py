@@ -67,9 +67,10 @@ def main(argv: list[str] | None = None) -> int:
                     f"--from-literal=AWS_SECRET_ACCESS_KEY={s3.secret_key}", check=False)
         for site, corpus in SITE_CORPORA.items():
             folder = corpora.site_corpus(corpus, max_chars=args.chars)
-            size = sum(f.stat().st_size for f in folder.iterdir())
-            say(f"site {site}: private data = {corpus} ({size} bytes)")
-            files = [f"--from-file={f.name}={f}" for f in sorted(folder.iterdir()) if f.is_file()]
+            paths = sorted(f for f in folder.rglob("*") if f.is_file())
+            say(f"site {site}: private data = {corpus} ({sum(f.stat().st_size for f in paths)} bytes)")
+            # ConfigMap keys are flat file names.
+            files = [f"--from-file={str(f.relative_to(folder)).replace('/', '--')}={f}" for f in paths]
             kubectl.run("create", "configmap", f"{site}-notes", *files, check=False)
 
         say("kubectl apply -f examples/federation.yaml")

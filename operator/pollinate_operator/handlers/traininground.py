@@ -80,7 +80,7 @@ def reconcile(name: str, namespace: str, body: kopf.Body, settings: Settings,
     run: plan.RunObserved | None = None
     reachable = False
     control: FlowerControl | None = None
-    if fed is not None and fed_ready and previous.phase not in plan.TERMINAL:
+    if fed is not None and (fed_ready or previous.run_id) and previous.phase not in plan.TERMINAL:
         tls = kube.read_secret(namespace, server.tls_secret_name(spec.federation, fed))
         if tls is not None:
             try:

@@ -200,11 +200,17 @@ def decide(name: str, spec: TrainingRoundSpec, obs: TrainingRoundObserved) -> De
         conditions = set_condition(conditions, "Suspended", False, "Resumed", "", gen, now)
         events.append(Event("Normal", "Resumed", "resuming from the last checkpoint"))
 
-    if not obs.federation_ready:
+    if not obs.federation_ready and not prev.run_id:
         conds = set_condition(conditions, "Running", False, "FederationNotReady",
                               f"Federation {spec.federation!r} is not Ready yet", gen, now)
         return Decision(base.model_copy(update={"phase": "Pending", "conditions": conds}),
                         events=tuple(events))
+    # A run under way keeps being observed even if its Federation turns Degraded (a server
+    # pod restarting): hiding its progress would not make it any healthier.
+    conditions = set_condition(
+        conditions, "FederationReady", obs.federation_ready,
+        "FederationReady" if obs.federation_ready else "FederationNotReady",
+        "" if obs.federation_ready else f"Federation {spec.federation!r} is not Ready", gen, now)
 
     # From here on the run should be going.
     progress = obs.progress

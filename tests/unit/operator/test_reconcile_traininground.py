@@ -194,3 +194,13 @@ def test_terminal_round_only_cleans_up(fed_spec, tr_spec) -> None:
     d = decide("notes-v1", tr_spec, observe(fed_spec, jobs=running_jobs("hospital-a"), previous=prev))
     assert d.status.phase == "Succeeded"
     assert d.delete_jobs == ("hospital-a",) and not d.submit_run and not d.events
+
+
+def test_a_running_round_keeps_reporting_while_its_federation_is_degraded(fed_spec, tr_spec) -> None:
+    prev = TrainingRoundStatus(phase="Running", run_id="7", round=0)
+    d = decide("notes-v1", tr_spec, observe(
+        fed_spec, federation_ready=False, jobs=running_jobs(*SITES), run=RunObserved("running"),
+        previous=prev, progress=Progress(1, (RoundMetrics(round=1, perplexity=30.0),))))
+    assert d.status.phase == "Running" and d.status.round == 1
+    cond = next(c for c in d.status.conditions if c.type == "FederationReady")
+    assert cond.status == "False"
