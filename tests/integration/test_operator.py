@@ -203,3 +203,36 @@ def test_operator_logs_never_contain_secrets(operator, ready_federation: str, ku
     logs = operator.logs()
     assert body not in logs
     assert kubectl.bed.s3().secret_key not in logs
+
+
+def test_tls_rotation_renews_the_ca_and_restarts_the_server(ready_federation: str, kubectl: Kubectl) -> None:
+    old_ca = kubectl.json("get", "secret", "clinical-notes-ca")["data"]["ca.crt"]
+    old_cert = kubectl.json("get", "deployment", "clinical-notes-server")["spec"]["template"][
+        "metadata"]["annotations"]["pollinate.dev/server-certificate"]
+    kubectl.run("patch", "federation", "clinical-notes", "--type=merge",
+                "-p", '{"spec":{"server":{"tls":{"rotation":1}}}}')
+    eventually(lambda: kubectl.json("get", "secret", "clinical-notes-ca")["data"]["ca.crt"] != old_ca,
+               what="new CA")
+    eventually(lambda: kubectl.json("get", "deployment", "clinical-notes-server")["spec"]["template"][
+        "metadata"]["annotations"]["pollinate.dev/server-certificate"] != old_cert,
+               what="server restarted with the new certificate")
+    new_ca = kubectl.json("get", "secret", "clinical-notes-ca")["data"]["ca.crt"]
+    # Every site's identity carries the new CA, its key unchanged.
+    eventually(lambda: kubectl.json("get", "secret", "clinical-notes-site-hospital-a")["data"]["ca.crt"]
+               == new_ca, what="site secret has the new CA")
+
+
+def test_suspend_stops_client_jobs_and_resume_brings_them_back(ready_federation: str,
+                                                              kubectl: Kubectl) -> None:
+    kubectl.apply(training_round())
+    eventually(lambda: len(kubectl.json("get", "jobs")["items"]) == 3, timeout=120, what="client Jobs")
+    kubectl.run("patch", "traininground", "notes-v1", "--type=merge", "-p", '{"spec":{"suspend":true}}')
+    eventually(lambda: status(kubectl, "traininground", "notes-v1").get("phase") == "Suspended",
+               what="Suspended")
+    eventually(lambda: not kubectl.json("get", "jobs")["items"], what="client Jobs deleted")
+    kubectl.run("patch", "traininground", "notes-v1", "--type=merge", "-p", '{"spec":{"suspend":false}}')
+    eventually(lambda: status(kubectl, "traininground", "notes-v1").get("phase") == "Running",
+               what="Running again")
+    eventually(lambda: len(kubectl.json("get", "jobs")["items"]) == 3, timeout=120, what="Jobs recreated")
+    reasons = [e["reason"] for e in events(kubectl, "notes-v1")]
+    assert "Suspended" in reasons and "Resumed" in reasons

@@ -124,6 +124,26 @@ def test_operator_runs_a_training_round_on_a_real_flower_server(
         eventually(lambda: not kubectl.json("get", "jobs")["items"], what="client Jobs deleted")
         out = kubectl.run("get", "trainingrounds").stdout
         assert "Succeeded" in out and "2/2" in out
+
+        # Deleting a TrainingRound stops its Flower run (its S3 data stays).
+        tr["metadata"]["name"] = "notes-v2"
+        tr["spec"]["rounds"] = 50
+        kubectl.apply(yaml.safe_dump(tr))
+        def submitted() -> str | None:
+            st = kubectl.json("get", "traininground", "notes-v2").get("status", {})
+            if not st.get("runId"):
+                print("notes-v2 status:", st.get("phase"), st.get("conditions"))
+            return st.get("runId")
+
+        run_id = int(eventually(submitted, timeout=90, interval=5, what="notes-v2 submitted"))
+        kubectl.run("delete", "traininground", "notes-v2", "--timeout=60s")
+
+        def stopped() -> bool:
+            with server.control() as control:
+                state = control.get_run(run_id)
+            return bool(state and state.finished and state.sub_status == "stopped")
+
+        eventually(stopped, timeout=60, what="Flower run stopped")
     finally:
         for site in sites:
             site.stop()

@@ -273,6 +273,9 @@ class Testbed:
             f"--service-account-private-key-file={d / 'sa.key'}",
             f"--root-ca-file={d / 'pollinate-testbed-ca.crt'}",
             "--use-service-account-credentials=true",
+            # Simulated nodes heartbeat from one busy process: a late beat must not flip them
+            # NotReady (kwok does not mark their pods Ready again, as a kubelet would).
+            "--node-monitor-grace-period=300s",
             "--leader-elect=false", "--secure-port=0",
         ])
         self._spawn("kube-scheduler", [
