@@ -36,8 +36,8 @@ test: env testbed lint  ## everything: unit, integration (real control plane, S3
 demo: env testbed  ## the end-to-end federated fine-tune on embedded defaults (writes reports/demo-*)
 	@$(VENV)/python tools/demo/run.py $(DEMO_ARGS)
 
-bench: env  ## the benchmarks in bench/
-	@echo "make bench: not yet - benchmarks land with issue 6"; exit 2
+bench: env  ## the benchmarks in bench/ (BENCH_ARGS=--quick for a few minutes); writes bench/results/
+	@$(VENV)/python bench/run.py $(BENCH_ARGS)
 
 clean:  ## remove build and test leftovers from the clone
 	rm -rf .pytest_cache .ruff_cache reports

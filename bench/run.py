@@ -1,0 +1,84 @@
+"""Run the benchmarks and write bench/results/summary.md, the table the README includes.
+
+    python bench/run.py --quick             # minutes
+    python bench/run.py                     # the full set (make bench)
+    python bench/run.py --only wire_bytes   # some of them
+
+A benchmark is a module in bench/ with NAME, run(mode, results_dir) -> result dict (its JSON,
+with "headlines"), and main(); adding one is adding its name to BENCHMARKS.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+import traceback
+from typing import Any
+
+from common import REPO, headlines_of, parse_mode
+
+BENCHMARKS = (
+    "aggregation",
+    "wire_bytes",
+)
+
+
+def _only(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--only", nargs="+", choices=BENCHMARKS, metavar="NAME",
+                        help=f"run only these ({', '.join(BENCHMARKS)})")
+
+
+def _cell(text: str) -> str:
+    return text.replace("|", "\\|")
+
+
+def summary_markdown(results: list[dict[str, Any]], failures: dict[str, str], command: str) -> str:
+    lines = ["# Benchmark results", "", f"Made by `{command}`.", ""]
+    if results:
+        machine = results[0]["machine"]
+        lines += [f"Machine: {machine['cpu']}, {machine['cores']} cores, {machine['memory_gib']} GiB; "
+                  f"Python {machine['python']}, numpy {machine['numpy']}, flwr {machine['flwr']}; "
+                  f"git {machine['git']}.", ""]
+    lines += ["| benchmark | case | measured | against | ratio | target | verdict |",
+              "| --- | --- | --- | --- | --- | --- | --- |"]
+    for result in results:
+        for h in headlines_of(result):
+            lines.append("| " + " | ".join(_cell(c) for c in (
+                h.benchmark, h.case, h.measured, h.against, h.ratio, h.target, h.verdict)) + " |")
+    lines += ["", "| benchmark | command | finished | wall s | load average before -> after |",
+              "| --- | --- | --- | --- | --- |"]
+    for result in results:
+        lines.append(f"| {result['benchmark']} | `{result['command']}` | {result['finished']} | "
+                     f"{result['wall_seconds']} | {result['load_average_before']} -> "
+                     f"{result['load_average_after']} |")
+    for name, error in failures.items():
+        lines.append(f"| {name} | failed: {_cell(error)} | | | |")
+    lines += ["", "Every case, and why a target is missed, is in `bench/results/<benchmark>.json` "
+              "(`notes`); `python bench/<benchmark>.py [--quick]` runs one benchmark.", ""]
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_mode(__doc__.splitlines()[0], argv, extra=_only)
+    results, failures = [], {}
+    for name in args.only or BENCHMARKS:
+        print(f"\n=== {name} ({args.mode}) ===", flush=True)
+        try:
+            results.append(importlib.import_module(name).run(args.mode, args.results_dir))
+        except Exception as err:  # one broken benchmark must not hide the others' results
+            traceback.print_exc()
+            failures[name] = f"{type(err).__name__}: {err}"[:300]
+    summary = args.results_dir / "summary.md"
+    summary.parent.mkdir(parents=True, exist_ok=True)
+    command = "python bench/run.py" + ("" if args.mode == "full" else f" --{args.mode}")
+    if args.only:
+        command += " --only " + " ".join(args.only)
+    summary.write_text(summary_markdown(results, failures, command))
+    shown = summary.relative_to(REPO) if summary.is_relative_to(REPO) else summary
+    print(f"\nwrote {shown}")
+    return 1 if failures else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
