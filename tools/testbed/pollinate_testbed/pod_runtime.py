@@ -27,6 +27,7 @@ import shutil
 import signal
 import subprocess
 import threading
+import time
 from collections.abc import Callable
 from pathlib import Path, PurePosixPath
 
@@ -98,12 +99,39 @@ def _remove_if_empty(top: Path) -> None:
             d.rmdir()
 
 
-def setup_script(mounts: list[Mount], hostname: str, working_dir: str) -> str:
-    """The shell run inside the container's namespaces before its command is exec'd."""
+STAGE_ROOT = "/run/pollinate-testbed/stage"
+
+
+def _kept_under(target: str, needed: list[str]) -> list[str]:
+    """The host folders directly under `target` that hold something the container needs
+    from the host (its commands' environment, its volumes' sources)."""
+    top = PurePosixPath(target)
+    kept = set()
+    for path in needed:
+        p = PurePosixPath(path)
+        if p != top and p.is_relative_to(top):
+            kept.add(str(top / p.relative_to(top).parts[0]))
+    return sorted(kept)
+
+
+def setup_script(mounts: list[Mount], hostname: str, working_dir: str,
+                 needed: list[str] | None = None) -> str:
+    """The shell run inside the container's namespaces before its command is exec'd.
+
+    A volume mounted over a host folder the container still needs (an emptyDir on /tmp when
+    the runtime or the testbed's state lives under /tmp) would hide it: those folders are
+    bound to a staging point first and bound back inside the new volume afterwards."""
+    needed = [*(needed or []), *(str(m.source) for m in mounts)]
     lines = [f"{HOSTNAME} {shlex.quote(hostname)}"]
     mounted: list[str] = []
+    stage = f"{STAGE_ROOT}/{os.getpid()}-{threading.get_ident()}-{time.monotonic_ns()}"
     for m in mounts:
         target, source = shlex.quote(m.target), shlex.quote(str(m.source))
+        kept = _kept_under(m.target, needed)
+        for i, path in enumerate(kept):
+            staged = shlex.quote(f"{stage}/{len(mounted)}-{i}")
+            lines.append(f"{MKDIR} -p {staged} && {MOUNT} --rbind {shlex.quote(path)} {staged} "
+                         f"|| exit {SETUP_FAILED_EXIT}")
         # Mount points under an earlier mount live in that volume: make them there.
         if any(PurePosixPath(m.target).is_relative_to(p) for p in mounted):
             make = f"{TOUCH} {target}" if m.source.is_file() else f"{MKDIR} -p {target}"
@@ -111,6 +139,10 @@ def setup_script(mounts: list[Mount], hostname: str, working_dir: str) -> str:
         lines.append(f"{MOUNT} --bind {source} {target} || exit {SETUP_FAILED_EXIT}")
         if m.read_only:
             lines.append(f"{MOUNT} -o remount,bind,ro {target} || exit {SETUP_FAILED_EXIT}")
+        for i, path in enumerate(kept):
+            staged = shlex.quote(f"{stage}/{len(mounted)}-{i}")
+            lines.append(f"{MKDIR} -p {shlex.quote(path)} && {MOUNT} --rbind {staged} {shlex.quote(path)} "
+                         f"|| exit {SETUP_FAILED_EXIT}")
         mounted.append(m.target)
     lines.append(f"cd {shlex.quote(working_dir)} || exit {SETUP_FAILED_EXIT}")
     lines.append('exec "$@"')
@@ -138,7 +170,8 @@ class ContainerProcess:
             mounted.append(m.target)
         resolve_command(argv, env)
         log_file.parent.mkdir(parents=True, exist_ok=True)
-        script = setup_script(mounts, hostname, working_dir)
+        needed = [d for d in env.get("PATH", "").split(os.pathsep) if d.startswith("/")]
+        script = setup_script(mounts, hostname, working_dir, needed)
         self._launcher = [IP, "netns", "exec", netns,
                           UNSHARE, "--mount", "--uts", "--propagation", "private",
                           SH, "-c", script, argv[0]]
