@@ -43,6 +43,7 @@ def _plot(path: Path, title: str, ylabel: str, lines: dict[str, tuple[list[int],
             ax.plot(xs, ys, marker="o", label=label, linewidth=2 if label.startswith("federated") else 1)
     ax.set_title(title)
     ax.set_xlabel("round")
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     ax.set_ylabel(ylabel)
     if log:
         ax.set_yscale("log")
