@@ -12,6 +12,7 @@ import matplotlib
 
 matplotlib.use("Agg")  # files only; no display on a server
 import matplotlib.pyplot as plt
+from matplotlib.ticker import MaxNLocator
 
 
 def _series(rounds: list[dict[str, Any]], key: str) -> tuple[list[int], list[float]]:
