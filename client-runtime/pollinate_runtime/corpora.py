@@ -22,8 +22,6 @@ This module must not import torch: the server side and the demo tooling use it.
 
 from __future__ import annotations
 
-import contextlib
-import fcntl
 import json
 import logging
 import os
@@ -33,9 +31,11 @@ import sys
 import tarfile
 import tempfile
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+
+from .cache import cache_root, exclusive, publish
 
 log = logging.getLogger(__name__)
 
@@ -71,26 +71,9 @@ class Fetched:
 
 
 def corpora_cache() -> Path:
-    base = os.environ.get("POLLINATE_CACHE") or Path.home() / ".cache" / "pollinate"
-    return Path(base) / "corpora"
+    return cache_root() / "corpora"
 
 
-@contextlib.contextmanager
-def _exclusive(lock_path: Path) -> Iterator[None]:
-    lock_path.parent.mkdir(parents=True, exist_ok=True)
-    with open(lock_path, "w") as handle:
-        fcntl.flock(handle, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(handle, fcntl.LOCK_UN)
-
-
-def _publish(tmp: Path, target: Path) -> None:
-    tmp.chmod(0o755)  # mkdtemp makes it private; other users (a pod's) may read the cache
-    if target.exists():
-        shutil.rmtree(target)
-    os.replace(tmp, target)
 
 
 # ------------------------------------------------------------------------------------- fetching
@@ -118,7 +101,7 @@ def _fetch(key: str, what: str, download: Callable[[Path], int], cache: Path) ->
     """Run `download(tmp_dir) -> unpacked root` once per cache and remember what it cost."""
     target = cache / "_downloads" / key
     stamp = target / ".pollinate-fetch.json"
-    with _exclusive(cache / "_downloads" / f"{key}.lock"):
+    with exclusive(cache / "_downloads" / f"{key}.lock"):
         if stamp.is_file():
             info = json.loads(stamp.read_text())
             return Fetched(target, info["seconds"], info["bytes"])
@@ -131,7 +114,7 @@ def _fetch(key: str, what: str, download: Callable[[Path], int], cache: Path) ->
             (tmp / ".pollinate-fetch.json").write_text(
                 json.dumps({"what": what, "seconds": round(seconds, 2), "bytes": size})
             )
-            _publish(tmp, target)
+            publish(tmp, target)
         finally:
             shutil.rmtree(tmp, ignore_errors=True)
     log.info("fetched %s: %.1f MB in %.1f s", what, size / 1e6, seconds)
@@ -311,7 +294,7 @@ def _built(name: str, max_chars: int, cache: Path, build: Callable[[Path], int])
 
     if current():
         return target
-    with _exclusive(cache / f"{name}.lock"):
+    with exclusive(cache / f"{name}.lock"):
         if current():
             return target
         cache.mkdir(parents=True, exist_ok=True)
@@ -321,7 +304,7 @@ def _built(name: str, max_chars: int, cache: Path, build: Callable[[Path], int])
             (tmp / CORPUS_MANIFEST).write_text(
                 json.dumps({"name": name, "max_chars": max_chars, "chars": chars}, indent=1)
             )
-            _publish(tmp, target)
+            publish(tmp, target)
         finally:
             shutil.rmtree(tmp, ignore_errors=True)
     log.info("corpus %s: %d characters in %s", name, chars, target)

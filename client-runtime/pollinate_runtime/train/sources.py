@@ -9,8 +9,6 @@
 
 from __future__ import annotations
 
-import contextlib
-import fcntl
 import hashlib
 import importlib.util
 import json
@@ -20,13 +18,14 @@ import shutil
 import sys
 import tempfile
 import time
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 from transformers.utils import logging as hf_logging
+
+from ..cache import cache_root, exclusive, publish
 
 log = logging.getLogger(__name__)
 
@@ -42,33 +41,10 @@ class ModelSourceError(RuntimeError):
 # ---------------------------------------------------------------------------------------- cache
 
 
-def cache_root() -> Path:
-    """`$POLLINATE_CACHE` or `~/.cache/pollinate`."""
-    return Path(os.environ.get("POLLINATE_CACHE") or Path.home() / ".cache" / "pollinate")
-
-
 def models_cache() -> Path:
     return cache_root() / "models"
 
 
-@contextlib.contextmanager
-def _exclusive(lock_path: Path) -> Iterator[None]:
-    # Two site processes on one laptop may convert or download the same model at once.
-    lock_path.parent.mkdir(parents=True, exist_ok=True)
-    with open(lock_path, "w") as handle:
-        fcntl.flock(handle, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(handle, fcntl.LOCK_UN)
-
-
-def _publish(tmp: Path, target: Path) -> None:
-    """Move a finished folder into place so readers never see a half-written one."""
-    tmp.chmod(0o755)  # mkdtemp makes it private; other users (a pod's) may read the cache
-    if target.exists():
-        shutil.rmtree(target)
-    os.replace(tmp, target)
 
 
 def quiet_progress_bars() -> None:
@@ -100,7 +76,7 @@ def gguf_to_hf_folder(gguf: str | Path, cache_dir: Path | None = None) -> Path:
     target = (cache_dir or models_cache()) / _gguf_key(gguf)
     if (target / "config.json").is_file():
         return target
-    with _exclusive(target.with_suffix(".lock")):
+    with exclusive(target.with_suffix(".lock")):
         if (target / "config.json").is_file():
             return target
         started = time.monotonic()
@@ -135,7 +111,7 @@ def gguf_to_hf_folder(gguf: str | Path, cache_dir: Path | None = None) -> Path:
                 "dtype": str(dtype).removeprefix("torch."),
                 "seconds": round(time.monotonic() - started, 2),
             }, indent=2))
-            _publish(tmp, target)
+            publish(tmp, target)
         finally:
             shutil.rmtree(tmp, ignore_errors=True)
         log.info("converted %s in %.1f s", gguf.name, time.monotonic() - started)
@@ -194,7 +170,7 @@ def download_s3_folder(uri: str, cache_dir: Path | None = None) -> Path:
     manifest_path = target / ".pollinate-s3.json"
     endpoint = os.environ.get("POLLINATE_S3_ENDPOINT") or os.environ.get("AWS_ENDPOINT_URL")
     where = f"{uri} (endpoint {endpoint or 'AWS default'})"
-    with _exclusive(target.with_suffix(".lock")):
+    with exclusive(target.with_suffix(".lock")):
         known: dict[str, str] = {}
         if manifest_path.is_file():
             known = json.loads(manifest_path.read_text())

@@ -1,0 +1,36 @@
+"""Pollinate's on-disk cache (`$POLLINATE_CACHE` or `~/.cache/pollinate`): converted models,
+downloaded corpora. Entries are built under a lock and moved into place whole."""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import os
+import shutil
+from collections.abc import Iterator
+from pathlib import Path
+
+
+def cache_root() -> Path:
+    """`$POLLINATE_CACHE` or `~/.cache/pollinate`."""
+    return Path(os.environ.get("POLLINATE_CACHE") or Path.home() / ".cache" / "pollinate")
+
+
+@contextlib.contextmanager
+def exclusive(lock_path: Path) -> Iterator[None]:
+    """Hold an exclusive lock: two site processes on one machine may build the same entry."""
+    lock_path.parent.mkdir(parents=True, exist_ok=True)
+    with open(lock_path, "w") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
+
+
+def publish(tmp: Path, target: Path) -> None:
+    """Move a finished folder into place so readers never see a half-written one."""
+    tmp.chmod(0o755)  # mkdtemp makes it private; other users (a pod's) may read the cache
+    if target.exists():
+        shutil.rmtree(target)
+    os.replace(tmp, target)
