@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import logging
-import threading
 
 import kopf
 
@@ -13,9 +12,9 @@ from ..clients import kube
 from ..clients.flower import FlowerControl, FlowerUnavailable
 from ..manifests import names, secrets, server
 from ..manifests.security import owner_reference
-from ..metrics import observe_reconcile
 from ..reconcile import federation as plan
 from ..settings import Settings
+from .level_triggered import reconcile_on_every_pass
 
 
 def _owned(obj: dict, body: kopf.Body) -> dict:
@@ -142,16 +141,4 @@ def reconcile(name: str, namespace: str, body: kopf.Body, settings: Settings,
 
 
 def register(settings: Settings) -> None:
-    group, version, plural = "pollinate.dev", "v1alpha1", "federations"
-
-    @kopf.on.resume(group, version, plural)
-    @kopf.on.create(group, version, plural)
-    @kopf.on.update(group, version, plural, field="spec")
-    @kopf.timer(group, version, plural, interval=settings.resync_seconds,
-                initial_delay=settings.resync_seconds)
-    def federation(name: str, namespace: str, body: kopf.Body, patch: kopf.Patch,
-                   memo: kopf.Memo, logger: logging.Logger, **_) -> None:
-        lock = memo.setdefault("lock", threading.Lock())
-        with lock, observe_reconcile("federation"):
-            status = reconcile(name, namespace, body, settings, logger)
-        patch.status.update(status.to_wire())
+    reconcile_on_every_pass("federations", "federation", reconcile, settings)

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import datetime as dt
 import logging
-import threading
 
 import kopf
 
@@ -16,10 +15,11 @@ from ..manifests import clients as client_manifests
 from ..manifests import names, server
 from ..manifests.run import run_config
 from ..manifests.security import owner_reference
-from ..metrics import ROUNDS_COMPLETED, RUNS_FINISHED, observe_reconcile
+from ..metrics import ROUNDS_COMPLETED, RUNS_FINISHED
 from ..reconcile import traininground as plan
 from ..settings import Settings
 from .federation import flower_address
+from .level_triggered import reconcile_on_every_pass
 
 
 def _parse_time(value: str | None) -> dt.datetime | None:
@@ -157,22 +157,9 @@ def stop_run_on_delete(name: str, namespace: str, body: kopf.Body, settings: Set
 
 
 def register(settings: Settings) -> None:
-    group, version, plural = "pollinate.dev", "v1alpha1", "trainingrounds"
+    reconcile_on_every_pass("trainingrounds", "traininground", reconcile, settings)
 
-    @kopf.on.resume(group, version, plural)
-    @kopf.on.create(group, version, plural)
-    @kopf.on.update(group, version, plural, field="spec")
-    @kopf.timer(group, version, plural, interval=settings.resync_seconds,
-                initial_delay=settings.resync_seconds)
-    def training_round(name: str, namespace: str, body: kopf.Body, patch: kopf.Patch,
-                       memo: kopf.Memo, logger: logging.Logger, **_) -> None:
-        lock = memo.setdefault("lock", threading.Lock())
-        with lock, observe_reconcile("traininground"):
-            status = reconcile(name, namespace, body, settings, logger)
-        patch.status.update(status.to_wire())
-
-    @kopf.on.delete(group, version, plural, optional=True)
+    @kopf.on.delete("pollinate.dev", "v1alpha1", "trainingrounds", optional=True)
     def training_round_deleted(name: str, namespace: str, body: kopf.Body,
                                logger: logging.Logger, **_) -> None:
         stop_run_on_delete(name, namespace, body, settings, logger)
-
