@@ -22,6 +22,7 @@ import ssl
 import subprocess
 import sys
 import threading
+import time
 from pathlib import Path
 
 from . import __version__
@@ -97,10 +98,12 @@ def free_port() -> int:
 
 
 # ---- SuperNode output ----------------------------------------------------------------------
+ACTIVATION_REFUSED = (
+    "the server rejected this site's key: it is not registered with the Federation (or was "
+    "revoked). Check --key and that the site is in the Federation's spec.sites")
 KNOWN_FAILURES = [
     (re.compile(r"No SuperNode found with the given public key|code: 2004|Failed to activate SuperNode"),
-     "the server rejected this site's key: it is not registered with the Federation (or was "
-     "revoked). Check --key and that the site is in the Federation's spec.sites"),
+     ACTIVATION_REFUSED),
     (re.compile(r"All SuperNodes must be registered"),
      "the server requires a registered site key: pass --key with the site's site.key"),
     (re.compile(r"Unable to parse the private key"), "--key could not be read by Flower"),
@@ -196,38 +199,54 @@ def join(args: argparse.Namespace) -> int:
     env = {**os.environ, "FLWR_HOME": str(work / "flwr"), "PYTHONUNBUFFERED": "1",
            "PATH": f"{bin_dir}{os.pathsep}{os.environ.get('PATH', '')}"}
     log.info("site %s joining %s:%d (pollinate %s)", args.site, host, port, __version__)
-    # Same process group as this one: whoever stops the site stops its SuperNode too.
-    proc = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
-    tail: list[str] = []
-
-    def forward_output() -> None:
-        assert proc.stdout is not None
-        for line in proc.stdout:
-            line = line.rstrip()
-            tail.append(line)
-            del tail[:-50]
-            if args.verbose or "ERROR" in line or "WARN" in line:
-                log.info("supernode: %s", line)
-
-    reader = threading.Thread(target=forward_output, daemon=True)
-    reader.start()
+    stopping = threading.Event()
+    current: list[subprocess.Popen] = []
 
     def stop(signum: int, _frame: object) -> None:
         log.info("stopping (signal %d)", signum)
-        if proc.poll() is None:
-            proc.terminate()
+        stopping.set()
+        if current and current[-1].poll() is None:
+            current[-1].terminate()
 
     signal.signal(signal.SIGTERM, stop)
     signal.signal(signal.SIGINT, stop)
-    code = proc.wait()
-    reader.join(timeout=2)
-    server.stop()
-    if code in (0, -signal.SIGTERM, 128 + signal.SIGTERM):
-        log.info("site %s left the federation", args.site)
-        return 0
-    reason = explain_supernode_exit(tail)
-    raise JoinError(f"the SuperNode exited with code {code}: "
-                    f"{reason or 'see the log above (run with --verbose for all of it)'}")
+    # A site that crashed and came straight back finds its old node still online at the
+    # server until its heartbeats lapse (about a minute), and activation is refused until
+    # then: keep trying for `--rejoin-seconds` before calling the key rejected.
+    deadline = time.monotonic() + args.rejoin_seconds
+    try:
+        while True:
+            code, tail = run_supernode(command, env, args.verbose, current)
+            if stopping.is_set() or code in (0, -signal.SIGTERM, 128 + signal.SIGTERM):
+                log.info("site %s left the federation", args.site)
+                return 0
+            reason = explain_supernode_exit(tail)
+            if reason == ACTIVATION_REFUSED and time.monotonic() < deadline:
+                log.info("the server refused to activate this site yet (its previous connection may "
+                         "still count as online); retrying in 10 s")
+                stopping.wait(10)
+                continue
+            raise JoinError(f"the SuperNode exited with code {code}: "
+                            f"{reason or 'see the log above (run with --verbose for all of it)'}")
+    finally:
+        server.stop()
+
+
+def run_supernode(command: list[str], env: dict[str, str], verbose: bool,
+                  current: list[subprocess.Popen]) -> tuple[int, list[str]]:
+    """Run Flower's SuperNode until it exits; return its exit code and last lines."""
+    # Same process group as this one: whoever stops the site stops its SuperNode too.
+    proc = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
+    current.append(proc)
+    tail: list[str] = []
+    assert proc.stdout is not None
+    for line in proc.stdout:
+        line = line.rstrip()
+        tail.append(line)
+        del tail[:-50]
+        if verbose or "ERROR" in line or "WARN" in line:
+            log.info("supernode: %s", line)
+    return proc.wait(), tail
 
 
 def evaluate(args: argparse.Namespace) -> int:
@@ -291,6 +310,8 @@ def build_parser() -> argparse.ArgumentParser:
     j.add_argument("--general-eval", help="general held-out text to measure forgetting on")
     j.add_argument("--work-dir", default=os.environ.get("POLLINATE_WORK_DIR", "~/.cache/pollinate/site"))
     j.add_argument("--max-retries", type=int, default=10, help="SuperNode reconnection attempts")
+    j.add_argument("--rejoin-seconds", type=float, default=120,
+                   help="how long to retry when the server refuses to activate this site")
     j.add_argument("--insecure", action="store_true", help="no TLS (local tests only)")
     j.add_argument("--verbose", action="store_true")
     e = sub.add_parser("eval", help="score an adapter version on local data")
