@@ -29,10 +29,14 @@ from pollinate_testbed.pod_network import HostNetwork
 from pollinate_testbed.pod_worker import container_log
 from pollinate_testbed.testing import Kubectl, eventually
 
-pytestmark = [
-    pytest.mark.cluster,
-    pytest.mark.skipif(os.geteuid() != 0, reason="the node agent needs root (netns, bind mounts)"),
-]
+pytestmark = pytest.mark.cluster
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _root() -> None:
+    # Not a skip: `make demo` and the e2e tests need the node agent too, so a machine where it
+    # cannot run must fail here with the reason, not pass quietly.
+    assert os.geteuid() == 0, "the node agent needs root (network namespaces, bind mounts)"
 
 PORT_OFFSET = 4700
 

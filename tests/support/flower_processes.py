@@ -56,8 +56,22 @@ def _stop(proc: subprocess.Popen, sig: int = signal.SIGTERM, timeout: float = 15
         pass
 
 
+class _Stoppable:
+    """A test's child process (and its process group), stopped gently or killed."""
+
+    proc: subprocess.Popen | None
+
+    def kill(self) -> None:
+        if self.proc:
+            _stop(self.proc, signal.SIGKILL)
+
+    def stop(self) -> None:
+        if self.proc:
+            _stop(self.proc)
+
+
 @dataclass
-class FlowerServer:
+class FlowerServer(_Stoppable):
     """A SuperLink on loopback with a CA and certificate from the operator's own PKI."""
 
     home: Path
@@ -98,13 +112,6 @@ class FlowerServer:
         self.proc = _spawn(argv, self.log, env)
         wait_for_port(self.port)
 
-    def kill(self) -> None:
-        if self.proc:
-            _stop(self.proc, signal.SIGKILL)
-
-    def stop(self) -> None:
-        if self.proc:
-            _stop(self.proc)
 
     def control(self) -> FlowerControl:
         return FlowerControl(self.address, self.ca_path.read_bytes())
@@ -138,7 +145,7 @@ class FlowerServer:
 
 
 @dataclass
-class Site:
+class Site(_Stoppable):
     name: str
     data: Path
     work: Path
@@ -161,13 +168,6 @@ class Site:
                "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
         self.proc = _spawn(argv, self.log, env)
 
-    def kill(self) -> None:
-        if self.proc:
-            _stop(self.proc, signal.SIGKILL)
-
-    def stop(self) -> None:
-        if self.proc:
-            _stop(self.proc)
 
     def output(self) -> str:
         return self.log.read_text(errors="replace") if self.log.exists() else ""
