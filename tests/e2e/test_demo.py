@@ -7,23 +7,20 @@ the Flower wire, S3 and the status are real."""
 from __future__ import annotations
 
 import base64
-import contextlib
 import json
 import os
-import socket
 import subprocess
 import sys
-import threading
-import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
 import yaml
-from flower_processes import Site
+from flower_processes import Site, free_port
 from pollinate_testbed import Ports, Testbed
 from pollinate_testbed.testing import Kubectl, eventually
+from tcp_proxy import TcpProxy
 
 pytestmark = [pytest.mark.slow, pytest.mark.e2e, pytest.mark.timeout(3600)]
 
@@ -79,32 +76,6 @@ class Endpoint:
     ca_path: Path
 
 
-def forward(listen: socket.socket, target: tuple[str, int], stop: threading.Event) -> None:
-    """A plain TCP forwarder: stands in for the ingress controller the testbed does not have;
-    TLS stays end to end between the laptop and the Flower server."""
-    listen.settimeout(0.5)
-    while not stop.is_set():
-        try:
-            client, _ = listen.accept()
-        except TimeoutError:
-            continue
-        upstream = socket.create_connection(target)
-
-        def pipe(a: socket.socket, b: socket.socket) -> None:
-            try:
-                while data := a.recv(65536):
-                    b.sendall(data)
-            except OSError:
-                pass
-            finally:
-                for s in (a, b):
-                    with contextlib.suppress(OSError):
-                        s.shutdown(socket.SHUT_RDWR)
-
-        threading.Thread(target=pipe, args=(client, upstream), daemon=True).start()
-        threading.Thread(target=pipe, args=(upstream, client), daemon=True).start()
-
-
 def test_a_laptop_joins_from_outside_with_tls_and_its_site_key(demo, tmp_path: Path) -> None:
     bed, _ = demo
     k = Kubectl(bed, "demo")
@@ -115,9 +86,8 @@ def test_a_laptop_joins_from_outside_with_tls_and_its_site_key(demo, tmp_path: P
     ca = tmp_path / "ca.crt"
     ca.write_bytes(base64.b64decode(secret["ca.crt"]))
     service_ip = k.json("get", "service", "clinical-notes-server")["spec"]["clusterIP"]
-    listen = socket.create_server(("127.0.0.1", 0))
-    stop = threading.Event()
-    threading.Thread(target=forward, args=(listen, (service_ip, 9092), stop), daemon=True).start()
+    # Stands in for the ingress controller the testbed does not have; TLS stays end to end.
+    proxy = TcpProxy(9092, free_port(), upstream_host=service_ip).start()
     data = tmp_path / "notes"
     data.mkdir()
     from pollinate_runtime import corpora
@@ -125,7 +95,7 @@ def test_a_laptop_joins_from_outside_with_tls_and_its_site_key(demo, tmp_path: P
         (data / f.name).write_bytes(f.read_bytes())
     laptop = Site("alice-laptop", data, tmp_path / "work", key)
     # The server's certificate names localhost among its in-cluster names.
-    laptop.join(Endpoint(f"localhost:{listen.getsockname()[1]}", ca))  # type: ignore[arg-type]
+    laptop.join(Endpoint(f"localhost:{proxy.port}", ca))  # type: ignore[arg-type]
     try:
         tr = yaml.safe_load((ROOT / "examples/traininground.yaml").read_text())
         tr["metadata"]["name"] = "notes-v2"
@@ -145,6 +115,4 @@ def test_a_laptop_joins_from_outside_with_tls_and_its_site_key(demo, tmp_path: P
         assert "round 1: done" in laptop.output()
     finally:
         laptop.stop()
-        stop.set()
-        listen.close()
-        time.sleep(0.5)
+        proxy.stop()
