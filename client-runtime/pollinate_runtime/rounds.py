@@ -12,6 +12,7 @@ strategies.
 from __future__ import annotations
 
 import hashlib
+import json
 import logging
 import math
 import random
@@ -28,7 +29,7 @@ from . import messages as m
 from .aggregation import Aggregator, make_aggregator
 from .privacy import CentralDP, PrivateAggregator
 from .run_config import RunConfig
-from .store import Checkpoint, FederationStore, RunProgress, lora_adapter_config
+from .store import MANIFEST, Checkpoint, FederationStore, RunProgress, lora_adapter_config
 from .wire import (
     AdapterSpec,
     AdapterState,
@@ -379,9 +380,11 @@ class FederatedRun:
 
     def _published_version(self) -> int | None:
         """A version this training round already published (a restart after publishing)."""
+        # Only the small manifests are read: loading each version's weights to learn who
+        # published it would move every adapter ever published at the end of every run.
         for version in sorted(self.store.adapter_versions(), reverse=True):
-            manifest = self.store.load_adapter(version).manifest
-            if manifest.get("trainingRound") == self.config.training_round:
+            data = self.store.objects.get(f"adapters/v{version}/{MANIFEST}")
+            if data and json.loads(data).get("trainingRound") == self.config.training_round:
                 return version
         return None
 
