@@ -57,6 +57,17 @@ def operator(testbed: Testbed, crds: None, tmp_path_factory) -> Iterator[Operato
     op.stop()
 
 
+@pytest.hookimpl(wrapper=True)
+def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo):
+    """A failing test that used the operator shows the operator's last log lines: in CI the
+    log file is gone with the machine."""
+    report = yield
+    op = getattr(item, "funcargs", {}).get("operator")
+    if report.failed and isinstance(op, OperatorProcess):
+        report.sections.append(("operator log (last 80 lines)", "\n".join(op.logs().splitlines()[-80:])))
+    return report
+
+
 @pytest.fixture(scope="session")
 def tiny_model_dir() -> Path:
     """The tiny pretrained Llama of tests/support/tiny_lm.py as a Hugging Face folder, built

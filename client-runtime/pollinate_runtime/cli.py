@@ -183,16 +183,7 @@ def join(args: argparse.Namespace) -> int:
     server = TrainerServer(trainer, socket_path)
     server.start()
 
-    command = [
-        shutil.which("flower-supernode", path=str(Path(sys.executable).parent)) or "flower-supernode",
-        "--superlink", f"{host}:{port}",
-        "--node-config", f'site="{args.site}" trainer-socket="{socket_path}"',
-        "--port", str(free_port()),
-        "--max-retries", str(args.max_retries),
-    ]
-    command += ["--insecure"] if args.insecure else ["--root-certificates", str(ca)]
-    if args.key:
-        command += ["--auth-supernode-private-key", str(args.key)]
+    command = supernode_command(args, host, port, ca, socket_path)
     # The SuperNode starts flower-superexec and flwr-clientapp by name: find them beside this
     # interpreter even when its environment is not activated (a laptop's venv, an image).
     bin_dir = str(Path(sys.executable).parent)
@@ -230,6 +221,23 @@ def join(args: argparse.Namespace) -> int:
                             f"{reason or 'see the log above (run with --verbose for all of it)'}")
     finally:
         server.stop()
+
+
+def supernode_command(args: argparse.Namespace, host: str, port: int, ca: Path | None,
+                      socket_path: Path) -> list[str]:
+    """Flower's SuperNode command line for this site: its trainer socket in the node config,
+    TLS with the Federation's CA (or --insecure), and the site key when it has one."""
+    command = [
+        shutil.which("flower-supernode", path=str(Path(sys.executable).parent)) or "flower-supernode",
+        "--superlink", f"{host}:{port}",
+        "--node-config", f'site="{args.site}" trainer-socket="{socket_path}"',
+        "--port", str(free_port()),
+        "--max-retries", str(args.max_retries),
+    ]
+    command += ["--insecure"] if args.insecure else ["--root-certificates", str(ca)]
+    if args.key:
+        command += ["--auth-supernode-private-key", str(args.key)]
+    return command
 
 
 def run_supernode(command: list[str], env: dict[str, str], verbose: bool,
