@@ -13,7 +13,7 @@ from flwr.clientapp import ClientApp
 
 from . import messages as m
 from .run_config import RunConfig
-from .site_trainer import call_trainer
+from .site_trainer import TrainerError, call_trainer
 from .wire import from_record, to_record
 
 app = ClientApp()
@@ -32,8 +32,13 @@ def _forward(kind: str, msg: Message, context: Context) -> Message:
     if m.ARRAYS in msg.content.array_records:
         adapter = {k: np.asarray(v, dtype=np.float32)
                    for k, v in from_record(msg.content.array_records[m.ARRAYS]).items()}
-    answer = call_trainer(socket_path, {
-        "kind": kind, "config": dict(context.run_config), "round": round_number, "adapter": adapter})
+    try:
+        answer = call_trainer(socket_path, {
+            "kind": kind, "config": dict(context.run_config), "round": round_number, "adapter": adapter})
+    except TrainerError as err:
+        # Flower's own error reply names neither the site nor the cause the server can show.
+        return Message(RecordDict({m.CONFIG: ConfigRecord(
+            {m.ROUND: round_number, m.SITE: site, m.ERROR: str(err)[:1000]})}), reply_to=msg)
     records: dict = {
         # The round the trainer's answer belongs to (a late answer may be for an older round).
         m.CONFIG: ConfigRecord({m.ROUND: int(answer.get("round", round_number)), m.SITE: site}),

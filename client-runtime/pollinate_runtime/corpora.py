@@ -54,6 +54,7 @@ _PYTHON_DOCS_DIR = "usr/share/doc/python3.11/html/_sources"
 _PYTHON_DOCS_ORDER = ("tutorial", "library", "reference", "howto", "using", "extending")
 
 CORPUS_MANIFEST = "corpus.json"
+RECIPE = 2  # bumped whenever what a corpus holds changes: cached copies are rebuilt
 DEFAULT_MAX_CHARS = 200_000
 
 
@@ -229,9 +230,15 @@ def _prefix(texts: list[str], max_chars: int) -> list[str]:
 
 
 def _head_paragraphs(text: str, max_chars: int) -> str:
-    """The start of `text`, cut at a blank line before `max_chars`."""
+    """The start of `text` within `max_chars`, cut at a blank line, else at a line end, else
+    after a sentence, else between words, whichever keeps at least half: a long first
+    paragraph must not shrink it to its title."""
     if len(text) <= max_chars:
         return text
+    for boundary, keep in (("\n\n", 0), ("\n", 0), (". ", 1), (" ", 0)):
+        cut = text.rfind(boundary, 0, max_chars)
+        if cut > max_chars // 2:
+            return text[: cut + keep]
     cut = text.rfind("\n\n", 0, max_chars)
     return text[: cut if cut > 0 else max_chars]
 
@@ -290,7 +297,10 @@ def _built(name: str, max_chars: int, cache: Path, build: Callable[[Path], int])
     manifest = target / CORPUS_MANIFEST
 
     def current() -> bool:
-        return manifest.is_file() and json.loads(manifest.read_text()).get("max_chars") == max_chars
+        if not manifest.is_file():
+            return False
+        built = json.loads(manifest.read_text())
+        return built.get("max_chars") == max_chars and built.get("recipe") == RECIPE
 
     if current():
         return target
@@ -302,7 +312,7 @@ def _built(name: str, max_chars: int, cache: Path, build: Callable[[Path], int])
         try:
             chars = build(tmp)
             (tmp / CORPUS_MANIFEST).write_text(
-                json.dumps({"name": name, "max_chars": max_chars, "chars": chars}, indent=1)
+                json.dumps({"name": name, "max_chars": max_chars, "chars": chars, "recipe": RECIPE}, indent=1)
             )
             publish(tmp, target)
         finally:

@@ -19,6 +19,7 @@ METRICS = "metrics"
 # ConfigRecord keys.
 ROUND = "round"
 SITE = "site"
+ERROR = "error"  # a site that could not do what was asked says why, under its own name
 
 # MetricRecord keys a site reports.
 NUM_EXAMPLES = "num-examples"

@@ -100,6 +100,12 @@ class RoundOutcome:
     site_train_loss: dict[str, float]
 
 
+def _said(rejection: dict[str, str]) -> str:
+    """A rejected site with the start of its reason, for a one-line failure message."""
+    reason = rejection["reason"]
+    return f"{rejection['site']} ({reason[:160]}{'...' if len(reason) > 160 else ''})"
+
+
 def _weighted(values: list[tuple[float, float]]) -> float | None:
     total = sum(w for _, w in values)
     if total <= 0:
@@ -178,8 +184,12 @@ class FederatedRun:
                 if reply.has_error():
                     out.failed[node] = f"{reply.error.code}: {reply.error.reason}"
                     continue
-                site = str(reply.content.config_records.get(m.CONFIG, {}).get(m.SITE, f"node-{node}"))
+                config = reply.content.config_records.get(m.CONFIG, {})
+                site = str(config.get(m.SITE, f"node-{node}"))
                 self.sites_by_node[node] = site
+                if m.ERROR in config:
+                    out.failed[node] = f"site error: {config[m.ERROR]}"
+                    continue
                 out.bytes_received += sum(payload_bytes(r) for r in reply.content.array_records.values())
                 wrapped = Reply(node, site, reply)
                 out.replies.append(wrapped)
@@ -276,10 +286,13 @@ class FederatedRun:
             return RecordDict({m.ARRAYS: record, m.CONFIG: ConfigRecord({m.ROUND: round})})
 
         exchange = self.exchange(nodes, "train", content, round, fold)
+        silent: list[str] = []
         for node, why in exchange.failed.items():
             site = self.sites_by_node.get(node, f"node-{node}")
             self.site_states[site] = {"state": "NoReply", "lastRound": round, "message": why}
-            if not why.startswith("no reply"):  # the site answered with an error instead
+            if why.startswith("no reply"):
+                silent.append(site)
+            else:  # the site answered with an error instead
                 rejected.append({"site": site, "reason": f"SiteError: {why}"[:300]})
             log.warning("round %d: site %s did not reply: %s", round, site, why)
         if len(accepted) < self.config.min_sites:
@@ -287,8 +300,8 @@ class FederatedRun:
             raise RunFailed(
                 f"round {round}: only {len(accepted)} valid update(s) ({', '.join(accepted) or 'none'}), "
                 f"minSites is {self.config.min_sites}; no reply from "
-                f"{', '.join(self.sites_by_node.get(n, str(n)) for n in exchange.failed) or 'none'}; "
-                f"rejected: {', '.join(r['site'] for r in rejected) or 'none'}")
+                f"{', '.join(silent) or 'none'}; "
+                f"rejected: {'; '.join(_said(r) for r in rejected) or 'none'}")
         new_global = self.aggregator.finish_round(round_mean)
         report = getattr(self.aggregator, "last_report", None)
         outcome = RoundOutcome(

@@ -60,6 +60,8 @@ def test_make_demo_trains_publishes_and_reports(demo) -> None:
     assert [r["round"] for r in rounds] == [0, 1, 2, 3]
     assert rounds[-1]["perplexity"] < rounds[0]["perplexity"]
     assert all(r["participants"] == 3 for r in rounds[1:])
+    # Every site also scored the Federation's general held-out text (forgetting).
+    assert all(r.get("generalPerplexity", 0) > 0 for r in rounds)
     k = Kubectl(bed, "demo")
     tr = k.json("get", "traininground", "notes-v1")
     assert tr["status"]["phase"] == "Succeeded"

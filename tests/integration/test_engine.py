@@ -29,7 +29,8 @@ DOMAINS = {  # one kind of text per site: non-IID
     "site-b": ("datetime", "calendar", "time"),
     "site-c": ("re", "string", "difflib"),
 }
-HOSTILE = ("nan", "inf", "wrong-shape", "wrong-name", "missing", "huge-norm", "empty", "stale-round")
+HOSTILE = ("nan", "inf", "wrong-shape", "wrong-name", "missing", "huge-norm", "empty", "stale-round",
+           "crash")
 
 
 @pytest.fixture(scope="module")
@@ -179,6 +180,9 @@ def test_malformed_updates_are_rejected_attributed_and_never_abort_a_round(
         # is attributed all the same).
         assert reasons["mallory-empty"].startswith(("EmptyUpdate", "SiteError"))
         assert reasons["mallory-stale-round"].startswith("StaleRound")
+        # A trainer that fails is named with its own words, not as an anonymous node.
+        assert reasons["mallory-crash"].startswith("SiteError: site error:"), reasons
+        assert "CUDA out of memory (simulated)" in reasons["mallory-crash"]
     finally:
         for proc in hostile:
             os.killpg(proc.pid, signal.SIGKILL)

@@ -236,3 +236,18 @@ def test_suspend_stops_client_jobs_and_resume_brings_them_back(ready_federation:
     eventually(lambda: len(kubectl.json("get", "jobs")["items"]) == 3, timeout=120, what="Jobs recreated")
     reasons = [e["reason"] for e in events(kubectl, "notes-v1")]
     assert "Suspended" in reasons and "Resumed" in reasons
+
+
+def test_operator_still_sees_changes_after_the_api_server_restarts(
+        ready_federation: str, kubectl: Kubectl) -> None:
+    # kopf's watch streams break with the API server; a watch that silently never resumes
+    # would go unnoticed by the periodic passes, which read kopf's cached copy of an object.
+    kubectl.bed.restart_apiserver(downtime=5)
+    body = yaml.safe_load(federation())
+    body["spec"]["sites"] = [s for s in body["spec"]["sites"] if s["name"] != "alice-laptop"]
+    kubectl.apply(yaml.safe_dump(body))  # a change to an object the operator already knew
+    eventually(lambda: kubectl.run("get", "secret", "clinical-notes-site-alice-laptop", check=False)
+               .returncode != 0, timeout=120, what="a spec change handled after the restart")
+    kubectl.apply(federation("second-federation"))  # an object it never saw
+    eventually(lambda: kubectl.run("get", "deployment", "second-federation-server", check=False)
+               .returncode == 0, timeout=120, what="a new Federation reconciled after the restart")

@@ -9,7 +9,10 @@ the keys from their Secrets, as `pollinate-client join` on a laptop would."""
 from __future__ import annotations
 
 import base64
+import time
 from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
@@ -50,9 +53,17 @@ def driven_operator(testbed: Testbed, crds: None, flower_port: int,
     op.stop()
 
 
-def test_operator_runs_a_training_round_on_a_real_flower_server(
-        testbed: Testbed, driven_operator: OperatorProcess, kubectl: Kubectl, flower_port: int,
-        tiny_model_dir: Path, tmp_path: Path) -> None:
+@dataclass
+class Hub:
+    """A Federation the operator manages, its SuperLink on loopback and three joined sites."""
+
+    server: FlowerServer
+    sites: list[Site]
+
+
+@contextmanager
+def flower_hub(testbed: Testbed, kubectl: Kubectl, flower_port: int, tiny_model_dir: Path,
+               tmp_path: Path) -> Iterator[Hub]:
     s3 = testbed.s3()
     kubectl.run("create", "secret", "generic", "s3-credentials",
                 f"--from-literal=AWS_ACCESS_KEY_ID={s3.access_key}",
@@ -66,16 +77,15 @@ def test_operator_runs_a_training_round_on_a_real_flower_server(
     kubectl.apply(yaml.safe_dump(fed))
 
     # The server runs here, with the certificate the operator generated for it.
-    tls = eventually(lambda: kubectl.run("get", "secret", "clinical-notes-server-tls", check=False)
-                     .returncode == 0, what="server TLS secret")
-    assert tls
+    eventually(lambda: kubectl.run("get", "secret", "clinical-notes-server-tls", check=False)
+               .returncode == 0, what="server TLS secret")
     home = tmp_path / "superlink"
     for key in ("ca.crt", "tls.crt", "tls.key"):
         secret_file(kubectl, "clinical-notes-server-tls", key, home / key)
     server = FlowerServer(home, env={"AWS_ACCESS_KEY_ID": s3.access_key,
                                      "AWS_SECRET_ACCESS_KEY": s3.secret_key}, port=flower_port)
     server.start()
-    sites: list[Site] = []
+    hub = Hub(server, [])
     try:
         def federation_ready() -> dict | None:
             st = kubectl.json("get", "federation", "clinical-notes").get("status", {})
@@ -92,12 +102,29 @@ def test_operator_runs_a_training_round_on_a_real_flower_server(
             key = secret_file(kubectl, f"clinical-notes-site-{name}", "site.key", tmp_path / "keys" / name)
             site = Site(name, data, tmp_path / "work" / name, key)
             site.join(server)
-            sites.append(site)
+            hub.sites.append(site)
+        yield hub
+    finally:
+        for site in hub.sites:
+            site.stop()
+        server.stop()
 
-        tr = yaml.safe_load((ROOT / "examples/traininground.yaml").read_text())
-        tr["spec"].update({"rounds": 2, "minSites": 3, "roundTimeoutSeconds": 120,
-                           "local": {"maxSteps": 4, "batchSize": 4, "learningRate": 0.005,
-                                     "sequenceLength": 64}})
+
+def training_round(name: str = "notes-v1", **spec: object) -> dict:
+    tr = yaml.safe_load((ROOT / "examples/traininground.yaml").read_text())
+    tr["metadata"]["name"] = name
+    tr["spec"].update({"rounds": 2, "minSites": 3, "roundTimeoutSeconds": 120,
+                       "local": {"maxSteps": 4, "batchSize": 4, "learningRate": 0.005,
+                                 "sequenceLength": 64}, **spec})
+    return tr
+
+
+def test_operator_runs_a_training_round_on_a_real_flower_server(
+        testbed: Testbed, driven_operator: OperatorProcess, kubectl: Kubectl, flower_port: int,
+        tiny_model_dir: Path, tmp_path: Path) -> None:
+    with flower_hub(testbed, kubectl, flower_port, tiny_model_dir, tmp_path) as hub:
+        server = hub.server
+        tr = training_round()
         kubectl.apply(yaml.safe_dump(tr))
 
         def status() -> dict:
@@ -144,7 +171,46 @@ def test_operator_runs_a_training_round_on_a_real_flower_server(
             return bool(state and state.finished and state.sub_status == "stopped")
 
         eventually(stopped, timeout=60, what="Flower run stopped")
-    finally:
-        for site in sites:
-            site.stop()
-        server.stop()
+
+
+# Seconds after each operator start at which it is killed: from mid-start-up (about 2 s here)
+# through its first reconciling passes (resync every 2 s).
+KILL_AFTER = (2.0, 2.5, 3.0, 3.5, 4.0, 4.5, 5.0, 6.0, 7.0, 8.0)
+
+
+def test_operator_killed_twenty_times_during_a_run_leaves_one_run_and_no_duplicates(
+        testbed: Testbed, driven_operator: OperatorProcess, kubectl: Kubectl, flower_port: int,
+        tiny_model_dir: Path, tmp_path: Path) -> None:
+    with flower_hub(testbed, kubectl, flower_port, tiny_model_dir, tmp_path) as hub:
+        kubectl.apply(yaml.safe_dump(training_round(rounds=3)))
+
+        def status() -> dict:
+            return kubectl.json("get", "traininground", "notes-v1").get("status", {})
+
+        seen: list[str] = []
+        most_jobs = 0
+        for i in range(20):
+            time.sleep(KILL_AFTER[i % len(KILL_AFTER)])
+            driven_operator.kill()
+            st = status()
+            seen.append(f"{st.get('phase')} {st.get('progress')}")
+            most_jobs = max(most_jobs, len(kubectl.json("get", "jobs")["items"]))
+            driven_operator.start()
+        done = eventually(lambda: (st := status()).get("phase") in ("Succeeded", "Failed") and st,
+                          timeout=600, what="TrainingRound finished after 20 kills")
+        assert done["phase"] == "Succeeded", (done.get("conditions"), seen)
+        # The kills fell at different points of the run, not all before it started.
+        assert len(set(seen)) >= 3, seen
+        assert most_jobs <= 3, "a restarted operator created a duplicate client Job"
+        with hub.server.control() as control:
+            runs = [r for r in control.list_runs() if r.override_config.get("training-round") == "notes-v1"
+                    and r.override_config.get("namespace") == kubectl.namespace]
+        assert [str(r.run_id) for r in runs] == [done["runId"]], "the run was submitted more than once"
+        assert [m["round"] for m in done["metrics"]] == [0, 1, 2, 3]
+        assert done["adapterVersion"] == "v1"
+        listing = testbed.s3_client().list_objects_v2(
+            Bucket=testbed.s3().bucket, Prefix=f"operator-flower/{kubectl.namespace}/adapters/")
+        versions = {o["Key"].split("/adapters/")[1].split("/")[0] for o in listing.get("Contents", [])}
+        assert versions == {"v1"}, versions
+        assert len(kubectl.json("get", "deployments")["items"]) == 1
+        eventually(lambda: not kubectl.json("get", "jobs")["items"], what="client Jobs deleted")

@@ -21,7 +21,7 @@ from pollinate_runtime.site_trainer import TrainerServer
 # A wrong dtype cannot leave Pollinate's ClientApp (it casts to the transport dtype); the
 # validator's dtype checks are unit-tested on raw ArrayRecords instead.
 KINDS = ("nan", "inf", "wrong-shape", "wrong-name", "missing", "huge-norm", "empty", "stale-round",
-         "poison")
+         "poison", "crash")
 
 
 class HostileTrainer:
@@ -36,6 +36,8 @@ class HostileTrainer:
         metrics = {m.NUM_EXAMPLES: 100.0, m.TRAIN_LOSS: 0.1}
         if request["kind"] != "train":
             return {"adapter": None, "metrics": {}}
+        if self.kind == "crash":
+            raise RuntimeError("CUDA out of memory (simulated)")
         first = sorted(adapter)[0]
         if self.kind == "nan":
             adapter[first].flat[0] = np.nan

@@ -40,3 +40,14 @@ def test_the_corpus_module_does_not_import_torch():
     code = "import sys, pollinate_runtime.corpora; print('torch' in sys.modules)"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "False"
+
+
+@pytest.mark.parametrize(("text", "expected"), [
+    ("Title\n\n" + "word " * 100, "Title\n\n" + "word " * 8),       # a long paragraph: cut inside it
+    ("one.\n\ntwo.\n\n" + "x" * 100, "one.\n\ntwo."),
+    ("First sentence. " * 10, "First sentence. " * 3),
+])
+def test_a_head_is_cut_at_the_latest_boundary_not_shrunk_to_a_title(text: str, expected: str) -> None:
+    head = corpora._head_paragraphs(text, 50)
+    assert len(head) <= 50
+    assert head.strip() == expected.strip()

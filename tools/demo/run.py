@@ -4,7 +4,8 @@
 1. a local Kubernetes control plane in execute mode (the node agent really runs the pods) and
    an S3 server;
 2. the operator installed with its Helm chart;
-3. three sites' private data (KJV, Shakespeare, Python docs: one domain each) as ConfigMaps;
+3. three sites' private data (KJV, Shakespeare, Python docs: one domain each) and general
+   held-out text from none of their documents (to measure forgetting) as ConfigMaps;
 4. `examples/federation.yaml` and `examples/traininground.yaml` applied with kubectl;
 5. the TrainingRound followed to Succeeded, then a report (markdown and PNG plots).
 """
@@ -67,11 +68,16 @@ def main(argv: list[str] | None = None) -> int:
                     f"--from-literal=AWS_SECRET_ACCESS_KEY={s3.secret_key}", check=False)
         for site, corpus in SITE_CORPORA.items():
             folder = corpora.site_corpus(corpus, max_chars=args.chars)
-            paths = sorted(f for f in folder.rglob("*") if f.is_file())
+            paths = sorted(f for f in folder.rglob("*") if f.is_file() and f.name != corpora.CORPUS_MANIFEST)
             say(f"site {site}: private data = {corpus} ({sum(f.stat().st_size for f in paths)} bytes)")
             # ConfigMap keys are flat file names.
             files = [f"--from-file={str(f.relative_to(folder)).replace('/', '--')}={f}" for f in paths]
             kubectl.run("create", "configmap", f"{site}-notes", *files, check=False)
+        general = corpora.general_heldout(max_chars=min(args.chars // 2, 20_000))
+        say(f"general held-out text for forgetting: {sum(f.stat().st_size for f in general.iterdir())} bytes")
+        kubectl.run("create", "configmap", "general-heldout",
+                    *(f"--from-file={f.name}={f}" for f in sorted(general.glob("*.txt"))),
+                    check=False)
 
         say("kubectl apply -f examples/federation.yaml")
         kubectl.run("apply", "-f", str(ROOT / "examples/federation.yaml"))

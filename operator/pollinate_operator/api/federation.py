@@ -84,6 +84,12 @@ class SiteData(ApiModel):
     path: str | None = None
 
 
+class GeneralEvaluation(ApiModel):
+    persistent_volume_claim: PersistentVolumeClaimSource | None = None
+    config_map: ConfigMapSource | None = None
+    path: str | None = None
+
+
 class ResourceRequirements(ApiModel):
     limits: dict[str, int | str] | None = None
     requests: dict[str, int | str] | None = None
@@ -107,6 +113,7 @@ class FederationSpec(ApiModel):
     storage: Storage
     server: Server = Field(default_factory=Server)
     client_image: str = "ghcr.io/pollinate-dev/client:0.1.0"
+    general_evaluation: GeneralEvaluation | None = None
     sites: list[Site]
 
     def site(self, name: str) -> Site | None:

@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
-from ..api.federation import FederationSpec, Site
+from ..api.federation import FederationSpec, GeneralEvaluation, Site
 from ..api.traininground import TrainingRoundSpec
 from . import names
 from .security import CONTAINER_SECURITY_CONTEXT, POD_SECURITY_CONTEXT
 
 SITE_DIR = "/etc/pollinate/site"
 DATA_DIR = "/data"
+GENERAL_DIR = "/general"
 WORK_DIR = "/var/lib/pollinate"
 
 
@@ -26,9 +27,21 @@ def data_volume(site: Site) -> dict:
     return {"name": "data", **source}
 
 
-def client_args(site: Site, server_address: str) -> list[str]:
+def general_volume(general: GeneralEvaluation) -> dict:
+    if general.persistent_volume_claim:
+        return {"name": "general", "persistentVolumeClaim": {
+            "claimName": general.persistent_volume_claim.claim_name, "readOnly": True}}
+    assert general.config_map is not None, "the CRD requires one source"
+    return {"name": "general", "configMap": {"name": general.config_map.name}}
+
+
+def client_args(site: Site, server_address: str, general: GeneralEvaluation | None = None) -> list[str]:
     data = site.data
     data_path = f"{DATA_DIR}/{data.path}" if data and data.path else DATA_DIR
+    extra = []
+    if general is not None:
+        extra.append(f"--general-eval={GENERAL_DIR}/{general.path}" if general.path
+                     else f"--general-eval={GENERAL_DIR}")
     return [
         "join",
         f"--server={server_address}",
@@ -39,6 +52,7 @@ def client_args(site: Site, server_address: str) -> list[str]:
         f"--device={site.device}",
         f"--quantization={site.quantization}",
         f"--work-dir={WORK_DIR}",
+        *extra,
     ]
 
 
@@ -63,7 +77,7 @@ def client_job(
         "name": "client",
         "image": fed.client_image,
         "command": ["pollinate-client"],
-        "args": client_args(site, server_address),
+        "args": client_args(site, server_address, fed.general_evaluation),
         "env": env,
         "resources": resources,
         "securityContext": CONTAINER_SECURITY_CONTEXT,
@@ -76,18 +90,22 @@ def client_job(
     }
     if env_from:
         container["envFrom"] = env_from
+    volumes = [
+        data_volume(site),
+        {"name": "site-identity", "secret": {
+            "secretName": names.site_secret(federation, site.name), "defaultMode": 0o400}},
+        {"name": "work", "emptyDir": {}},
+        {"name": "tmp", "emptyDir": {}},
+    ]
+    if fed.general_evaluation is not None:
+        container["volumeMounts"].append({"name": "general", "mountPath": GENERAL_DIR, "readOnly": True})
+        volumes.append(general_volume(fed.general_evaluation))
     pod_spec: dict = {
         "restartPolicy": "Never",
         "automountServiceAccountToken": False,
         "securityContext": POD_SECURITY_CONTEXT,
         "containers": [container],
-        "volumes": [
-            data_volume(site),
-            {"name": "site-identity", "secret": {
-                "secretName": names.site_secret(federation, site.name), "defaultMode": 0o400}},
-            {"name": "work", "emptyDir": {}},
-            {"name": "tmp", "emptyDir": {}},
-        ],
+        "volumes": volumes,
     }
     if site.node_selector:
         pod_spec["nodeSelector"] = dict(site.node_selector)

@@ -106,6 +106,20 @@ def test_client_job_is_pinned_to_its_site_with_its_identity(
     assert "envFrom" not in c  # no S3 credentials unless the base model is in S3
 
 
+def test_general_evaluation_text_is_mounted_and_passed_to_every_site(
+        fed_spec: FederationSpec, tr_spec: TrainingRoundSpec) -> None:
+    assert "--general-eval" not in " ".join(clients.client_args(fed_spec.site("hospital-a"), "s:9092"))
+    general = {"configMap": {"name": "general-text"}, "path": "heldout.txt"}
+    fed = FederationSpec.model_validate({**fed_spec.to_wire(), "generalEvaluation": general})
+    job = clients.client_job("notes-v1", "research", tr_spec, "clinical-notes", fed,
+                             fed.site("hospital-a"), "s:9092")
+    pod = job["spec"]["template"]["spec"]
+    (c,) = pod["containers"]
+    assert "--general-eval=/general/heldout.txt" in c["args"]
+    assert {"name": "general", "mountPath": "/general", "readOnly": True} in c["volumeMounts"]
+    assert {"name": "general", "configMap": {"name": "general-text"}} in pod["volumes"]
+
+
 def test_job_names_stay_short_enough_for_pod_labels() -> None:
     name = names.client_job("a" * 60, "hospital-a")
     assert len(name) <= 52 and not name.endswith("-")

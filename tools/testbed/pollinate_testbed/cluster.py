@@ -217,6 +217,15 @@ class Testbed:
         )
         self.kubeconfig.chmod(0o600)
 
+    def restart_apiserver(self, downtime: float = 0.0) -> None:
+        """Stop kube-apiserver, wait `downtime` seconds, start it again: for tests that its
+        clients reconnect. etcd keeps the cluster's state meanwhile."""
+        pid_file = next(self.pid_dir.glob("*-kube-apiserver.pid"))
+        _stop_all([int(pid_file.read_text())])
+        time.sleep(downtime)
+        self._start_apiserver()
+        self._wait(self._apiserver_ready, "kube-apiserver", 90)
+
     def _spawn(self, name: str, argv: list[str], env: dict[str, str] | None = None) -> None:
         log_file = open(self.log_dir / f"{name}.log", "ab")  # noqa: SIM115 - owned by the child
         proc = subprocess.Popen(
@@ -224,9 +233,12 @@ class Testbed:
             start_new_session=True, env={**os.environ, **(env or {})}, cwd=self.state_dir,
         )
         log_file.close()
-        # The numeric prefix keeps stop order the reverse of start order.
-        index = len(list(self.pid_dir.glob("*.pid")))
-        (self.pid_dir / f"{index:02d}-{name}.pid").write_text(str(proc.pid))
+        # The numeric prefix keeps stop order the reverse of start order (a restarted
+        # component keeps its place).
+        existing = list(self.pid_dir.glob(f"*-{name}.pid"))
+        pid_file = existing[0] if existing else (
+            self.pid_dir / f"{len(list(self.pid_dir.glob('*.pid'))):02d}-{name}.pid")
+        pid_file.write_text(str(proc.pid))
         time.sleep(0.2)
         if proc.poll() is not None:
             raise TestbedError(f"{name} exited at once; see {self.log_dir / (name + '.log')}")
