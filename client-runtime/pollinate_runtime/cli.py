@@ -5,8 +5,9 @@
     pollinate-client eval --adapter-dir ./v3 --data notes.jsonl
 
 `join` checks its inputs and the connection first (so a wrong CA, a wrong server name or a
-missing file fails in a second with a message that says which), starts the site trainer with
-the model resident, then runs Flower's SuperNode with Pollinate's ClientApp.
+missing file fails in seconds with a message that says which), starts the site trainer (the
+model loads when the first round asks for it), then runs Flower's SuperNode with Pollinate's
+ClientApp until the site is stopped, its key is refused or the server revokes it.
 """
 
 from __future__ import annotations
@@ -23,12 +24,16 @@ import subprocess
 import sys
 import threading
 import time
+from collections import deque
+from collections.abc import Iterable
 from pathlib import Path
 
 from . import __version__
 from .site_trainer import SiteOptions, SiteTrainer, TrainerServer
 
 log = logging.getLogger("pollinate.client")
+
+SITE_SECRET = "the site Secret <federation>-site-<site>"
 
 
 class JoinError(RuntimeError):
@@ -39,28 +44,73 @@ class JoinError(RuntimeError):
 def parse_server(address: str) -> tuple[str, int]:
     match = re.fullmatch(r"\[?([^\]\s]+?)\]?:(\d{1,5})", address.strip())
     if not match or not 0 < int(match.group(2)) < 65536:
-        raise JoinError(f"--server {address!r}: expected host:port, e.g. fl.example.org:443")
+        raise JoinError(f"--server {address!r}: expected host:port, e.g. fl.example.org:443 "
+                        "(the Federation's status.endpoint)")
     return match.group(1), int(match.group(2))
 
 
 def check_file(flag: str, path: Path, what: str) -> None:
+    path = path.expanduser()
     if not path.exists():
-        raise JoinError(f"{flag} {path}: no such file ({what})")
-    if path.is_file() and not os.access(path, os.R_OK):
-        raise JoinError(f"{flag} {path}: not readable ({what})")
+        raise JoinError(f"{flag} {path}: does not exist; expected {what}")
+    if not os.access(path, os.R_OK):
+        raise JoinError(f"{flag} {path}: not readable by this user; expected {what}")
 
 
 def check_key(path: Path) -> None:
     from cryptography.hazmat.primitives import serialization
     from cryptography.hazmat.primitives.asymmetric import ec
 
-    check_file("--key", path, "this site's private key, from the site Secret's site.key")
+    expected = f"this site's private key, site.key from {SITE_SECRET} (OpenSSH EC P-384)"
+    check_file("--key", path, expected)
     try:
         key = serialization.load_ssh_private_key(path.read_bytes(), password=None)
     except (ValueError, TypeError) as err:
-        raise JoinError(f"--key {path}: not an OpenSSH private key ({err})") from err
+        raise JoinError(f"--key {path}: not an OpenSSH private key ({err}); expected {expected}") from err
     if not isinstance(key, ec.EllipticCurvePrivateKey):
-        raise JoinError(f"--key {path}: an EC key (P-256 or P-384) is needed, got {type(key).__name__}")
+        raise JoinError(f"--key {path}: an OpenSSH key, but not an EC one ({type(key).__name__}); "
+                        f"expected {expected}")
+
+
+def check_ca(path: Path) -> None:
+    expected = f"the Federation's CA certificate (PEM), ca.crt from {SITE_SECRET}"
+    check_file("--ca", path, expected)
+    try:
+        ssl.create_default_context(cafile=str(path.expanduser()))
+    except ssl.SSLError as err:
+        raise JoinError(f"--ca {path}: not a PEM certificate ({err.reason or err}); "
+                        f"expected {expected}") from err
+
+
+def check_data(path: Path) -> None:
+    from .train.data import DataError, data_files  # imports torch: the trainer needs it anyway
+
+    try:
+        data_files(path)
+    except DataError as err:
+        raise JoinError(f"--data {path}: {err}; expected this site's training text as .jsonl "
+                        "(one {\"text\": ...} record a line) or .txt files") from err
+
+
+def check_inputs(args: argparse.Namespace) -> tuple[str, int, Path | None]:
+    """Every local input, cheapest first; returns the server's host and port and the CA."""
+    host, port = parse_server(args.server)
+    check_file("--data", Path(args.data), "this site's private training data (a .jsonl or .txt "
+               "file, or a folder of them)")
+    ca = Path(args.ca) if args.ca else None
+    if args.insecure and (ca or args.key):
+        raise JoinError("--insecure turns TLS off: do not combine it with --ca or --key")
+    if not args.insecure:
+        if ca is None:
+            raise JoinError(f"--ca is required: the Federation's CA, ca.crt from {SITE_SECRET} "
+                            "(--insecure only for local tests)")
+        check_ca(ca)
+    if args.key:
+        check_key(Path(args.key))
+    if args.general_eval:
+        check_file("--general-eval", Path(args.general_eval), "general held-out text (.jsonl or .txt)")
+    check_data(Path(args.data))
+    return host, port, ca
 
 
 def check_connection(host: str, port: int, ca: Path | None, timeout: float = 10.0) -> None:
@@ -68,27 +118,64 @@ def check_connection(host: str, port: int, ca: Path | None, timeout: float = 10.
     try:
         sock = socket.create_connection((host, port), timeout=timeout)
     except OSError as err:
-        raise JoinError(f"cannot reach the server at {host}:{port}: {err.strerror or err}") from err
+        raise JoinError(
+            f"cannot reach the server at {host}:{port} ({err.strerror or err}); check --server "
+            "(the Federation's status.endpoint) and that this machine can reach it "
+            "(server running, firewall, VPN)") from err
     if ca is None:
         sock.close()
         return
-    context = ssl.create_default_context(cafile=str(ca))
+    context = ssl.create_default_context(cafile=str(ca.expanduser()))
     try:
         with context.wrap_socket(sock, server_hostname=host):
             pass
     except ssl.SSLCertVerificationError as err:
-        detail = err.verify_message or str(err)
-        if "mismatch" in detail.lower():
-            raise JoinError(
-                f"the server's certificate is not valid for {host!r} ({detail}); use the host "
-                "name the Federation's ingress names (status.endpoint)") from err
-        raise JoinError(
-            f"the server's certificate is not trusted by --ca {ca} ({detail}); use the "
-            "Federation's CA (ca.crt in the site Secret)") from err
+        raise certificate_problem(host, port, ca, err) from err
     except ssl.SSLError as err:
-        raise JoinError(f"TLS with the server at {host}:{port} failed: {err}") from err
+        what = ("does not answer with TLS" if err.reason == "WRONG_VERSION_NUMBER"
+                else "failed the TLS handshake")
+        raise JoinError(
+            f"the server at {host}:{port} {what} ({err.reason or err}); check that --server "
+            "names the Federation's TLS endpoint (status.endpoint), not another port") from err
     except OSError as err:
-        raise JoinError(f"the server at {host}:{port} closed the connection: {err}") from err
+        raise JoinError(f"the server at {host}:{port} closed the connection during the TLS "
+                        f"handshake ({err}); check --server (the Federation's status.endpoint)") from err
+
+
+def certificate_problem(host: str, port: int, ca: Path, err: ssl.SSLCertVerificationError) -> JoinError:
+    detail = err.verify_message or str(err)
+    if "mismatch" in detail.lower():
+        names = ", ".join(certificate_names(host, port)) or "no names"
+        return JoinError(
+            f"certificate problem: the server's certificate is not valid for {host!r} ({detail}); "
+            f"it names {names}: use one of those in --server (the Federation's status.endpoint)")
+    if "expired" in detail.lower():
+        return JoinError(
+            f"certificate problem: the server's certificate has expired ({detail}); the "
+            "Federation's operator must renew it (nothing to change on this site)")
+    return JoinError(
+        f"certificate problem: the server's certificate is not trusted by --ca {ca} ({detail}); "
+        f"pass the Federation's CA with --ca: ca.crt from {SITE_SECRET}")
+
+
+def certificate_names(host: str, port: int, timeout: float = 10.0) -> list[str]:
+    """The DNS names and addresses the server's certificate is valid for (read without
+    verifying it, only to say which name to use)."""
+    from cryptography import x509
+
+    context = ssl.create_default_context()
+    context.check_hostname = False
+    context.verify_mode = ssl.CERT_NONE
+    try:
+        with (socket.create_connection((host, port), timeout=timeout) as sock,
+              context.wrap_socket(sock, server_hostname=host) as tls):
+            der = tls.getpeercert(binary_form=True)
+        san = x509.load_der_x509_certificate(der).extensions.get_extension_for_class(
+            x509.SubjectAlternativeName).value
+    except (OSError, ValueError, x509.ExtensionNotFound):
+        return []
+    return [*san.get_values_for_type(x509.DNSName),
+            *(str(ip) for ip in san.get_values_for_type(x509.IPAddress))]
 
 
 def free_port() -> int:
@@ -100,21 +187,26 @@ def free_port() -> int:
 # ---- SuperNode output ----------------------------------------------------------------------
 ACTIVATION_REFUSED = (
     "the server rejected this site's key: it is not registered with the Federation (or was "
-    "revoked). Check --key and that the site is in the Federation's spec.sites")
+    f"revoked). Check that --key is site.key from {SITE_SECRET} and that the site is in the "
+    "Federation's spec.sites")
+REVOKED = (
+    "the server ended this site's session: its key is no longer registered (the site was "
+    "removed from the Federation's spec.sites or its key was revoked). Ask the Federation's "
+    f"operator; a new key comes in {SITE_SECRET}")
 KNOWN_FAILURES = [
     (re.compile(r"No SuperNode found with the given public key|code: 2004|Failed to activate SuperNode"),
      ACTIVATION_REFUSED),
     (re.compile(r"All SuperNodes must be registered"),
-     "the server requires a registered site key: pass --key with the site's site.key"),
-    (re.compile(r"Unable to parse the private key"), "--key could not be read by Flower"),
+     f"the server requires a registered site key: pass --key with site.key from {SITE_SECRET}"),
+    (re.compile(r"Unable to parse the private key"),
+     "Flower could not read --key: expected an OpenSSH EC private key (site.key)"),
     (re.compile(r"CERTIFICATE_VERIFY_FAILED|SSL/TLS handshake error"),
-     "TLS with the server failed: check --ca and the server name in --server"),
-    (re.compile(r"terminated gracefully|unregistered", re.I),
-     "the server ended this site's membership (the site key was unregistered)"),
+     "certificate problem: TLS with the server failed; check --ca (the Federation's ca.crt) "
+     "and the server name in --server"),
 ]
 
 
-def explain_supernode_exit(output_tail: list[str]) -> str | None:
+def explain_supernode_exit(output_tail: Iterable[str]) -> str | None:
     text = "\n".join(output_tail)
     for pattern, message in KNOWN_FAILURES:
         if pattern.search(text):
@@ -151,74 +243,20 @@ class Reporter:
 
 # ---- commands ------------------------------------------------------------------------------
 def join(args: argparse.Namespace) -> int:
-    host, port = parse_server(args.server)
-    data = Path(args.data)
-    check_file("--data", data, "this site's private training data")
-    from .train.data import DataError, data_files  # imports torch: the trainer needs it anyway
-    try:
-        data_files(data)
-    except DataError as err:
-        raise JoinError(f"--data {data}: {err}") from err
-    ca = Path(args.ca) if args.ca else None
-    if args.insecure and (ca or args.key):
-        raise JoinError("--insecure turns TLS off: do not combine it with --ca or --key")
-    if not args.insecure:
-        if ca is None:
-            raise JoinError("--ca is required (the Federation's CA, ca.crt in the site Secret); "
-                            "--insecure only for local tests")
-        check_file("--ca", ca, "the Federation's CA certificate")
-    if args.key:
-        check_key(Path(args.key))
-    if args.general_eval:
-        check_file("--general-eval", Path(args.general_eval), "general held-out text")
+    host, port, ca = check_inputs(args)
     check_connection(host, port, None if args.insecure else ca)
-
     work = Path(args.work_dir).expanduser()
     work.mkdir(parents=True, exist_ok=True)
-    reporter = Reporter(args.site)
     trainer = SiteTrainer(SiteOptions(
-        site=args.site, data=data, device=args.device, quantization=args.quantization,
-        general_eval=Path(args.general_eval) if args.general_eval else None), on_event=reporter)
+        site=args.site, data=Path(args.data), device=args.device, quantization=args.quantization,
+        general_eval=Path(args.general_eval) if args.general_eval else None),
+        on_event=Reporter(args.site))
     socket_path = work / f"trainer-{args.site}.sock"
     server = TrainerServer(trainer, socket_path)
     server.start()
-
-    command = supernode_command(args, host, port, ca, socket_path)
-    # The SuperNode starts flower-superexec and flwr-clientapp by name: find them beside this
-    # interpreter even when its environment is not activated (a laptop's venv, an image).
-    bin_dir = str(Path(sys.executable).parent)
-    env = {**os.environ, "FLWR_HOME": str(work / "flwr"), "PYTHONUNBUFFERED": "1",
-           "PATH": f"{bin_dir}{os.pathsep}{os.environ.get('PATH', '')}"}
     log.info("site %s joining %s:%d (pollinate %s)", args.site, host, port, __version__)
-    stopping = threading.Event()
-    current: list[subprocess.Popen] = []
-
-    def stop(signum: int, _frame: object) -> None:
-        log.info("stopping (signal %d)", signum)
-        stopping.set()
-        if current and current[-1].poll() is None:
-            current[-1].terminate()
-
-    signal.signal(signal.SIGTERM, stop)
-    signal.signal(signal.SIGINT, stop)
-    # A site that crashed and came straight back finds its old node still online at the
-    # server until its heartbeats lapse (about a minute), and activation is refused until
-    # then: keep trying for `--rejoin-seconds` before calling the key rejected.
-    deadline = time.monotonic() + args.rejoin_seconds
     try:
-        while True:
-            code, tail = run_supernode(command, env, args.verbose, current)
-            if stopping.is_set() or code in (0, -signal.SIGTERM, 128 + signal.SIGTERM):
-                log.info("site %s left the federation", args.site)
-                return 0
-            reason = explain_supernode_exit(tail)
-            if reason == ACTIVATION_REFUSED and time.monotonic() < deadline:
-                log.info("the server refused to activate this site yet (its previous connection may "
-                         "still count as online); retrying in 10 s")
-                stopping.wait(10)
-                continue
-            raise JoinError(f"the SuperNode exited with code {code}: "
-                            f"{reason or 'see the log above (run with --verbose for all of it)'}")
+        return run_site(args, supernode_command(args, host, port, ca, socket_path), supernode_env(work))
     finally:
         server.stop()
 
@@ -240,21 +278,79 @@ def supernode_command(args: argparse.Namespace, host: str, port: int, ca: Path |
     return command
 
 
+def supernode_env(work: Path) -> dict[str, str]:
+    # The SuperNode starts flower-superexec and flwr-clientapp by name: find them beside this
+    # interpreter even when its environment is not activated (a laptop's venv, an image).
+    bin_dir = str(Path(sys.executable).parent)
+    return {**os.environ, "FLWR_HOME": str(work / "flwr"), "PYTHONUNBUFFERED": "1",
+            "PATH": f"{bin_dir}{os.pathsep}{os.environ.get('PATH', '')}"}
+
+
+def run_site(args: argparse.Namespace, command: list[str], env: dict[str, str]) -> int:
+    """Run the SuperNode until this site is stopped (0) or the server will not have it
+    (JoinError naming why)."""
+    stopping = threading.Event()
+    current: list[subprocess.Popen] = []
+
+    def stop(signum: int, _frame: object) -> None:
+        log.info("stopping (signal %d)", signum)
+        stopping.set()
+        if current and current[-1].poll() is None:
+            current[-1].terminate()
+
+    signal.signal(signal.SIGTERM, stop)
+    signal.signal(signal.SIGINT, stop)
+    # A site that crashed and came straight back finds its old node still online at the
+    # server until its heartbeats lapse (about a minute), and activation is refused until
+    # then: keep trying for `--rejoin-seconds` before calling the key rejected.
+    deadline = time.monotonic() + args.rejoin_seconds
+    while True:
+        code, tail = run_supernode(command, env, args.verbose, current)
+        if stopping.is_set():
+            log.info("site %s left the federation", args.site)
+            return 0
+        # Flower's SuperNode ends itself with a graceful exit (code 0) when the server answers
+        # its heartbeat with 401, which is what unregistering its key does. Nobody here asked
+        # it to stop, so the server did.
+        reason = REVOKED if code == 0 else explain_supernode_exit(tail)
+        if reason == ACTIVATION_REFUSED and time.monotonic() < deadline:
+            log.info("the server refused to activate this site yet (its previous connection may "
+                     "still count as online); retrying in 10 s")
+            stopping.wait(10)
+            continue
+        raise JoinError(f"{reason} (the SuperNode exited with code {code})" if reason else
+                        f"the SuperNode exited with code {code}: see the log above (run with "
+                        "--verbose for all of it)")
+
+
 def run_supernode(command: list[str], env: dict[str, str], verbose: bool,
                   current: list[subprocess.Popen]) -> tuple[int, list[str]]:
     """Run Flower's SuperNode until it exits; return its exit code and last lines."""
     # Same process group as this one: whoever stops the site stops its SuperNode too.
     proc = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
     current.append(proc)
-    tail: list[str] = []
-    assert proc.stdout is not None
-    for line in proc.stdout:
+    tail: deque[str] = deque(maxlen=50)
+    exited = threading.Event()
+    relay = threading.Thread(target=relay_output, args=(proc.stdout, tail, verbose, exited), daemon=True)
+    relay.start()
+    code = proc.wait()
+    exited.set()
+    # The SuperNode's own flower-superexec shares its stdout and exits once the SuperNode's
+    # pid is gone, which an unreaped (zombie) SuperNode is not: reading to the end of the
+    # output before reaping would wait forever. Reaped now, the pipe closes within a second.
+    relay.join(timeout=15)
+    return code, list(tail)
+
+
+def relay_output(lines: Iterable[str], tail: deque[str], verbose: bool,
+                 supernode_exited: threading.Event) -> None:
+    for line in lines:
         line = line.rstrip()
         tail.append(line)
-        del tail[:-50]
+        if supernode_exited.is_set() and "Connection attempt failed" in line:
+            continue  # the orphaned SuperExec calling its gone SuperNode until it notices
         if verbose or "ERROR" in line or "WARN" in line:
             log.info("supernode: %s", line)
-    return proc.wait(), tail
 
 
 def evaluate(args: argparse.Namespace) -> int:

@@ -24,6 +24,7 @@ from typing import Any, Protocol
 
 import numpy as np
 from flwr.app import ConfigRecord, Message, MetricRecord, RecordDict
+from flwr.common.constant import ErrorCode
 
 from . import messages as m
 from .aggregation import Aggregator, make_aggregator
@@ -100,6 +101,10 @@ class RoundOutcome:
     site_train_loss: dict[str, float]
 
 
+# Errors the SuperLink itself returns when a message could not reach its node.
+UNDELIVERED = (ErrorCode.NODE_UNAVAILABLE, ErrorCode.MESSAGE_UNAVAILABLE)
+
+
 def _said(rejection: dict[str, str]) -> str:
     """A rejected site with the start of its reason, for a one-line failure message."""
     reason = rejection["reason"]
@@ -129,7 +134,7 @@ class FederatedRun:
         self.poll_seconds = poll_seconds
         self.clock = clock
         self.node_wait_seconds = node_wait_seconds or max(60.0, config.round_timeout_seconds)
-        self.sites_by_node: dict[int, str] = {}
+        self.sites_by_node: dict[int, str] = {node: site for site, node in config.site_nodes.items()}
         self.metrics: list[dict[str, Any]] = []
         self.site_states: dict[str, dict[str, Any]] = {}
         self._spill = tempfile.TemporaryDirectory(prefix="pollinate-spill-")
@@ -152,41 +157,64 @@ class FederatedRun:
     def wait_for_nodes(self, count: int) -> list[int]:
         deadline = self.clock() + self.node_wait_seconds
         while True:
-            nodes = sorted(self.grid.get_node_ids())
+            nodes = sorted(n for n in self.grid.get_node_ids()
+                           if not self.config.site_nodes or n in self.sites_by_node)
             if len(nodes) >= count:
                 return nodes
             if self.clock() >= deadline:
+                missing = sorted(s for n, s in self.sites_by_node.items() if n not in nodes)
                 raise RunFailed(
                     f"only {len(nodes)} site(s) connected after {self.node_wait_seconds:.0f} s; "
-                    f"minSites is {count}")
+                    f"minSites is {count}" + (f"; not connected: {', '.join(missing)}"
+                                              if self.config.site_nodes else ""))
             time.sleep(0.5)
 
     def exchange(self, nodes: list[int], message_type: str, content: Callable[[int], RecordDict],
                  round: int, on_reply: Callable[[Reply], None]) -> Exchange:
         """Send one message per node and hand each reply to `on_reply` as it arrives; return
-        when every node answered or the round timeout passed (closing with what arrived)."""
+        when every node answered or the round timeout passed (closing with what arrived).
+
+        A node the SuperLink reports offline (no heartbeat: its site restarted, or a site
+        that just left still counted as online when the round began) is sent the message
+        again when it is back online before the deadline: a site that restarts mid-round
+        rejoins the round instead of being lost to it."""
         out = Exchange()
         timeout = self.config.round_timeout_seconds
-        outgoing = []
-        for node in nodes:
-            body = content(node)
-            out.bytes_sent += sum(payload_bytes(r) for r in body.array_records.values())
-            outgoing.append(Message(body, dst_node_id=node, message_type=message_type,
-                                    ttl=timeout, group_id=str(round)))
-        ids = list(self.grid.push_messages(outgoing))
-        pending = {mid: node for mid, node in zip(ids, nodes, strict=True) if mid}
         deadline = self.clock() + timeout
-        while pending and self.clock() < deadline:
-            for reply in self.grid.pull_messages(list(pending)):
+
+        def send(targets: list[int]) -> dict[str, int]:
+            outgoing = []
+            ttl = max(1.0, deadline - self.clock())
+            for node in targets:
+                body = content(node)
+                out.bytes_sent += sum(payload_bytes(r) for r in body.array_records.values())
+                outgoing.append(Message(body, dst_node_id=node, message_type=message_type,
+                                        ttl=ttl, group_id=str(round)))
+            ids = list(self.grid.push_messages(outgoing))
+            return {mid: node for mid, node in zip(ids, targets, strict=True) if mid}
+
+        pending = send(nodes)
+        away: dict[int, str] = {}  # node -> why it is waited for
+        while (pending or away) and self.clock() < deadline:
+            for reply in self.grid.pull_messages(list(pending)) if pending else []:
                 node = pending.pop(reply.metadata.reply_to_message_id, None)
                 if node is None:
                     continue
                 if reply.has_error():
-                    out.failed[node] = f"{reply.error.code}: {reply.error.reason}"
+                    why = f"{reply.error.code}: {reply.error.reason}"
+                    if reply.error.code in UNDELIVERED:
+                        away[node] = why
+                        log.info("round %d: site %s is offline; waiting for it to come back",
+                                 round, self.sites_by_node.get(node, f"node-{node}"))
+                    else:
+                        out.failed[node] = why
                     continue
                 config = reply.content.config_records.get(m.CONFIG, {})
-                site = str(config.get(m.SITE, f"node-{node}"))
-                self.sites_by_node[node] = site
+                if self.config.site_nodes:  # the name its authenticated key was registered under
+                    site = self.sites_by_node[node]
+                else:
+                    site = str(config.get(m.SITE, f"node-{node}"))
+                    self.sites_by_node[node] = site
                 if m.ERROR in config:
                     out.failed[node] = f"site error: {config[m.ERROR]}"
                     continue
@@ -194,10 +222,20 @@ class FederatedRun:
                 wrapped = Reply(node, site, reply)
                 out.replies.append(wrapped)
                 on_reply(wrapped)
-            if pending:
+            if away:
+                online = set(self.grid.get_node_ids())
+                if back := sorted(n for n in away if n in online):
+                    log.info("round %d: %s back online; sending the round again",
+                             round, ", ".join(self.sites_by_node.get(n, f"node-{n}") for n in back))
+                    for node in back:
+                        del away[node]
+                    pending.update(send(back))
+            if pending or away:
                 time.sleep(self.poll_seconds)
         for node in pending.values():
             out.failed[node] = f"no reply within {timeout:.0f} s"
+        for node, why in away.items():
+            out.failed[node] = f"no reply within {timeout:.0f} s (offline: {why})"
         return out
 
     # ---- phases ------------------------------------------------------------------------

@@ -47,6 +47,10 @@ class RunConfig:
     fraction_per_round: float = 1.0
     round_timeout_seconds: float = 900.0
     sites: tuple[str, ...] = ()
+    # The Flower node id of each taking part site's registered key: the server talks to
+    # these nodes only, and knows their names before they answer. Empty: every connected
+    # node takes part (a server without node authentication, engine tests).
+    site_nodes: dict[str, int] = field(default_factory=dict)
     initial_adapter_version: str = ""
     # Local training on each site.
     local_epochs: int = 0
@@ -138,7 +142,7 @@ def _parse(f: dataclasses.Field, key: str, raw: Any) -> Any:
             pairs = [p.split("=", 1) for p in str(raw).split(",") if p]
             return {k: int(v) for k, v in pairs}
         return str(raw)
-    except (TypeError, ValueError) as err:
+    except (TypeError, ValueError, OverflowError) as err:  # OverflowError: int(inf), float(10**400)
         raise RunConfigError(f"run config {key}={raw!r}: expected {type(default).__name__}") from err
 
 

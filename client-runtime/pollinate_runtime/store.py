@@ -326,11 +326,38 @@ def _verified(objects: ObjectStore, relative: str, expected_sha256: str) -> byte
     return data
 
 
-def _parse_json(objects: ObjectStore, relative: str, data: bytes, what: str) -> Any:
+_JSON_KINDS = {dict: "an object", list: "a list", str: "a string", bool: "a boolean",
+               int: "a number", float: "a number", type(None): "null"}
+
+
+def _parse_json(objects: ObjectStore, relative: str, data: bytes, what: str,
+                kind: type | tuple[type, ...] = dict) -> Any:
+    """An object's JSON, which must be a `kind` (an object unless told)."""
     try:
-        return json.loads(data)
-    except (UnicodeDecodeError, json.JSONDecodeError) as err:
+        value = json.loads(data)
+    except (ValueError, RecursionError) as err:  # bad UTF-8 or JSON, a 5000-digit int, deep nesting
         raise CorruptObject(objects.key(relative), what, f"unparseable JSON ({err})") from err
+    if not isinstance(value, kind):
+        raise CorruptObject(objects.key(relative), what, f"JSON {_JSON_KINDS.get(type(value))}")
+    return value
+
+
+def _parse_tensors(objects: ObjectStore, relative: str, data: bytes) -> dict[str, np.ndarray]:
+    try:
+        return safetensors.numpy.load(data)
+    except (safetensors.SafetensorError, KeyError, ValueError) as err:  # KeyError: a dtype numpy lacks
+        raise CorruptObject(objects.key(relative), "tensors in safetensors format",
+                            f"unreadable safetensors ({type(err).__name__}: {err})") from err
+
+
+def _listed_sha256(objects: ObjectStore, manifest: str, listing: Any, name: str) -> str:
+    """The sha256 that the `listing` of the manifest at `manifest` records for `name`."""
+    entry = listing.get(name) if isinstance(listing, dict) else None
+    sha256 = entry.get("sha256") if isinstance(entry, dict) else None
+    if not isinstance(sha256, str):
+        raise CorruptObject(objects.key(manifest), f"an entry for {name} with its sha256",
+                            "none" if entry is None else f"{entry!r:.100}")
+    return sha256
 
 
 def _check_name(kind: str, value: str) -> None:
@@ -442,14 +469,38 @@ class RunProgress:
 
     @classmethod
     def from_json(cls, value: Mapping[str, Any]) -> RunProgress:
-        return cls(
-            training_round=value["trainingRound"], round=int(value["round"]),
-            total_rounds=int(value["totalRounds"]), phase=value.get("phase", "Running"),
-            rounds=list(value.get("rounds", [])), sites=dict(value.get("sites", {})),
-            last_checkpoint=value.get("lastCheckpoint"),
-            adapter_version=value.get("adapterVersion"), message=value.get("message", ""),
-            updated_at=value.get("updatedAt", ""),
+        """Raises ValueError naming the first field that is missing or of another type."""
+        progress = cls(
+            training_round=_field(value, "trainingRound", str), round=_field(value, "round", int),
+            total_rounds=_field(value, "totalRounds", int),
+            phase=_field(value, "phase", str, "Running"), rounds=_field(value, "rounds", list, []),
+            sites=_field(value, "sites", dict, {}),
+            last_checkpoint=_field(value, "lastCheckpoint", str, None),
+            adapter_version=_field(value, "adapterVersion", int, None),
+            message=_field(value, "message", str, ""), updated_at=_field(value, "updatedAt", str, ""),
         )
+        for name, entries in (("rounds", progress.rounds), ("sites", progress.sites.values())):
+            for entry in entries:
+                if not isinstance(entry, dict):
+                    raise ValueError(f"{name} entry {entry!r:.60} (not an object)")
+        return progress
+
+
+_REQUIRED = object()
+
+
+def _field(record: Mapping[str, Any], name: str, kind: type, default: Any = _REQUIRED) -> Any:
+    """record[name], which must be a `kind`; absent (or null, where the default is None) gives
+    `default`."""
+    value = record.get(name, default)
+    if value is _REQUIRED:
+        raise ValueError(f"no {name}")
+    if value is default:
+        return value
+    if not isinstance(value, kind) or (isinstance(value, bool) and kind is not bool):
+        expected = "an integer" if kind is int else _JSON_KINDS[kind]
+        raise ValueError(f"{name} {value!r:.60} (not {expected})")
+    return value
 
 
 # ---- the store ----------------------------------------------------------------------------
@@ -457,7 +508,8 @@ class RunProgress:
 _CHECKPOINT_PARTS = (
     "adapter.safetensors", "strategy.safetensors", "privacy.json", "metrics.json", "state.json",
 )
-_VERSION_DIR = re.compile(r"^adapters/v(\d+)/(.+)$")
+# The numbers publish_adapter writes: ASCII digits without a leading zero, short enough for int().
+_VERSION_DIR = re.compile(r"^adapters/v(0|[1-9][0-9]{0,17})/(.+)$")
 
 
 class FederationStore:
@@ -534,7 +586,7 @@ class FederationStore:
                 training_round, int(pointer["round"]), self.objects.key(pointer["manifest"]),
                 str(pointer["manifestSha256"]),
             )
-        except (KeyError, TypeError, ValueError) as err:
+        except (KeyError, TypeError, ValueError, OverflowError) as err:
             raise CorruptObject(
                 self.objects.key(key), "a pointer with round, manifest and manifestSha256",
                 f"{data[:200]!r}",
@@ -556,19 +608,21 @@ class FederationStore:
         directory = self.checkpoint_dir(training_round, pointer.round)
         parts: dict[str, bytes] = {}
         for name in _CHECKPOINT_PARTS:
-            entry = manifest.get("objects", {}).get(name)
-            if entry is None:
-                raise CorruptObject(
-                    self.objects.key(manifest_rel), f"an entry for {name}", "none"
-                )
-            parts[name] = _verified(self.objects, f"{directory}/{name}", entry["sha256"])
+            sha256 = _listed_sha256(self.objects, manifest_rel, manifest.get("objects"), name)
+            parts[name] = _verified(self.objects, f"{directory}/{name}", sha256)
         return Checkpoint(
             round=int(manifest["round"]),
-            adapter=safetensors.numpy.load(parts["adapter.safetensors"]),
-            strategy_state=safetensors.numpy.load(parts["strategy.safetensors"]),
-            privacy_state=json.loads(parts["privacy.json"]),
-            metrics=json.loads(parts["metrics.json"]),
-            server_state=json.loads(parts["state.json"]),
+            adapter=_parse_tensors(self.objects, f"{directory}/adapter.safetensors",
+                                   parts["adapter.safetensors"]),
+            strategy_state=_parse_tensors(self.objects, f"{directory}/strategy.safetensors",
+                                          parts["strategy.safetensors"]),
+            privacy_state=_parse_json(self.objects, f"{directory}/privacy.json",
+                                      parts["privacy.json"], "a DP ledger or null",
+                                      (dict, type(None))),
+            metrics=_parse_json(self.objects, f"{directory}/metrics.json", parts["metrics.json"],
+                                "a list of round metrics", list),
+            server_state=_parse_json(self.objects, f"{directory}/state.json", parts["state.json"],
+                                     "the server's state"),
         )
 
     # ---- adapter versions -----------------------------------------------------------------
@@ -668,17 +722,17 @@ class FederationStore:
         manifest = _parse_json(
             self.objects, f"{directory}/{MANIFEST}", manifest_data, "an adapter manifest"
         )
-        files = manifest.get("files", {})
         blobs = {}
         for name in (ADAPTER_WEIGHTS, ADAPTER_CONFIG):
-            if name not in files:
-                raise CorruptObject(
-                    self.objects.key(f"{directory}/{MANIFEST}"), f"an entry for {name}", "none"
-                )
-            blobs[name] = _verified(self.objects, f"{directory}/{name}", files[name]["sha256"])
+            sha256 = _listed_sha256(self.objects, f"{directory}/{MANIFEST}", manifest.get("files"),
+                                    name)
+            blobs[name] = _verified(self.objects, f"{directory}/{name}", sha256)
         return PublishedAdapter(
-            version, safetensors.numpy.load(blobs[ADAPTER_WEIGHTS]),
-            json.loads(blobs[ADAPTER_CONFIG]), manifest,
+            version, _parse_tensors(self.objects, f"{directory}/{ADAPTER_WEIGHTS}",
+                                    blobs[ADAPTER_WEIGHTS]),
+            _parse_json(self.objects, f"{directory}/{ADAPTER_CONFIG}", blobs[ADAPTER_CONFIG],
+                        "a PEFT adapter config"),
+            manifest,
         )
 
     # ---- progress -------------------------------------------------------------------------
@@ -699,4 +753,7 @@ class FederationStore:
         data = self.objects.get(key)
         if data is None:
             return None
-        return RunProgress.from_json(_parse_json(self.objects, key, data, "run progress JSON"))
+        try:
+            return RunProgress.from_json(_parse_json(self.objects, key, data, "run progress JSON"))
+        except ValueError as err:
+            raise CorruptObject(self.objects.key(key), "run progress JSON", str(err)) from err

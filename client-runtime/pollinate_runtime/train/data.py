@@ -114,7 +114,7 @@ def read_documents(path: str | Path,
     return documents
 
 
-def _lines(file: Path) -> Iterable[tuple[int, str]]:
+def _lines(file: Path, *, json_lines: bool = False) -> Iterable[tuple[int, str]]:
     raw = file.read_bytes()
     try:
         text = raw.decode("utf-8")
@@ -124,7 +124,9 @@ def _lines(file: Path) -> Iterable[tuple[int, str]]:
             f"{file}:{line}: expected UTF-8 text, got byte 0x{raw[exc.start]:02x} "
             "(is this a binary file?)"
         ) from None
-    return enumerate(text.splitlines(), start=1)
+    # JSON Lines end at "\n" alone: str.splitlines would also cut a record at U+2028, U+0085
+    # and other characters a JSON string may hold unescaped.
+    return enumerate(text.split("\n") if json_lines else text.splitlines(), start=1)
 
 
 def _read_text(file: Path) -> list[Document]:
@@ -152,7 +154,7 @@ def _json_kind(value: Any) -> str:
 
 def _read_jsonl(file: Path, tokenizer: PreTrainedTokenizerBase | None) -> list[Document]:
     documents: list[Document] = []
-    for number, line in _lines(file):
+    for number, line in _lines(file, json_lines=True):
         if not line.strip():
             continue
         where = f"{file}:{number}"
@@ -161,6 +163,9 @@ def _read_jsonl(file: Path, tokenizer: PreTrainedTokenizerBase | None) -> list[D
         except json.JSONDecodeError as exc:
             raise DataError(f"{where}: expected {_RECORD_SHAPE}, got invalid JSON "
                             f"({exc.msg} at column {exc.colno})") from None
+        except (ValueError, RecursionError) as exc:  # an int of > 4300 digits, deep nesting
+            raise DataError(f"{where}: expected {_RECORD_SHAPE}, got JSON Python cannot "
+                            f"read ({exc})") from None
         if not isinstance(record, dict):
             raise DataError(f"{where}: expected {_RECORD_SHAPE}, got {_json_kind(record)}")
         text = _record_text(record, where, tokenizer)
@@ -173,6 +178,11 @@ def _string_field(record: dict[str, Any], key: str, where: str) -> str:
     value = record[key]
     if not isinstance(value, str):
         raise DataError(f'{where}: expected "{key}" to be a string, got {_json_kind(value)}')
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError as exc:  # JSON's "\ud800" escapes decode to unpaired surrogates
+        raise DataError(f'{where}: expected "{key}" to be text, got \\u{ord(value[exc.start]):04x} '
+                        f"(half of a UTF-16 surrogate pair) at character {exc.start}") from None
     return value
 
 
@@ -190,7 +200,7 @@ def _record_text(record: dict[str, Any], where: str,
         output = _string_field(record, "output", where)
         prompt = f"{instruction}\n\n{extra}" if extra.strip() else instruction
         return render_instruction(prompt, output, tokenizer)
-    keys = ", ".join(f'"{k}"' for k in list(record)[:5]) or "none"
+    keys = ", ".join(f'"{k[:40]}"' for k in list(record)[:5]) or "none"
     raise DataError(f"{where}: expected {_RECORD_SHAPE}, got an object with keys {keys}")
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 
 from pollinate_runtime.store import FederationStore, ObjectStore, RetryPolicy, StoreError, s3_client
+from pydantic import ValidationError
 
 from ..api.federation import FederationSpec
 from ..api.traininground import RoundMetrics
@@ -43,6 +44,10 @@ def read_progress(fed: FederationSpec, federation: str, namespace: str,
         return None
     if progress is None:
         return None
-    metrics = tuple(RoundMetrics.from_stored(m) for m in progress.rounds)
+    try:
+        metrics = tuple(RoundMetrics.from_stored(m) for m in progress.rounds)
+    except ValidationError as err:
+        log.warning("run progress of %s has round metrics the API cannot hold: %s", training_round, err)
+        return None
     version = f"v{progress.adapter_version}" if progress.adapter_version else None
     return Progress(progress.round, metrics, version, progress.last_checkpoint)

@@ -110,7 +110,9 @@ def reconcile(name: str, namespace: str, body: kopf.Body, settings: Settings,
             control.stop_run(run_id)
             logger.info("stopped Flower run %s", run_id)
         if decision.submit_run and control and fed is not None:
-            run_id = control.start_run(run_config(name, namespace, spec, spec.federation, fed))
+            node_ids = {s.name: int(s.node_id) for s in (fed_status.sites if fed_status else [])
+                        if s.node_id and s.registered}
+            run_id = control.start_run(run_config(name, namespace, spec, spec.federation, fed, node_ids))
             status = status.model_copy(update={"run_id": str(run_id)})
             logger.info("submitted Flower run %s (%d rounds)", run_id, spec.rounds)
     finally:

@@ -13,8 +13,10 @@ def participating_sites(tr: TrainingRoundSpec, fed: FederationSpec) -> list[str]
 
 
 def run_config(
-    name: str, namespace: str, tr: TrainingRoundSpec, federation: str, fed: FederationSpec
+    name: str, namespace: str, tr: TrainingRoundSpec, federation: str, fed: FederationSpec,
+    node_ids: dict[str, int] | None = None,
 ) -> RunConfig:
+    """`node_ids`: the Flower node id of each registered site key (the Federation's status)."""
     s = tr.strategy
     sites = participating_sites(tr, fed)
     s3 = fed.storage.s3
@@ -42,6 +44,7 @@ def run_config(
         fraction_per_round=tr.fraction_per_round,
         round_timeout_seconds=float(tr.round_timeout_seconds),
         sites=tuple(sites),
+        site_nodes={site: node for site, node in (node_ids or {}).items() if site in sites},
         initial_adapter_version=tr.initial_adapter_version or "",
         local_epochs=local_epochs,
         local_max_steps=tr.local.max_steps or 0,

@@ -137,6 +137,15 @@ def test_run_config_carries_the_whole_training_round(
     assert type(config).from_flower(flat) == config
 
 
+def test_run_names_the_node_of_each_taking_part_site_only(
+        fed_spec: FederationSpec, tr_spec: TrainingRoundSpec) -> None:
+    nodes = {"hospital-a": 18446744073709551557, "hospital-b": 2, "alice-laptop": 3}
+    spec = TrainingRoundSpec.model_validate({**tr_spec.to_wire(), "sites": ["hospital-a", "alice-laptop"]})
+    config = run.run_config("r", "ns", spec, "f", fed_spec, nodes)
+    assert config.site_nodes == {"hospital-a": 18446744073709551557, "alice-laptop": 3}
+    assert type(config).from_flower(config.to_flower()).site_nodes == config.site_nodes
+
+
 @pytest.mark.parametrize(("strategy", "expected"), [
     ({"name": "fedprox", "mu": 0.1}, {"strategy": "fedprox", "fedprox_mu": 0.1}),
     ({"name": "fedadam", "serverLearningRate": 0.05}, {"strategy": "fedadam", "server_learning_rate": 0.05}),
