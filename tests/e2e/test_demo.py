@@ -70,6 +70,17 @@ def test_make_demo_trains_publishes_and_reports(demo) -> None:
     assert {"adapter_model.safetensors", "adapter_config.json", "manifest.json"} <= names
 
 
+def diagnostics(k: Kubectl, laptop: Site) -> str:
+    """The server's, hospital-a's and the laptop's last lines: the cluster and its logs are
+    removed when the module ends."""
+    parts = []
+    for what in ("deployment/clinical-notes-server", "job/notes-v2-hospital-a"):
+        out = k.run("logs", what, "--tail=40", check=False)
+        parts.append(f"--- kubectl logs {what}\n{out.stdout}{out.stderr}")
+    parts.append("--- laptop\n" + "\n".join(laptop.output().splitlines()[-40:]))
+    return "\n".join(parts)
+
+
 @dataclass
 class Endpoint:
     """What `Site.join` needs of a server: an address and the CA file."""
@@ -110,7 +121,7 @@ def test_a_laptop_joins_from_outside_with_tls_and_its_site_key(demo, tmp_path: P
             return st if st.get("phase") in ("Succeeded", "Failed") else None
 
         st = eventually(finished, timeout=1800, interval=3, what="notes-v2 finished")
-        assert st["phase"] == "Succeeded", st.get("conditions")
+        assert st["phase"] == "Succeeded", (st.get("conditions"), diagnostics(k, laptop))
         assert st["metrics"][-1]["participants"] == 2
         assert {s["name"]: s["state"] for s in st["sites"]}["alice-laptop"] == "External"
         assert st["adapterVersion"] == "v2"

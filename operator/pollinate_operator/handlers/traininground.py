@@ -67,6 +67,13 @@ def _find_run(control: FlowerControl, namespace: str, training_round: str) -> in
     return None
 
 
+def _registered_nodes(control: FlowerControl, fed: FederationSpec) -> dict[str, int]:
+    """Site name -> node id of the Federation's site keys the server has registered now."""
+    sites = {s.name for s in fed.sites}
+    return {n.name: int(n.node_id) for n in control.nodes()
+            if n.name in sites and n.status != "unregistered"}
+
+
 def reconcile(name: str, namespace: str, body: kopf.Body, settings: Settings,
               logger: logging.Logger) -> TrainingRoundStatus:
     spec = TrainingRoundSpec.model_validate(dict(body["spec"]))
@@ -78,6 +85,7 @@ def reconcile(name: str, namespace: str, body: kopf.Body, settings: Settings,
 
     run_id = int(previous.run_id) if previous.run_id else None
     run: plan.RunObserved | None = None
+    registered: dict[str, int] = {}
     reachable = False
     control: FlowerControl | None = None
     if fed is not None and (fed_ready or previous.run_id) and previous.phase not in plan.TERMINAL:
@@ -90,6 +98,8 @@ def reconcile(name: str, namespace: str, body: kopf.Body, settings: Settings,
                     run_id = _find_run(control, namespace, name)
                 state = control.get_run(run_id) if run_id is not None else None
                 run = plan.RunObserved(state.status, state.sub_status, state.details) if state else None
+                if run is None and fed.server.node_authentication:
+                    registered = _registered_nodes(control, fed)
                 reachable = True
             except FlowerUnavailable as err:
                 logger.info("Flower server not reachable: %s", err)
@@ -100,7 +110,7 @@ def reconcile(name: str, namespace: str, body: kopf.Body, settings: Settings,
     observed = plan.TrainingRoundObserved(
         now=dt.datetime.now(dt.UTC), generation=body.meta.get("generation", 0),
         federation=fed, federation_ready=fed_ready, jobs=observe_jobs(namespace, name),
-        run=run, server_reachable=reachable, progress=progress,
+        run=run, server_reachable=reachable, progress=progress, registered_nodes=registered,
         previous=previous.model_copy(update={"run_id": str(run_id) if run_id else None}),
     )
     decision = plan.decide(name, spec, observed)
@@ -110,9 +120,7 @@ def reconcile(name: str, namespace: str, body: kopf.Body, settings: Settings,
             control.stop_run(run_id)
             logger.info("stopped Flower run %s", run_id)
         if decision.submit_run and control and fed is not None:
-            node_ids = {s.name: int(s.node_id) for s in (fed_status.sites if fed_status else [])
-                        if s.node_id and s.registered}
-            run_id = control.start_run(run_config(name, namespace, spec, spec.federation, fed, node_ids))
+            run_id = control.start_run(run_config(name, namespace, spec, spec.federation, fed, registered))
             status = status.model_copy(update={"run_id": str(run_id)})
             logger.info("submitted Flower run %s (%d rounds)", run_id, spec.rounds)
     finally:

@@ -73,6 +73,10 @@ class TrainingRoundObserved:
     server_reachable: bool
     progress: Progress | None
     previous: TrainingRoundStatus = field(default_factory=TrainingRoundStatus)
+    # Site name -> node id of the keys the Flower server has registered now (with node
+    # authentication; empty without). A restarted server forgets them until the Federation
+    # registers them again, and a run must not be submitted naming nodes it does not have.
+    registered_nodes: dict[str, int] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
@@ -267,6 +271,13 @@ def decide(name: str, spec: TrainingRoundSpec, obs: TrainingRoundObserved) -> De
         conditions = set_condition(conditions, "SitesPending", False, "AllSitesAvailable", "", gen, now)
 
     submit = obs.server_reachable and (run is None)
+    unregistered = ([s for s in taking_part if s not in obs.registered_nodes]
+                    if fed.server.node_authentication else [])
+    if submit and unregistered:
+        submit = False  # the next pass, once the Federation has registered them again
+        conditions = set_condition(
+            conditions, "SitesPending", True, "KeysNotRegistered",
+            f"waiting for the server to register the keys of {', '.join(unregistered)}", gen, now)
     if submit and prev.run_id:
         events.append(Event("Warning", "RunResubmitted",
                             f"Flower run {prev.run_id} is gone (server restarted?); "

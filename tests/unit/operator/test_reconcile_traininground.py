@@ -27,7 +27,8 @@ def running_jobs(*sites: str, phase: str = "Running") -> dict[str, JobObserved]:
 
 def observe(fed: FederationSpec | None, **overrides) -> TrainingRoundObserved:
     values = dict(now=NOW, generation=1, federation=fed, federation_ready=True, jobs={},
-                  run=None, server_reachable=True, progress=None, previous=TrainingRoundStatus())
+                  run=None, server_reachable=True, progress=None, previous=TrainingRoundStatus(),
+                  registered_nodes={s: i for i, s in enumerate(SITES)})
     values.update(overrides)
     return TrainingRoundObserved(**values)
 
@@ -44,6 +45,16 @@ def test_missing_federation_keeps_the_round_pending_with_a_condition(tr_spec: Tr
     assert "spec.federation 'clinical-notes'" in cond.message
     assert not d.submit_run and not d.create_jobs
     assert reasons(d) == ["FederationNotFound"]
+
+
+def test_a_run_waits_until_the_server_has_registered_every_sites_key(fed_spec, tr_spec) -> None:
+    # A restarted server forgets the keys until the Federation registers them again: a run
+    # submitted before would name nodes the server does not have.
+    d = decide("notes-v1", tr_spec, observe(fed_spec, registered_nodes={"hospital-a": 1}))
+    assert not d.submit_run
+    cond = next(c for c in d.status.conditions if c.type == "SitesPending")
+    assert cond.reason == "KeysNotRegistered" and "hospital-b, clinic-c" in cond.message
+    assert "RunSubmitted" not in reasons(d)
 
 
 def test_site_not_in_federation_fails_naming_the_field(fed_spec, tr_spec) -> None:
