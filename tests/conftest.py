@@ -62,9 +62,11 @@ def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo):
     """A failing test that used the operator shows the operator's last log lines: in CI the
     log file is gone with the machine."""
     report = yield
-    op = getattr(item, "funcargs", {}).get("operator")
-    if report.failed and isinstance(op, OperatorProcess):
-        report.sections.append(("operator log (last 80 lines)", "\n".join(op.logs().splitlines()[-80:])))
+    if report.failed:
+        for op in getattr(item, "funcargs", {}).values():
+            if isinstance(op, OperatorProcess):
+                report.sections.append(("operator log (last 80 lines)",
+                                        "\n".join(op.logs().splitlines()[-80:])))
     return report
 
 

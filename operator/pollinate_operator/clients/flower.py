@@ -108,7 +108,12 @@ class FlowerControl:
         return [RunSummary(r.run_id, r.status.status, dict(r.override_config)) for r in runs]
 
     def stop_run(self, run_id: int) -> None:
-        self._call("StopRun", StopRunRequest(run_id=run_id))
+        try:
+            self._call("StopRun", StopRunRequest(run_id=run_id))
+        except Exception as err:
+            # The server refuses to stop a run that is finished or already stopping.
+            if "412" not in str(err):
+                raise
 
     def register_site(self, name: str, public_key_pem: bytes) -> str:
         request = RegisterNodeRequest(public_key=public_key_pem, name=name)

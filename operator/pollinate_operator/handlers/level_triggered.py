@@ -24,6 +24,10 @@ def reconcile_on_every_pass(plural: str, kind: str, reconcile: Reconcile, settin
 
     def handler(name: str, namespace: str, body: kopf.Body, patch: kopf.Patch,
                 memo: kopf.Memo, logger: logging.Logger, **_) -> None:
+        if body.meta.get("deletionTimestamp"):
+            # Being deleted: the deletion handler owns it now, and a status patch here would
+            # race kopf's removal of its finalizer.
+            return
         # The timer and the event handlers may fire together; passes must not interleave.
         lock = memo.setdefault("lock", threading.Lock())
         with lock, observe_reconcile(kind):

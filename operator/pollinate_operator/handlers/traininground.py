@@ -160,6 +160,10 @@ def stop_run_on_delete(name: str, namespace: str, body: kopf.Body, settings: Set
     try:
         with FlowerControl(flower_address(body["spec"]["federation"], namespace, settings),
                            tls.data["ca.crt"]) as control:
+            # Idempotent: a retried deletion, or a run that ended meanwhile, finds nothing to stop.
+            state = control.get_run(int(status.run_id))
+            if state is None or state.finished:
+                return
             control.stop_run(int(status.run_id))
             logger.info("stopped Flower run %s: its TrainingRound was deleted", status.run_id)
     except FlowerUnavailable as err:
