@@ -39,10 +39,21 @@ def demo(tmp_path_factory) -> Iterator[tuple[Testbed, Path]]:
                                env=env, stdout=out, stderr=subprocess.STDOUT, cwd=ROOT)
     bed = Testbed(state_dir=state, ports=Ports(**{k: v + int(OFFSET) for k, v in Ports().__dict__.items()}))
     try:
-        assert code == 0, log.read_text()[-4000:]
+        assert code == 0, log.read_text()[-4000:] + pod_logs(bed)
         yield bed, log
     finally:
         bed.down(quiet=True)
+
+
+def pod_logs(bed: Testbed) -> str:
+    """The last lines of every pod in the demo namespace: the cluster goes with the module."""
+    k = Kubectl(bed, "demo")
+    out = []
+    for pod in k.json("get", "pods")["items"]:
+        name = pod["metadata"]["name"]
+        logs = k.run("logs", name, "--tail=25", check=False)
+        out.append(f"\n--- {name}\n{logs.stdout}{logs.stderr}")
+    return "".join(out)
 
 
 def test_make_demo_trains_publishes_and_reports(demo) -> None:
@@ -129,3 +140,34 @@ def test_a_laptop_joins_from_outside_with_tls_and_its_site_key(demo, tmp_path: P
     finally:
         laptop.stop()
         proxy.stop()
+
+
+def test_a_deleted_server_pod_comes_back_and_the_run_resumes_from_its_checkpoint(demo) -> None:
+    bed, _ = demo
+    k = Kubectl(bed, "demo")
+    tr = yaml.safe_load((ROOT / "examples/traininground.yaml").read_text())
+    tr["metadata"]["name"] = "notes-v3"
+    tr["spec"]["rounds"] = 3
+    k.apply(yaml.safe_dump(tr))
+    selector = "app.kubernetes.io/instance=clinical-notes,app.kubernetes.io/component=server"
+
+    def status() -> dict:
+        return k.json("get", "traininground", "notes-v3").get("status", {})
+
+    eventually(lambda: status().get("round", 0) >= 1, timeout=1800, interval=3, what="notes-v3 round 1")
+    (old_pod,) = [p["metadata"]["name"] for p in k.json("get", "pods", "-l", selector)["items"]]
+    # The server's state (its runs and registered keys) lives in the pod: all of it goes.
+    k.run("delete", "pod", old_pod, "--wait=false")
+
+    def finished() -> dict | None:
+        st = status()
+        return st if st.get("phase") in ("Succeeded", "Failed") else None
+
+    st = eventually(finished, timeout=2400, interval=5, what="notes-v3 finished after the server restart")
+    assert st["phase"] == "Succeeded", st.get("conditions")
+    # Every round once: none lost with the server, none counted twice after the resume.
+    assert [m["round"] for m in st["metrics"]] == [0, 1, 2, 3]
+    new_pods = [p["metadata"]["name"] for p in k.json("get", "pods", "-l", selector)["items"]]
+    assert new_pods and old_pod not in new_pods
+    events = k.json("get", "events", "--field-selector", "involvedObject.name=notes-v3")["items"]
+    assert "RunResubmitted" in {e["reason"] for e in events}, [e["reason"] for e in events]

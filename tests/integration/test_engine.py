@@ -15,11 +15,12 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from flower_processes import FlowerServer, Site
+from flower_processes import FlowerServer, Site, free_port
 from pollinate_runtime.run_config import RunConfig
 from pollinate_runtime.store import FederationStore, RunProgress
 from pollinate_testbed import Testbed
 from pollinate_testbed.testing import eventually
+from tcp_proxy import TcpProxy
 from tiny_lm import docstring_corpus
 
 pytestmark = [pytest.mark.cluster, pytest.mark.slow, pytest.mark.timeout(1800)]
@@ -234,9 +235,58 @@ def test_site_killed_mid_round_is_left_out_at_the_timeout(
     p = progress(testbed, name)
     participants = {r["round"]: r["participants"] for r in p.rounds if r["round"] > 0}
     assert participants[1] == 2, participants  # closed at the timeout without site-c
-    # Not asserted: site-c back in a later round. Flower 1.41 refuses to activate the same
-    # site key again for minutes after its connection died (seen here; `join` retries for
-    # --rejoin-seconds), longer than this run lasts.
+
+
+def test_a_killed_site_that_comes_back_rejoins_the_same_run(
+        testbed: Testbed, server: FlowerServer, sites, tiny_model_dir: Path) -> None:
+    # Flower refuses the key while its dead connection still counts as online (about a
+    # minute of missed heartbeats); `join` retries meanwhile, and the server sends the round
+    # again to a node that is back before the round's deadline.
+    name = unique("rejoin")
+    victim = sites["site-c"]
+    seen = len(victim.output())
+    run_id = server.start_run(run_config(testbed, tiny_model_dir, name, rounds=3, min_sites=2,
+                                         round_timeout_seconds=400))
+    deadline = time.monotonic() + 300
+    while time.monotonic() < deadline and "round 1: training" not in victim.output()[seen:]:
+        time.sleep(0.2)
+    victim.kill()
+    time.sleep(2)
+    rejoined_at = len(victim.output())
+    victim.join(server)
+    state = server.wait_run(run_id, timeout=1200)
+    assert state.sub_status == "completed", state
+    participants = {r["round"]: r["participants"] for r in progress(testbed, name).rounds if r["round"] > 0}
+    assert participants == {1: 3, 2: 3, 3: 3}, participants
+    assert "round 1: done" in victim.output()[rejoined_at:]
+
+
+def test_s3_down_for_30_s_during_a_run_is_ridden_out(
+        testbed: Testbed, server: FlowerServer, sites, tiny_model_dir: Path) -> None:
+    s3_port = int(testbed.s3().endpoint.rsplit(":", 1)[1])
+    port = free_port()
+    proxy = TcpProxy(s3_port, port).start()
+    name = unique("s3-outage")
+    run_id = server.start_run(run_config(testbed, tiny_model_dir, name, rounds=3,
+                                         s3_endpoint=f"http://127.0.0.1:{port}"))
+    deadline = time.monotonic() + 300
+    while time.monotonic() < deadline:
+        p = store(testbed).read_progress(name)
+        if p and p.round >= 1:
+            break
+        time.sleep(0.2)
+    proxy.stop()  # the next round's checkpoint meets a dead endpoint
+    time.sleep(30)
+    proxy = TcpProxy(s3_port, port).start()
+    try:
+        state = server.wait_run(run_id, timeout=600)
+    finally:
+        proxy.stop()
+    assert state.sub_status == "completed", state
+    p = progress(testbed, name)
+    assert [r["round"] for r in p.rounds] == [0, 1, 2, 3]
+    checkpoint = store(testbed).load_checkpoint(name)  # the pointer names a whole checkpoint
+    assert checkpoint is not None and checkpoint.round == 3
 
 
 def test_central_privacy_reports_a_finite_growing_epsilon(

@@ -93,6 +93,9 @@ def write_report(folder: Path, name: str, status: dict[str, Any], rounds: list[d
         f"- bytes moved in all: {total_bytes:,} ({total_bytes / 2**20:.2f} MiB); only LoRA "
         "adapters travel, never data",
     ]
+    if failed := next((c for c in status.get("conditions", [])
+                       if c.get("type") == "Failed" and c.get("status") == "True"), None):
+        lines.append(f"- why it failed: {failed.get('reason')}: {failed.get('message')}")
     for key, value in extra.items():
         lines.append(f"- {key}: {value}")
     lines += [

@@ -102,6 +102,9 @@ def main(argv: list[str] | None = None) -> int:
             "wall time": f"{time.monotonic() - started:.0f} s",
         })
         say(f"{final.get('phase')}: report written to {report}")
+        for c in final.get("conditions", []):
+            if c.get("type") == "Failed" and c.get("status") == "True":
+                say(f"the run failed: {c.get('reason')}: {c.get('message')}")
         return 0 if final.get("phase") == "Succeeded" else 1
     finally:
         if args.keep:
