@@ -32,7 +32,13 @@ def reconcile_on_every_pass(plural: str, kind: str, reconcile: Reconcile, settin
         lock = memo.setdefault("lock", threading.Lock())
         with lock, observe_reconcile(kind):
             status = reconcile(name, namespace, body, settings, logger)
-        patch.status.update(status.to_wire())
+        wire = status.to_wire()
+        before = (body.get("status") or {}).get("phase")
+        if wire.get("phase") != before:
+            why = "; ".join(f"{c['type']}={c['status']} {c.get('reason', '')}: {c.get('message', '')}"
+                            for c in wire.get("conditions", []) if c.get("message"))
+            logger.info("phase %s -> %s%s", before, wire.get("phase"), f" ({why})" if why else "")
+        patch.status.update(wire)
 
     handler.__name__ = handler.__qualname__ = kind  # kopf's handler id
     for register in (
