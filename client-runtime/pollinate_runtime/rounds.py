@@ -12,7 +12,6 @@ strategies.
 from __future__ import annotations
 
 import hashlib
-import json
 import logging
 import math
 import random
@@ -30,7 +29,7 @@ from . import messages as m
 from .aggregation import Aggregator, make_aggregator
 from .privacy import CentralDP, PrivateAggregator
 from .run_config import RunConfig
-from .store import MANIFEST, Checkpoint, FederationStore, RunProgress, lora_adapter_config
+from .store import Checkpoint, CorruptObject, FederationStore, RunProgress, lora_adapter_config
 from .wire import (
     AdapterSpec,
     AdapterState,
@@ -434,8 +433,12 @@ class FederatedRun:
         # Only the small manifests are read: loading each version's weights to learn who
         # published it would move every adapter ever published at the end of every run.
         for version in sorted(self.store.adapter_versions(), reverse=True):
-            data = self.store.objects.get(f"adapters/v{version}/{MANIFEST}")
-            if data and json.loads(data).get("trainingRound") == self.config.training_round:
+            try:
+                manifest = self.store.adapter_manifest(version)
+            except CorruptObject as err:  # someone else's broken version must not stop this run
+                log.warning("skipping adapter version v%d: %s", version, err)
+                continue
+            if manifest and manifest.get("trainingRound") == self.config.training_round:
                 return version
         return None
 

@@ -131,7 +131,12 @@ def _parse(f: dataclasses.Field, key: str, raw: Any) -> Any:
     default = f.default if f.default is not dataclasses.MISSING else f.default_factory()  # type: ignore[misc]
     try:
         if isinstance(default, bool):
-            return raw if isinstance(raw, bool) else str(raw).lower() in ("1", "true", "yes")
+            if isinstance(raw, bool):
+                return raw
+            word = str(raw).lower()
+            if word not in ("1", "true", "yes", "0", "false", "no"):
+                raise ValueError(word)
+            return word in ("1", "true", "yes")
         if isinstance(default, int):
             return int(raw)
         if isinstance(default, float):

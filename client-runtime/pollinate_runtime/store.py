@@ -709,6 +709,13 @@ class FederationStore:
             dict(adapter_config), manifest,
         )
 
+    def adapter_manifest(self, version: int) -> dict[str, Any] | None:
+        """Only the manifest of version v<version> (None if it has none): who published it
+        and from what, without moving its weights."""
+        relative = f"adapters/v{version}/{MANIFEST}"
+        data = self.objects.get(relative)
+        return None if data is None else _parse_json(self.objects, relative, data, "an adapter manifest")
+
     def load_adapter(self, version: int) -> PublishedAdapter:
         """Version v<version>, its files verified against its manifest."""
         directory = f"adapters/v{version}"
