@@ -21,6 +21,7 @@ from common import REPO, headlines_of, parse_mode
 BENCHMARKS = (
     "aggregation",
     "wire_bytes",
+    "operator_scale",
 )
 
 
