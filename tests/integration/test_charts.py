@@ -63,9 +63,9 @@ NAMESPACED_RULES: dict[tuple[str, ...], set[str]] = {
     ("", "services"): {"create", "patch"},
     ("", "pods"): {"list"},
     ("", "events"): {"create"},
-    ("apps", "deployments"): {"create", "patch"},
+    ("apps", "deployments"): {"list", "watch", "create", "patch"},
     ("apps", "deployments/status"): {"get"},
-    ("batch", "jobs"): {"list", "create", "patch", "delete"},
+    ("batch", "jobs"): {"list", "watch", "create", "patch", "delete"},
     ("networking.k8s.io", "ingresses"): {"create", "patch"},
     ("networking.k8s.io", "networkpolicies"): {"create", "patch"},
 }

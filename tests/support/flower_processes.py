@@ -77,6 +77,8 @@ class FlowerServer(_Stoppable):
     home: Path
     env: dict[str, str]
     auth: bool = True
+    # The DNS names its certificate covers (pki adds IP 127.0.0.1, which Flower itself needs).
+    server_names: tuple[str, ...] = ("localhost",)
     port: int = field(default_factory=free_port)
     proc: subprocess.Popen | None = None
     ca: pki.CertificateAuthority = field(default_factory=lambda: pki.new_ca("test federation CA"))
@@ -96,7 +98,7 @@ class FlowerServer(_Stoppable):
     def start(self) -> None:
         self.home.mkdir(parents=True, exist_ok=True)
         if not self.ca_path.exists():
-            cert = pki.new_server_certificate(self.ca, ["localhost"])
+            cert = pki.new_server_certificate(self.ca, list(self.server_names))
             self.ca_path.write_bytes(self.ca.cert_pem)
             (self.home / "tls.crt").write_bytes(cert.cert_pem)
             (self.home / "tls.key").write_bytes(cert.key_pem)

@@ -82,17 +82,19 @@ tests/integration/test_charts.py asserts this exact set and runs the operator un
 - apiGroups: [""]
   resources: [events]
   verbs: [create]
-# The Flower server's Deployment, and its ready replicas (read through /status).
+# The Flower server's Deployment, and its ready replicas (read through /status); watched so
+# a change to it wakes its Federation's pass at once.
 - apiGroups: [apps]
   resources: [deployments]
-  verbs: [create, patch]
+  verbs: [list, watch, create, patch]
 - apiGroups: [apps]
   resources: [deployments/status]
   verbs: [get]
-# One client Job per in-cluster site and TrainingRound; deleted when a site is dropped.
+# One client Job per in-cluster site and TrainingRound; deleted when a site is dropped;
+# watched so a change to one wakes its TrainingRound's pass at once.
 - apiGroups: [batch]
   resources: [jobs]
-  verbs: [list, create, patch, delete]
+  verbs: [list, watch, create, patch, delete]
 # The server's Ingress (the fleet path only) and the NetworkPolicy around it.
 - apiGroups: [networking.k8s.io]
   resources: [ingresses, networkpolicies]

@@ -19,11 +19,15 @@ FIELD_MANAGER = "pollinate-operator"
 
 @functools.cache
 def api_client() -> kubernetes.client.ApiClient:
+    config = kubernetes.client.Configuration.get_default_copy()
     try:
-        kubernetes.config.load_incluster_config()
+        kubernetes.config.load_incluster_config(client_configuration=config)
     except kubernetes.config.ConfigException:
-        kubernetes.config.load_kube_config()
-    return kubernetes.client.ApiClient()
+        kubernetes.config.load_kube_config(client_configuration=config)
+    # As many pooled connections as kopf runs handler threads: a smaller pool discards and
+    # reopens connections under load.
+    config.connection_pool_maxsize = 32
+    return kubernetes.client.ApiClient(config)
 
 
 @functools.cache
@@ -106,6 +110,17 @@ def deployment_ready_replicas(namespace: str, name: str) -> int | None:
             return None
         raise
     return deployment.status.ready_replicas or 0
+
+
+def annotate_custom(plural: str, namespace: str, name: str, annotations: dict[str, str]) -> None:
+    """Merge `annotations` into a Pollinate object's metadata (a missing object is fine)."""
+    try:
+        custom().patch_namespaced_custom_object(
+            "pollinate.dev", "v1alpha1", namespace, plural, name,
+            {"metadata": {"annotations": annotations}})
+    except ApiException as err:
+        if not _absent(err):
+            raise
 
 
 def get_custom(plural: str, namespace: str, name: str) -> dict | None:

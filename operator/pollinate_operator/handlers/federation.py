@@ -14,7 +14,7 @@ from ..manifests import names, secrets, server
 from ..manifests.security import owner_reference
 from ..reconcile import federation as plan
 from ..settings import Settings
-from .level_triggered import reconcile_on_every_pass
+from .level_triggered import reconcile_on_every_pass, wake_owners_of
 
 
 def _owned(obj: dict, body: kopf.Body) -> dict:
@@ -142,3 +142,4 @@ def reconcile(name: str, namespace: str, body: kopf.Body, settings: Settings,
 
 def register(settings: Settings) -> None:
     reconcile_on_every_pass("federations", "federation", reconcile, settings)
+    wake_owners_of("apps", "v1", "deployments")

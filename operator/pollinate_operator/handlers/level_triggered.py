@@ -2,17 +2,27 @@
 
 from __future__ import annotations
 
+import datetime as dt
 import logging
 import threading
-from collections.abc import Callable
+import time
+from collections.abc import Callable, Mapping
+from typing import Any
 
 import kopf
 
 from ..api.base import ApiModel
+from ..clients import kube
+from ..manifests.names import MANAGED_BY
 from ..metrics import observe_reconcile
 from ..settings import Settings
 
 GROUP, VERSION = "pollinate.dev", "v1alpha1"
+# Set on a Federation or TrainingRound when one of its children changed: its next pass runs
+# now instead of at the next timer tick (a deleted Job is recreated in about a second).
+WAKE_ANNOTATION = f"{GROUP}/children-changed"
+PLURALS = {"Federation": "federations", "TrainingRound": "trainingrounds"}
+WAKE_AT_MOST_EVERY_SECONDS = 1.0
 
 Reconcile = Callable[[str, str, kopf.Body, Settings, logging.Logger], ApiModel]
 
@@ -45,7 +55,43 @@ def reconcile_on_every_pass(plural: str, kind: str, reconcile: Reconcile, settin
         kopf.timer(GROUP, VERSION, plural, interval=settings.resync_seconds,
                    initial_delay=settings.resync_seconds),
         kopf.on.update(GROUP, VERSION, plural, field="spec"),
+        kopf.on.update(GROUP, VERSION, plural, field=("metadata", "annotations", WAKE_ANNOTATION),
+                       id=f"{kind}-children-changed"),
         kopf.on.create(GROUP, VERSION, plural),
         kopf.on.resume(GROUP, VERSION, plural),
     ):
         register(handler)
+
+
+def owner_to_wake(child: Mapping[str, Any]) -> tuple[str, str, str] | None:
+    """(plural, namespace, name) of the Pollinate object that controls `child`, if any."""
+    meta = child.get("metadata") or {}
+    for ref in meta.get("ownerReferences") or []:
+        if ref.get("controller") and ref.get("apiVersion") == f"{GROUP}/{VERSION}" \
+                and ref.get("kind") in PLURALS:
+            return PLURALS[ref["kind"]], meta.get("namespace", ""), ref["name"]
+    return None
+
+
+def wake_owners_of(group: str, version: str, plural: str) -> None:
+    """When one of our children of this kind changes (deleted, its pods progress), wake its
+    owner's pass through an annotation; at most once a second per owner."""
+    last_woken: dict[tuple[str, str, str], float] = {}
+    lock = threading.Lock()
+
+    def child_changed(event: Mapping[str, Any], body: kopf.Body, logger: logging.Logger, **_) -> None:
+        if event.get("type") is None:  # kopf's initial listing: the owners' resume pass covers it
+            return
+        owner = owner_to_wake(body)
+        if owner is None:
+            return
+        now = time.monotonic()
+        with lock:
+            if now - last_woken.get(owner, float("-inf")) < WAKE_AT_MOST_EVERY_SECONDS:
+                return
+            last_woken[owner] = now
+        stamp = dt.datetime.now(dt.UTC).isoformat(timespec="milliseconds")
+        kube.annotate_custom(*owner, {WAKE_ANNOTATION: stamp})
+
+    child_changed.__name__ = child_changed.__qualname__ = f"{plural}-changed"
+    kopf.on.event(group, version, plural, labels=dict(MANAGED_BY))(child_changed)

@@ -1,0 +1,263 @@
+"""Who may join a federation, proven with real processes: a SuperLink with TLS and SuperNode
+authentication on loopback, and sites joined with `pollinate-client join` exactly as a laptop
+would. A site without the Federation's CA, or dialling a name the server's certificate does
+not cover, is stopped before anything leaves it; a key the server does not know is refused;
+a key unregistered while the site is connected ends its session within seconds, and a run in
+progress goes on without it."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import signal
+import subprocess
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+import yaml
+from flower_processes import BIN, FlowerServer, Site
+from pollinate_operator import pki
+from pollinate_operator.api.federation import FederationSpec
+from pollinate_operator.manifests import server as server_manifests
+from pollinate_runtime.cli import ACTIVATION_REFUSED, REVOKED
+from pollinate_runtime.run_config import RunConfig
+from pollinate_runtime.store import FederationStore, RunProgress
+from pollinate_testbed import Testbed
+from pollinate_testbed.testing import eventually
+from tiny_lm import docstring_corpus
+
+ROOT = Path(__file__).resolve().parents[2]
+# Names the test server's certificate covers: one DNS name (plus 127.0.0.1, which Flower's
+# own executor needs); `localhost` is deliberately not among them.
+SERVER_NAME = "fl.pollinate.test"
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory) -> Iterator[FlowerServer]:
+    """Authentication on, as the operator starts it; no S3: no run starts here."""
+    srv = FlowerServer(tmp_path_factory.mktemp("superlink"), env={}, server_names=(SERVER_NAME,))
+    srv.start()
+    yield srv
+    srv.stop()
+
+
+@pytest.fixture(scope="module")
+def notes(tmp_path_factory) -> Path:
+    folder = tmp_path_factory.mktemp("notes")
+    (folder / "notes.txt").write_text("\n\n".join(docstring_corpus(("textwrap",))) + "\n")
+    return folder
+
+
+def run_to_exit(argv: list[str], log: Path, env: dict[str, str], timeout: float = 120) -> tuple[int, str]:
+    """Run a site-side command to its end; its exit code and everything it printed. Output
+    goes to a file, not a pipe: Flower's SuperExec child would hold a pipe open. Whatever the
+    command started is killed afterwards."""
+    log.parent.mkdir(parents=True, exist_ok=True)
+    with open(log, "wb") as out:
+        proc = subprocess.Popen(argv, stdout=out, stderr=subprocess.STDOUT, start_new_session=True,
+                                env={**os.environ, "PATH": f"{BIN}{os.pathsep}{os.environ['PATH']}", **env})
+    try:
+        proc.wait(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        pytest.fail(f"{argv[0]} still running after {timeout} s:\n{log.read_text()[-4000:]}")
+    finally:
+        with contextlib.suppress(ProcessLookupError):  # what it started, if any outlived it
+            os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+    return proc.returncode, log.read_text(errors="replace")
+
+
+def join_until_exit(work: Path, *flags: str, timeout: float = 120) -> tuple[int, str]:
+    """`pollinate-client join`, without retrying a refused key, run to its end."""
+    argv = [str(BIN / "pollinate-client"), "join", "--device", "cpu", "--work-dir", str(work),
+            "--rejoin-seconds", "0", *flags]
+    return run_to_exit(argv, work / "join.log", {"HF_HUB_OFFLINE": "1"}, timeout)
+
+
+def error_line(output: str) -> str:
+    lines = [line for line in output.splitlines() if line.startswith("pollinate-client: error:")]
+    assert lines, f"no error line in:\n{output[-4000:]}"
+    return lines[-1]
+
+
+def online_sites(server: FlowerServer) -> set[str]:
+    with server.control() as control:
+        return {n.name for n in control.nodes() if n.status == "online"}
+
+
+# ---- TLS -----------------------------------------------------------------------------------
+def test_join_with_another_ca_stops_at_the_certificate_and_names_the_ca_flag(
+        server: FlowerServer, notes: Path, tmp_path: Path) -> None:
+    key, _ = server.register("site-other-ca", tmp_path / "keys")
+    other_ca = tmp_path / "other-ca.crt"
+    other_ca.write_bytes(pki.new_ca("someone else's CA").cert_pem)
+    started = time.monotonic()
+    code, output = join_until_exit(
+        tmp_path / "work", "--server", server.address, "--site", "site-other-ca",
+        "--data", str(notes), "--ca", str(other_ca), "--key", str(key))
+    error = error_line(output)
+    assert code == 2, output
+    assert "certificate problem" in error and f"not trusted by --ca {other_ca}" in error, error
+    assert "unable to get local issuer certificate" in error and "ca.crt" in error, error
+    assert time.monotonic() - started < 30  # the preflight, not Flower's retries
+    assert "site-other-ca" not in online_sites(server)
+
+
+def test_join_to_a_name_the_certificate_does_not_cover_names_the_names_it_does(
+        server: FlowerServer, notes: Path, tmp_path: Path) -> None:
+    key, _ = server.register("site-wrong-name", tmp_path / "keys")
+    code, output = join_until_exit(
+        tmp_path / "work", "--server", f"localhost:{server.port}", "--site", "site-wrong-name",
+        "--data", str(notes), "--ca", str(server.ca_path), "--key", str(key))
+    error = error_line(output)
+    assert code == 2, output
+    assert "certificate problem" in error and "not valid for 'localhost'" in error, error
+    assert SERVER_NAME in error and "127.0.0.1" in error and "--server" in error, error
+    assert "site-wrong-name" not in online_sites(server)
+
+
+def test_flower_itself_refuses_a_server_its_ca_does_not_sign(
+        server: FlowerServer, tmp_path: Path) -> None:
+    """Without Pollinate's preflight in front: TLS is enforced by the transport itself."""
+    key, _ = server.register("site-bare-supernode", tmp_path / "keys")
+    other_ca = tmp_path / "other-ca.crt"
+    other_ca.write_bytes(pki.new_ca("someone else's CA").cert_pem)
+    code, output = run_to_exit(
+        [str(BIN / "flower-supernode"), "--superlink", server.address, "--root-certificates",
+         str(other_ca), "--auth-supernode-private-key", str(key), "--max-retries", "0"],
+        tmp_path / "supernode.log", {"FLWR_HOME": str(tmp_path / "flwr")})
+    assert code != 0
+    assert "CERTIFICATE_VERIFY_FAILED" in output, output
+    assert "site-bare-supernode" not in online_sites(server)
+
+
+# ---- SuperNode authentication ----------------------------------------------------------------
+def test_a_federation_that_does_not_mention_node_authentication_requires_site_keys() -> None:
+    spec = yaml.safe_load((ROOT / "examples/federation.yaml").read_text())["spec"]
+    spec["server"].pop("nodeAuthentication", None)
+    args = server_manifests.superlink_args(FederationSpec.model_validate(spec), 9092)
+    assert "--enable-supernode-auth" in args  # what the `server` fixture runs with
+
+
+def test_a_key_the_server_does_not_know_is_refused(
+        server: FlowerServer, notes: Path, tmp_path: Path) -> None:
+    key = tmp_path / "site.key"
+    key.write_bytes(pki.new_site_key().private_openssh)
+    key.chmod(0o600)
+    code, output = join_until_exit(
+        tmp_path / "work", "--server", server.address, "--site", "site-unknown",
+        "--data", str(notes), "--ca", str(server.ca_path), "--key", str(key))
+    assert code == 2, output
+    assert ACTIVATION_REFUSED in error_line(output)
+    assert "not registered" in error_line(output) and "--key" in error_line(output)
+    assert "No SuperNode found with the given public key" in server.log.read_text()
+
+
+def test_a_site_without_a_key_is_refused(server: FlowerServer, notes: Path, tmp_path: Path) -> None:
+    code, output = join_until_exit(
+        tmp_path / "work", "--server", server.address, "--site", "site-keyless",
+        "--data", str(notes), "--ca", str(server.ca_path))
+    assert code == 2, output
+    assert "requires a registered site key: pass --key" in error_line(output)
+
+
+def test_unregistering_a_connected_site_ends_its_session_and_its_key_stays_refused(
+        server: FlowerServer, notes: Path, tmp_path: Path) -> None:
+    key, node_id = server.register("site-revoked", tmp_path / "keys")
+    site = Site("site-revoked", notes, tmp_path / "site", key)
+    site.join(server, "--rejoin-seconds", "0")
+    try:
+        eventually(lambda: "site-revoked" in online_sites(server), timeout=120, what="site online")
+        with server.control() as control:
+            control.unregister_site(node_id)
+        revoked = time.monotonic()
+        assert site.proc is not None
+        try:
+            site.proc.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            pytest.fail(f"join still running 60 s after its key was unregistered:\n{site.output()[-3000:]}")
+        ended_after = time.monotonic() - revoked
+        assert site.proc.returncode == 2, site.output()
+        assert REVOKED in error_line(site.output())
+        assert ended_after < 30, f"the revoked site stayed connected for {ended_after:.0f} s"
+        with server.control() as control:
+            (node,) = [n for n in control.nodes() if n.node_id == node_id]
+        assert node.status == "unregistered"
+    finally:
+        site.kill()
+    code, output = join_until_exit(
+        tmp_path / "again", "--server", server.address, "--site", "site-revoked",
+        "--data", str(notes), "--ca", str(server.ca_path), "--key", str(key))
+    assert code == 2 and ACTIVATION_REFUSED in error_line(output), output
+
+
+# ---- a revoked site during a run -------------------------------------------------------------
+SITE_TEXTS = {"site-a": ("pathlib", "shutil"), "site-b": ("datetime", "calendar"), "site-c": ("re", "string")}
+
+
+@pytest.fixture(scope="module")
+def run_server(testbed: Testbed, tmp_path_factory) -> Iterator[FlowerServer]:
+    s3 = testbed.s3()
+    srv = FlowerServer(tmp_path_factory.mktemp("run-superlink"),
+                       env={"AWS_ACCESS_KEY_ID": s3.access_key, "AWS_SECRET_ACCESS_KEY": s3.secret_key})
+    srv.start()
+    yield srv
+    srv.stop()
+
+
+def progress(testbed: Testbed, name: str) -> RunProgress | None:
+    s3 = testbed.s3()
+    os.environ.setdefault("AWS_ACCESS_KEY_ID", s3.access_key)
+    os.environ.setdefault("AWS_SECRET_ACCESS_KEY", s3.secret_key)
+    store = FederationStore.connect(s3.bucket, "security-tests", endpoint_url=s3.endpoint)
+    return store.read_progress(name)
+
+
+@pytest.mark.cluster
+@pytest.mark.slow
+@pytest.mark.timeout(1200)
+def test_a_site_revoked_during_a_run_takes_no_part_in_later_rounds(
+        testbed: Testbed, run_server: FlowerServer, tiny_model_dir: Path, tmp_path: Path) -> None:
+    sites: dict[str, Site] = {}
+    node_ids: dict[str, str] = {}
+    for site, modules in SITE_TEXTS.items():
+        (tmp_path / "data" / site).mkdir(parents=True)
+        (tmp_path / "data" / site / "notes.txt").write_text("\n\n".join(docstring_corpus(modules)))
+        key, node_ids[site] = run_server.register(site, tmp_path / "keys")
+        sites[site] = Site(site, tmp_path / "data" / site, tmp_path / site, key)
+        sites[site].join(run_server, "--rejoin-seconds", "0")
+    try:
+        eventually(lambda: set(SITE_TEXTS) <= online_sites(run_server), timeout=180, what="sites online")
+        s3 = testbed.s3()
+        name = f"revoked-{int(time.time() * 1000) % 10**9}"
+        run_id = run_server.start_run(RunConfig(
+            training_round=name, base_model=str(tiny_model_dir), lora_rank=4, lora_alpha=8.0,
+            lora_dropout=0.0, rounds=4, min_sites=2, local_max_steps=4, batch_size=4,
+            sequence_length=64, learning_rate=5e-3, round_timeout_seconds=120,
+            s3_bucket=s3.bucket, s3_prefix="security-tests", s3_endpoint=s3.endpoint,
+            sites=tuple(SITE_TEXTS), site_nodes={s: int(n) for s, n in node_ids.items()}))
+
+        def first_round_done() -> int | None:
+            p = progress(testbed, name)
+            return p.round if p and p.round >= 1 else None
+
+        revoked_after = eventually(first_round_done, timeout=600, interval=0.2, what="round 1 done")
+        with run_server.control() as control:
+            control.unregister_site(node_ids["site-c"])
+        state = run_server.wait_run(run_id, timeout=900)
+        assert (state.status, state.sub_status) == ("finished", "completed"), state
+        final = progress(testbed, name)
+        assert final is not None and final.phase == "Succeeded", final
+        trained = {r["round"]: set(r.get("examples", {})) for r in final.rounds if r["round"] > 0}
+        assert trained[1] == set(SITE_TEXTS), trained
+        # The round under way when the key was unregistered may have sent site-c its message
+        # (it then cannot answer: its session is gone); every round after it leaves site-c out.
+        later = {k: v for k, v in trained.items() if k > revoked_after + 1}
+        assert later and all(v == {"site-a", "site-b"} for v in later.values()), trained
+        assert sites["site-c"].proc is not None and sites["site-c"].proc.poll() == 2
+        assert REVOKED in error_line(sites["site-c"].output())
+    finally:
+        for joined in sites.values():
+            joined.stop()
