@@ -74,19 +74,6 @@ def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo):
 def tiny_model_dir() -> Path:
     """The tiny pretrained Llama of tests/support/tiny_lm.py as a Hugging Face folder, built
     once per machine (cached under ~/.cache/pollinate/models, keyed by its recipe)."""
-    import hashlib
+    from tiny_lm import cached_tiny_llama
 
-    recipe = ROOT / "tests/support/tiny_lm.py"
-    key = hashlib.sha256(recipe.read_bytes()).hexdigest()[:16]
-    cache = Path(os.environ.get("POLLINATE_CACHE", Path.home() / ".cache/pollinate"))
-    folder = cache / "models" / f"tiny-llama-{key}"
-    if not (folder / "config.json").exists():
-        from tiny_lm import BASE_MODULES, SITE_MODULES, build_tiny_llama, docstring_corpus, train_tokenizer
-
-        tmp = folder.with_name(folder.name + f".tmp{os.getpid()}")
-        base_texts = docstring_corpus(BASE_MODULES)
-        tokenizer = train_tokenizer(base_texts + docstring_corpus(SITE_MODULES))
-        build_tiny_llama(tokenizer, base_texts).save_pretrained(tmp)
-        tokenizer.save_pretrained(tmp)
-        tmp.rename(folder)
-    return folder
+    return cached_tiny_llama()

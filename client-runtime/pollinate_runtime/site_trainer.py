@@ -20,13 +20,16 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from multiprocessing.connection import Client, Listener
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from . import messages as m
 from .aggregation import truncate_to_rank
 from .run_config import RunConfig
+
+if TYPE_CHECKING:
+    from .train.local import LocalTrainingConfig
 
 log = logging.getLogger(__name__)
 
@@ -141,17 +144,11 @@ class SiteTrainer:
             return {"adapter": None, "metrics": metrics}
         if kind != "train":
             raise TrainerError(f"unknown request kind {kind!r}: expected init, train or evaluate")
-        from .train.local import LocalTrainingConfig, train_round
+        from .train.local import train_round
 
         round_number = int(request.get("round", 0))
         self.on_event("training", {"round": round_number})
-        local = LocalTrainingConfig(
-            epochs=config.local_epochs or 1, max_steps=config.local_max_steps or None,
-            batch_size=config.batch_size, learning_rate=config.learning_rate,
-            max_grad_norm=config.max_grad_norm, gradient_checkpointing=config.gradient_checkpointing,
-            fedprox_mu=config.fedprox_mu if config.strategy == "fedprox" else 0.0,
-            seed=round_number, transport_dtype=config.transport_dtype)
-        result = train_round(loaded.model, local_state, self._data, local)
+        result = train_round(loaded.model, local_state, self._data, local_config(config, round_number))
         metrics.update({
             m.NUM_EXAMPLES: float(result.num_examples),
             m.TRAIN_LOSS: result.train_loss,
@@ -234,6 +231,19 @@ class TrainerServer:
     def stop(self) -> None:
         self._stopped = True
         self._listener.close()
+
+
+def local_config(config: RunConfig, round_number: int, steps: int | None = None) -> LocalTrainingConfig:
+    """A site's local training for round `round_number` of the run `config` (seeded by the
+    round); `steps` overrides local.maxSteps (the learning-quality benchmark's other arms)."""
+    from .train.local import LocalTrainingConfig  # torch: only where training happens
+
+    return LocalTrainingConfig(
+        epochs=config.local_epochs or 1, max_steps=steps or config.local_max_steps or None,
+        batch_size=config.batch_size, learning_rate=config.learning_rate,
+        max_grad_norm=config.max_grad_norm, gradient_checkpointing=config.gradient_checkpointing,
+        fedprox_mu=config.fedprox_mu if config.strategy == "fedprox" else 0.0,
+        seed=round_number, transport_dtype=config.transport_dtype)
 
 
 def call_trainer(socket_path: str | Path, request: dict[str, Any]) -> dict[str, Any]:

@@ -4,8 +4,11 @@ Imported by conftest.py and by tests that need the constants."""
 
 from __future__ import annotations
 
+import hashlib
 import importlib
 import inspect
+import os
+from pathlib import Path
 
 import torch
 from pollinate_runtime.train.device import DeviceChoice
@@ -82,3 +85,19 @@ def build_tiny_llama(tokenizer, texts: list[str], seed: int = 0):
         optimizer.zero_grad()
     model.eval()
     return model
+
+
+def cached_tiny_llama() -> Path:
+    """The tiny Llama as a Hugging Face folder, built once per machine and cached under
+    ~/.cache/pollinate/models, keyed by this file (its recipe). Tests and benchmarks share it."""
+    key = hashlib.sha256(Path(__file__).read_bytes()).hexdigest()[:16]
+    cache = Path(os.environ.get("POLLINATE_CACHE", Path.home() / ".cache/pollinate"))
+    folder = cache / "models" / f"tiny-llama-{key}"
+    if not (folder / "config.json").exists():
+        tmp = folder.with_name(folder.name + f".tmp{os.getpid()}")
+        base_texts = docstring_corpus(BASE_MODULES)
+        tokenizer = train_tokenizer(base_texts + docstring_corpus(SITE_MODULES))
+        build_tiny_llama(tokenizer, base_texts).save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+        tmp.rename(folder)
+    return folder
