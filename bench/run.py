@@ -22,6 +22,8 @@ BENCHMARKS = (
     "aggregation",
     "wire_bytes",
     "operator_scale",
+    "round_overhead",
+    "learning_quality",
 )
 
 

@@ -18,6 +18,12 @@ app = ServerApp()
 @app.main()
 def main(grid: Grid, context: Context) -> None:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    # Flower forwards every log line of a ServerApp to the SuperLink as a request of its own:
+    # a line per HTTP call would be a fifth to a third of all the app's requests
+    # (bench/round_overhead.py). POLLINATE_LOG_HTTP=1 keeps them for debugging.
+    if os.environ.get("POLLINATE_LOG_HTTP") != "1":
+        for name in ("httpx", "httpcore"):
+            logging.getLogger(name).setLevel(logging.WARNING)
     # Flower captures a ServerApp's output into its own log stream; a file beside it survives
     # a crashed or killed server for whoever investigates.
     if path := os.environ.get("POLLINATE_SERVER_LOG"):
