@@ -346,9 +346,11 @@ def relay_output(lines: Iterable[str], tail: deque[str], verbose: bool,
                  supernode_exited: threading.Event) -> None:
     for line in lines:
         line = line.rstrip()
-        tail.append(line)
         if supernode_exited.is_set() and "Connection attempt failed" in line:
-            continue  # the orphaned SuperExec calling its gone SuperNode until it notices
+            # The orphaned SuperExec calling its gone SuperNode until it notices: kept out of
+            # the tail too, where it would push out the line that says why the SuperNode exited.
+            continue
+        tail.append(line)
         if verbose or "ERROR" in line or "WARN" in line:
             log.info("supernode: %s", line)
 
@@ -414,8 +416,10 @@ def build_parser() -> argparse.ArgumentParser:
     j.add_argument("--general-eval", help="general held-out text to measure forgetting on")
     j.add_argument("--work-dir", default=os.environ.get("POLLINATE_WORK_DIR", "~/.cache/pollinate/site"))
     j.add_argument("--max-retries", type=int, default=10, help="SuperNode reconnection attempts")
-    j.add_argument("--rejoin-seconds", type=float, default=120,
-                   help="how long to retry when the server refuses to activate this site")
+    j.add_argument("--rejoin-seconds", type=float, default=180,
+                   help="how long to retry when the server refuses to activate this site (its "
+                        "previous connection counts as online until its heartbeats lapse, "
+                        "about 1-2 minutes; an unknown key is refused the same way)")
     j.add_argument("--insecure", action="store_true", help="no TLS (local tests only)")
     j.add_argument("--verbose", action="store_true")
     e = sub.add_parser("eval", help="score an adapter version on local data")
