@@ -162,8 +162,11 @@ def test_malformed_updates_are_rejected_attributed_and_never_abort_a_round(
 
         eventually(all_online, timeout=120, what="hostile sites online")
         name = unique("hostile")
-        run_id = server.start_run(run_config(testbed, tiny_model_dir, name, rounds=2))
-        state = server.wait_run(run_id, timeout=600)
+        # Twelve sites, each message a fresh ClientApp process: on two busy cores a round
+        # takes minutes, not the 120 s the other tests allow.
+        run_id = server.start_run(run_config(testbed, tiny_model_dir, name, rounds=2,
+                                             round_timeout_seconds=400))
+        state = server.wait_run(run_id, timeout=1200)
         assert state.sub_status == "completed", state
         p = progress(testbed, name)
         for entry in (r for r in p.rounds if r["round"] > 0):
