@@ -95,7 +95,14 @@ class FlowerControl:
         return int(self._call("StartRun", request).run_id)
 
     def get_run(self, run_id: int) -> RunState | None:
-        response = self._call("ListRuns", ListRunsRequest(run_id=run_id))
+        """The run, or None when the server does not have it (a restarted server whose state
+        was lost answers 404 for it)."""
+        try:
+            response = self._call("ListRuns", ListRunsRequest(run_id=run_id))
+        except Exception as err:
+            if "404" in str(err):
+                return None
+            raise
         proto = response.run_dict.get(run_id)
         if proto is None:
             return None
