@@ -7,6 +7,7 @@ import base64
 import copy
 import json
 import textwrap
+import time
 from pathlib import Path
 
 import pytest
@@ -251,3 +252,26 @@ def test_operator_still_sees_changes_after_the_api_server_restarts(
     kubectl.apply(federation("second-federation"))  # an object it never saw
     eventually(lambda: kubectl.run("get", "deployment", "second-federation-server", check=False)
                .returncode == 0, timeout=120, what="a new Federation reconciled after the restart")
+
+
+def test_a_deleted_child_wakes_its_owner_without_waiting_for_the_resync(
+        ready_federation: str, operator, kubectl: Kubectl, tmp_path: Path) -> None:
+    # With the periodic pass an hour away, only the watch on the owner's children can bring a
+    # deleted server Deployment back: a broken wake-up fails this test instead of hiding
+    # behind the timer.
+    from operator_process import OperatorProcess
+
+    operator.stop()
+    slow = OperatorProcess(kubectl.bed, tmp_path / "slow-operator.log", {"POLLINATE_RESYNC_SECONDS": "3600"})
+    slow.start()
+    try:
+        time.sleep(15)  # started, and its resume pass over the existing objects done
+        uid = kubectl.json("get", "deployment", "clinical-notes-server")["metadata"]["uid"]
+        kubectl.run("delete", "deployment", "clinical-notes-server")
+        eventually(lambda: (r := kubectl.run("get", "deployment", "clinical-notes-server", "-o", "json",
+                                             check=False)).returncode == 0
+                   and json.loads(r.stdout)["metadata"]["uid"] != uid,
+                   timeout=120, what="Deployment recreated by a wake-up (resync an hour away)")
+    finally:
+        slow.stop()
+        operator.start()
