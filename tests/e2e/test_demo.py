@@ -1,5 +1,6 @@
 """The end-to-end path, for real: `make demo` (its driver, tools/demo/run.py) on a cluster whose
-pods really run, then a laptop joining from outside the cluster with TLS and its site key.
+pods really run, then a laptop joining from outside the cluster through the Ingress (the
+testbed's ingress controller), with TLS and its site key.
 
 Only the container runtime is replaced (the testbed's node agent); the manifests, scheduling,
 the Flower wire, S3 and the status are real."""
@@ -17,10 +18,10 @@ from pathlib import Path
 
 import pytest
 import yaml
-from flower_processes import Site, free_port
+from flower_processes import Site
 from pollinate_testbed import Ports, Testbed
+from pollinate_testbed.outside import OutsideHost
 from pollinate_testbed.testing import Kubectl, eventually
-from tcp_proxy import TcpProxy
 
 pytestmark = [pytest.mark.slow, pytest.mark.e2e, pytest.mark.timeout(3600)]
 
@@ -109,17 +110,24 @@ def test_a_laptop_joins_from_outside_with_tls_and_its_site_key(demo, tmp_path: P
     key.chmod(0o600)
     ca = tmp_path / "ca.crt"
     ca.write_bytes(base64.b64decode(secret["ca.crt"]))
-    service_ip = k.json("get", "service", "clinical-notes-server")["spec"]["clusterIP"]
-    # Stands in for the ingress controller the testbed does not have; TLS stays end to end.
-    proxy = TcpProxy(9092, free_port(), upstream_host=service_ip).start()
+    # Exactly what a user reads: the Federation's endpoint and the address its Ingress
+    # published, which the laptop's DNS (here its own hosts file) gives for the host.
+    endpoint = k.json("get", "federation", "clinical-notes")["status"]["endpoint"]
+    host = endpoint.rsplit(":", 1)[0]
+
+    def ingress_address() -> str | None:
+        lb = k.json("get", "ingress", "clinical-notes-server").get("status", {}).get("loadBalancer", {})
+        return (lb.get("ingress") or [{}])[0].get("ip")
+
+    address = eventually(ingress_address, timeout=60, what="the Ingress's published address")
     data = tmp_path / "notes"
     data.mkdir()
     from pollinate_runtime import corpora
     for f in corpora.site_corpus("fortunes-science", max_chars=20_000).iterdir():
         (data / f.name).write_bytes(f.read_bytes())
+    machine = OutsideHost(bed.network, {host: address}).start()
     laptop = Site("alice-laptop", data, tmp_path / "work", key)
-    # The server's certificate names localhost among its in-cluster names.
-    laptop.join(Endpoint(f"localhost:{proxy.port}", ca))  # type: ignore[arg-type]
+    laptop.join(Endpoint(endpoint, ca), on=machine.command)  # type: ignore[arg-type]
     try:
         tr = yaml.safe_load((ROOT / "examples/traininground.yaml").read_text())
         tr["metadata"]["name"] = "notes-v2"
@@ -137,9 +145,11 @@ def test_a_laptop_joins_from_outside_with_tls_and_its_site_key(demo, tmp_path: P
         assert {s["name"]: s["state"] for s in st["sites"]}["alice-laptop"] == "External"
         assert st["adapterVersion"] == "v2"
         assert "round 1: done" in laptop.output()
+        # Its requests went through the ingress controller (its access log names the laptop).
+        assert machine.address in (bed.log_dir / "ingress-controller.log").read_text()
     finally:
         laptop.stop()
-        proxy.stop()
+        machine.stop()
 
 
 def test_a_deleted_server_pod_comes_back_and_the_run_resumes_from_its_checkpoint(demo) -> None:

@@ -15,6 +15,8 @@ import ipaddress
 import json
 import os
 import re
+import subprocess
+import sys
 import textwrap
 import time
 import uuid
@@ -23,8 +25,9 @@ from dataclasses import asdict
 from pathlib import Path
 
 import pytest
-from pollinate_testbed import Ports, Testbed
+from pollinate_testbed import Ports, Testbed, pki
 from pollinate_testbed.execute_mode import IN_CLUSTER_S3_ENDPOINT
+from pollinate_testbed.outside import OutsideHost
 from pollinate_testbed.pod_network import HostNetwork
 from pollinate_testbed.pod_worker import container_log
 from pollinate_testbed.testing import Kubectl, eventually
@@ -393,6 +396,112 @@ def test_pod_reaches_s3_through_the_s3_service(bed: Testbed, kubectl: Kubectl) -
     assert pod["status"]["phase"] == "Succeeded", log_of(bed, pod, "main")
     body = bed.s3_client().get_object(Bucket=s3.bucket, Key=key)["Body"].read()
     assert body == b"written inside a pod"
+
+
+HTTPS_ECHO = """
+import http.server, ssl
+class Echo(http.server.BaseHTTPRequestHandler):
+    def do_GET(self):
+        body = f"echo {self.path}".encode()
+        self.send_response(200); self.send_header("Content-Length", str(len(body))); self.end_headers()
+        self.wfile.write(body)
+server = http.server.HTTPServer(("0.0.0.0", 8443), Echo)
+context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+context.load_cert_chain("/tls/tls.crt", "/tls/tls.key")
+server.socket = context.wrap_socket(server.socket, server_side=True)
+server.serve_forever()
+"""
+
+FETCH = """
+import sys, urllib.error, urllib.request, ssl
+context = ssl.create_default_context(cafile=sys.argv[1])
+try:
+    with urllib.request.urlopen(sys.argv[2], context=context, timeout=10) as r:
+        print(r.status, r.read().decode())
+except urllib.error.HTTPError as e:
+    print(e.code)
+"""
+
+
+def test_an_ingress_is_served_over_https_to_a_machine_outside_the_cluster(
+        bed: Testbed, kubectl: Kubectl, tmp_path: Path) -> None:
+    """The testbed's ingress controller (Traefik reading ingress-nginx annotations) serves an
+    Ingress of class nginx: TLS with the Ingress's Secret for its host, re-encrypted to an
+    HTTPS backend whose certificate it verifies against the CA named by the annotations, only
+    on the paths the Ingress lists, and the address in the Ingress's status is where a
+    laptop whose DNS knows the host reaches it."""
+    ns, host = kubectl.namespace, "echo.pollinate.localhost"
+    ca = pki.make_ca(tmp_path, "echo-ca")
+    cert = pki.issue(ca, tmp_path, "echo", "echo", server=True, dns_names=(host, f"echo.{ns}.svc"))
+    kubectl.run("create", "secret", "generic", "echo-tls", f"--from-file=tls.crt={cert.cert}",
+                f"--from-file=tls.key={cert.key}", f"--from-file=ca.crt={ca.cert}")
+    kubectl.apply(textwrap.dedent(f"""
+        apiVersion: apps/v1
+        kind: Deployment
+        metadata: {{name: echo}}
+        spec:
+          selector: {{matchLabels: {{app: echo}}}}
+          template:
+            metadata: {{labels: {{app: echo}}}}
+            spec:
+              containers:
+              - name: https
+                image: python:3.11-slim
+                command: [python3, -c, {json.dumps(HTTPS_ECHO)}]
+                ports: [{{name: https, containerPort: 8443}}]
+                readinessProbe: {{tcpSocket: {{port: https}}, periodSeconds: 1}}
+                volumeMounts: [{{name: tls, mountPath: /tls}}]
+              volumes: [{{name: tls, secret: {{secretName: echo-tls}}}}]
+        ---
+        apiVersion: v1
+        kind: Service
+        metadata: {{name: echo}}
+        spec:
+          selector: {{app: echo}}
+          ports: [{{name: https, port: 8443, targetPort: https}}]
+        ---
+        apiVersion: networking.k8s.io/v1
+        kind: Ingress
+        metadata:
+          name: echo
+          annotations:
+            nginx.ingress.kubernetes.io/backend-protocol: HTTPS
+            nginx.ingress.kubernetes.io/proxy-ssl-verify: "on"
+            nginx.ingress.kubernetes.io/proxy-ssl-secret: {ns}/echo-tls
+            nginx.ingress.kubernetes.io/proxy-ssl-name: echo.{ns}.svc
+        spec:
+          ingressClassName: nginx
+          tls: [{{hosts: [{host}], secretName: echo-tls}}]
+          rules:
+          - host: {host}
+            http:
+              paths:
+              - path: /v1/fleet
+                pathType: Prefix
+                backend: {{service: {{name: echo, port: {{number: 8443}}}}}}
+        """))
+
+    def published_address() -> str | None:
+        lb = kubectl.json("get", "ingress", "echo").get("status", {}).get("loadBalancer", {})
+        return (lb.get("ingress") or [{}])[0].get("ip")
+
+    address = eventually(published_address, timeout=60, what="the Ingress's address in its status")
+    assert address == bed.ingress_address
+
+    with OutsideHost(bed.network, {host: address}) as laptop:
+        def fetch(path: str) -> str:
+            argv = laptop.command([sys.executable, "-c", FETCH, str(ca.cert), f"https://{host}{path}"])
+            return subprocess.run(argv, capture_output=True, text=True, timeout=60).stdout.strip()
+
+        assert eventually(lambda: fetch("/v1/fleet/ping") == "200 echo /v1/fleet/ping" or None,
+                          timeout=60, what="the backend through the ingress")
+        assert fetch("/v1/control/runs") == "404"  # not a path of the Ingress
+
+        # The backend's certificate is verified: a name it does not carry is refused.
+        kubectl.run("annotate", "--overwrite", "ingress", "echo",
+                    "nginx.ingress.kubernetes.io/proxy-ssl-name=not-the-backend.example")
+        assert eventually(lambda: fetch("/v1/fleet/ping") in ("500", "502") or None, timeout=60,
+                          what="the ingress refusing a backend whose name does not match")
 
 
 def test_down_leaves_no_network_namespace_veth_or_process_behind(bed: Testbed, kubectl: Kubectl) -> None:

@@ -9,6 +9,7 @@ import socket
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -158,7 +159,9 @@ class Site(_Stoppable):
     def log(self) -> Path:
         return self.work / "join.log"
 
-    def join(self, server: FlowerServer, *extra: str) -> None:
+    def join(self, server: FlowerServer, *extra: str,
+             on: Callable[[list[str]], list[str]] | None = None) -> None:
+        """Start `pollinate-client join`; `on` runs it elsewhere (an OutsideHost's command)."""
         self.work.mkdir(parents=True, exist_ok=True)
         argv = [str(BIN / "pollinate-client"), "join", "--server", server.address, "--site", self.name,
                 "--data", str(self.data), "--ca", str(server.ca_path), "--work-dir", str(self.work),
@@ -168,8 +171,7 @@ class Site(_Stoppable):
         env = {**os.environ, "PATH": f"{BIN}{os.pathsep}{os.environ['PATH']}", "HF_HUB_OFFLINE": "1",
                # Two cores for four Python processes: keep torch from oversubscribing them.
                "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
-        self.proc = _spawn(argv, self.log, env)
-
+        self.proc = _spawn(on(argv) if on else argv, self.log, env)
 
     def output(self) -> str:
         return self.log.read_text(errors="replace") if self.log.exists() else ""

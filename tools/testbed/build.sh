@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Builds the local control plane (Kubernetes, etcd, kwok, helm, MinIO) from the Go module
+# Builds the local control plane (Kubernetes, etcd, kwok, helm, MinIO, Traefik) from the Go module
 # proxy and prints a bin directory holding all of them. Each binary is cached under
 # ~/.cache/pollinate/testbed/ keyed by its own inputs (go.mod, go.sum, flags, Go version),
 # so a second run, from any clone on this machine, only links what is already built.
@@ -45,6 +45,8 @@ h=helm.sh/helm/v3
 build helm helm $h/cmd/helm "" "-X $h/pkg/chartutil.k8sVersionMajor=1 -X $h/pkg/chartutil.k8sVersionMinor=$minor \
  -X $h/pkg/lint/rules.k8sVersionMajor=1 -X $h/pkg/lint/rules.k8sVersionMinor=$minor -X $h/internal/version.version=$HELM_VERSION"
 build minio minio github.com/minio/minio kqueue ""
+build traefik traefik github.com/traefik/traefik/v3/cmd/traefik "" \
+  "-X github.com/traefik/traefik/v3/pkg/version.Version=$(cd "$here/traefik" && go list -m -f '{{.Version}}' github.com/traefik/traefik/v3)"
 
 bin=$cache/bin-$(printf '%s\n' "${keys[@]}" | sha256sum | cut -c1-16)
 if [ ! -d "$bin" ]; then

@@ -121,9 +121,17 @@ def ingress(name: str, namespace: str, spec: FederationSpec, settings: Settings)
     ing = spec.server.ingress
     if ing is None:
         return None
+    svc = names.server(name)
     annotations = {
-        # Flower serves TLS itself; arrays travel in 5 MiB chunks; streams stay open.
+        # Flower serves TLS itself: the controller re-encrypts and verifies the server's
+        # certificate against the Federation's CA (ca.crt of the server's TLS Secret) under
+        # the Service's name, which that certificate carries.
         "nginx.ingress.kubernetes.io/backend-protocol": "HTTPS",
+        "nginx.ingress.kubernetes.io/proxy-ssl-secret": f"{namespace}/{tls_secret_name(name, spec)}",
+        "nginx.ingress.kubernetes.io/proxy-ssl-verify": "on",
+        "nginx.ingress.kubernetes.io/proxy-ssl-name": f"{svc}.{namespace}.svc",
+        "nginx.ingress.kubernetes.io/proxy-ssl-server-name": "on",
+        # Arrays travel in 5 MiB chunks; SuperNodes long-poll.
         "nginx.ingress.kubernetes.io/proxy-body-size": "64m",
         "nginx.ingress.kubernetes.io/proxy-read-timeout": "3600",
         "nginx.ingress.kubernetes.io/proxy-buffering": "off",
@@ -137,15 +145,13 @@ def ingress(name: str, namespace: str, spec: FederationSpec, settings: Settings)
             "labels": names.server_labels(name), "annotations": annotations,
         },
         "spec": {
-            "tls": [{"hosts": [ing.host],
-                     "secretName": ing.tls_secret or names.server_tls_secret(name)}],
+            "tls": [{"hosts": [ing.host], "secretName": ing.tls_secret or tls_secret_name(name, spec)}],
             "rules": [{
                 "host": ing.host,
                 "http": {"paths": [{
                     "path": FLEET_PATH,
                     "pathType": "Prefix",
-                    "backend": {"service": {
-                        "name": names.server(name), "port": {"number": settings.flower_port}}},
+                    "backend": {"service": {"name": svc, "port": {"number": settings.flower_port}}},
                 }]},
             }],
         },

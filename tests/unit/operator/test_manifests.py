@@ -58,6 +58,29 @@ def test_ingress_exposes_only_the_fleet_path_over_tls(fed_spec: FederationSpec) 
     assert ing["metadata"]["annotations"]["nginx.ingress.kubernetes.io/backend-protocol"] == "HTTPS"
 
 
+def test_ingress_verifies_the_servers_certificate_against_the_federations_ca(
+        fed_spec: FederationSpec) -> None:
+    ing = server.ingress("clinical-notes", "research", fed_spec, SETTINGS)
+    assert ing is not None
+    notes = ing["metadata"]["annotations"]
+    assert notes["nginx.ingress.kubernetes.io/proxy-ssl-verify"] == "on"
+    assert notes["nginx.ingress.kubernetes.io/proxy-ssl-secret"] == "research/clinical-notes-server-tls"
+    # The name it verifies is one the server certificate carries.
+    name = notes["nginx.ingress.kubernetes.io/proxy-ssl-name"]
+    assert name in server.tls_dns_names("clinical-notes", "research", fed_spec)
+
+
+def test_the_ingress_presents_the_users_server_certificate_when_there_is_one(
+        fed_spec: FederationSpec) -> None:
+    tls = fed_spec.server.tls.model_copy(update={"secret_name": "corp-issued"})
+    spec = fed_spec.model_copy(update={"server": fed_spec.server.model_copy(update={"tls": tls})})
+    ing = server.ingress("clinical-notes", "research", spec, SETTINGS)
+    assert ing is not None
+    assert ing["spec"]["tls"][0]["secretName"] == "corp-issued"
+    assert ing["metadata"]["annotations"]["nginx.ingress.kubernetes.io/proxy-ssl-secret"] == \
+        "research/corp-issued"
+
+
 def test_no_ingress_without_a_host(fed_spec: FederationSpec) -> None:
     spec = fed_spec.model_copy(update={"server": fed_spec.server.model_copy(update={"ingress": None})})
     assert server.ingress("x", "ns", spec, SETTINGS) is None

@@ -24,7 +24,7 @@ from pathlib import Path
 
 import yaml
 
-from . import execute_mode, pki
+from . import execute_mode, ingress_controller, pki
 from .nodes import cluster_nodes
 from .pod_network import HostNetwork, NetworkLock, NetworkPlan
 from .pod_runtime import HostMountpoints
@@ -46,6 +46,7 @@ class Ports:
     apiserver: int = 26443
     s3: int = 29000
     s3_console: int = 29001
+    ingress_ping: int = 29080  # the ingress controller's health; it serves HTTPS on <bridge>:443
 
     @classmethod
     def from_env(cls) -> Ports:
@@ -185,6 +186,9 @@ class Testbed:
             self._create_nodes()
         self._wait(self._default_service_account_exists, "default ServiceAccount", 60)
         self._wait(self._nodes_ready, "simulated nodes Ready", 60)
+        if self.executing:
+            self._start_ingress_controller()
+            self._wait(self._ingress_controller_ready, "ingress controller", 60)
         log(f"testbed up in {time.monotonic() - t0:.1f} s: KUBECONFIG={self.kubeconfig}")
 
     def down(self, quiet: bool = False) -> None:
@@ -345,6 +349,25 @@ class Testbed:
         docs = execute_mode.s3_service_manifests(self.network, self.ports.s3)
         self.kubectl("apply", "-f", "-", input="\n---\n".join(yaml.safe_dump(d) for d in docs))
 
+    def _start_ingress_controller(self) -> None:
+        """Traefik, authenticated as its own ServiceAccount (ingress_controller.py)."""
+        docs = ingress_controller.manifests()
+        self.kubectl("apply", "-f", "-", input="\n---\n".join(yaml.safe_dump(d) for d in docs))
+        token = self.kubectl("create", "token", ingress_controller.SERVICE_ACCOUNT,
+                             "-n", ingress_controller.NAMESPACE,
+                             f"--duration={ingress_controller.TOKEN_LIFETIME}").strip()
+        token_file = self.pki_dir / "ingress-controller.token"
+        token_file.write_text(token)
+        token_file.chmod(0o600)
+        self._spawn("ingress-controller", ingress_controller.command(
+            self.bin_dir / "traefik", self.server, self.pki_dir / "pollinate-testbed-ca.crt", token_file,
+            self.network, self.ports.ingress_ping))
+
+    @property
+    def ingress_address(self) -> str:
+        """Where Ingresses of class `nginx` are served (HTTPS, port 443) in execute mode."""
+        return self.network.gateway
+
     # ---- helpers ---------------------------------------------------------------------
     def s3_client(self):
         import boto3  # only needed once S3 is up; keeps `down` free of it
@@ -396,6 +419,13 @@ class Testbed:
             check=False,
         ).split()
         return len(out) == len(cluster_nodes()) and all(s == "True" for s in out)
+
+    def _ingress_controller_ready(self) -> bool:
+        try:
+            with urllib.request.urlopen(f"http://127.0.0.1:{self.ports.ingress_ping}/ping", timeout=2) as r:
+                return r.status == 200
+        except OSError:
+            return False
 
     def _wait(self, ready, what: str, timeout: float) -> None:
         deadline = time.monotonic() + timeout
