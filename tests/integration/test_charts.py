@@ -621,9 +621,11 @@ def test_operator_reconciles_under_nothing_but_the_namespaced_rbac(
         k.run("delete", "traininground", "notes-v1", "--timeout=60s")
         k.run("delete", "federation", "clinical-notes", "--timeout=60s")
     except AssertionError as failure:
-        refused = refusals(log_path.read_text(errors="replace"))
-        detail = "\n".join(refused[:10])
-        raise AssertionError(f"{failure}\nrefused under the chart's RBAC:\n{detail}") from failure
+        log = log_path.read_text(errors="replace")
+        detail = "\n".join(refusals(log)[:10])
+        tail = "\n".join(log.splitlines()[-60:])
+        raise AssertionError(f"{failure}\nrefused under the chart's RBAC:\n{detail}\n"
+                             f"--- operator log, last lines:\n{tail}") from failure
     finally:
         # Deleted while the operator still runs, so that its finalizers go with it; whatever
         # a failed run left behind loses them by force, or the namespace could never go.
