@@ -220,7 +220,7 @@ def why_notes(rows: list[dict[str, Any]], bandwidth: Bandwidth) -> list[str]:
         stages = ("decode", "widen", "scale", "accumulate")
         other = total - sum(p[f"{s}_ns"] for s in stages)
         share = ", ".join(f"{s} {p[f'{s}_ns']:.2f}" for s in stages)
-        proposal = p["proposal_decode_view_ns"] + p["proposal_take_ns"] + p["accumulate_ns"]
+        proposal = p["decode_ns"] + p["proposal_take_ns"] + p["accumulate_ns"]
         notes.append(
             f"weighted mean, {_case(r)} ({p['tensors_per_update']} tensors/update): "
             f"{total:.2f} ns/param against a floor of {floor_ns:.2f} (2 bytes at "
@@ -228,8 +228,7 @@ def why_notes(rows: list[dict[str, Any]], bandwidth: Bandwidth) -> list[str]:
             f"{max(other, 0):.2f}. The server's validate_update (norm, finiteness) adds "
             f"{p['validate_ns']:.2f}. Measured alternatives: a weighted 64Ki-entry lookup table "
             f"widens and scales in {p['proposal_take_ns']:.2f} (vs {p['widen_ns'] + p['scale_ns']:.2f}); "
-            f"a header-free npy view decodes in {p['proposal_decode_view_ns']:.3f} "
-            f"(vs {p['decode_ns']:.2f}); together about {proposal:.2f} ns/param.")
+            f"with it, about {proposal:.2f} ns/param.")
     flower = [r for r in rows if r["system"] == "flower" and r["strategy"] == WEIGHTED and "seconds" in r]
     ours = [r for r in rows if r["system"] == "pollinate" and r["strategy"] == WEIGHTED and "seconds" in r]
     if flower and ours:

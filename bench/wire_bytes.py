@@ -24,7 +24,7 @@ from common import Headline, load_average, parse_mode, print_notes, print_table,
 from fleet_wire import FleetLink, Tally, arrays_equal
 from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
 from pollinate_runtime import messages as m
-from pollinate_runtime.wire import from_record, to_record
+from pollinate_runtime.wire import LAYOUT, TENSORS, from_record, to_record
 
 NAME = "wire_bytes"
 OVERHEAD_TARGET = 0.01
@@ -72,34 +72,23 @@ def trained_adapter(shapes: dict[str, tuple[int, int]], seed: int,
 # ---- encodings ------------------------------------------------------------------------------
 
 
-def per_tensor(adapter: dict[str, np.ndarray], dtype: str) -> dict[str, Any]:
-    """Pollinate's format: one Flower Array per PEFT tensor (wire.to_record)."""
+def pollinate(adapter: dict[str, np.ndarray], dtype: str) -> dict[str, Any]:
+    """Pollinate's format (wire.to_record): every tensor in one Array, names and shapes in a
+    small compressed layout Array."""
     return {m.ARRAYS: to_record(adapter, dtype)}
 
 
-def packed(adapter: dict[str, np.ndarray], dtype: str) -> dict[str, Any]:
-    """A proposal, not Pollinate's format: every tensor in one flat Array, names and shapes in
-    a ConfigRecord, so Flower sends one Array and a few 5 MiB chunks instead of 2 objects per
-    tensor (each its own HTTP request)."""
-    names = list(adapter)
-    flat = np.concatenate([np.asarray(adapter[n], dtype=dtype).reshape(-1) for n in names])
-    shapes = [d for n in names for d in adapter[n].shape]
-    return {m.ARRAYS: ArrayRecord({"packed": Array(flat)}),
-            "layout": ConfigRecord({"names": names, "shapes": shapes, "ndims": [2] * len(names)})}
+def per_tensor(adapter: dict[str, np.ndarray], dtype: str) -> dict[str, Any]:
+    """Flower's usual ArrayRecord, the peer: one Array per tensor (np.save'd, float16/32 only),
+    so Flower sends 2 objects per tensor (an Array and its chunk), each its own HTTP request."""
+    return {m.ARRAYS: ArrayRecord({n: Array(np.asarray(v, dtype=dtype)) for n, v in adapter.items()})}
 
 
 def unpack(content: RecordDict) -> dict[str, np.ndarray]:
-    if "layout" not in content.config_records:
-        return from_record(content.array_records[m.ARRAYS])
-    layout = content.config_records["layout"]
-    flat = content.array_records[m.ARRAYS]["packed"].numpy()
-    out, offset = {}, 0
-    for i, name in enumerate(layout["names"]):
-        shape = tuple(layout["shapes"][2 * i: 2 * i + 2])
-        size = math.prod(shape)
-        out[name] = flat[offset: offset + size].reshape(shape)
-        offset += size
-    return out
+    record = content.array_records[m.ARRAYS]
+    if set(record.keys()) == {LAYOUT, TENSORS}:
+        return from_record(record)
+    return {n: a.numpy() for n, a in record.items()}
 
 
 # ---- one round ------------------------------------------------------------------------------
@@ -144,17 +133,17 @@ def one_round(link: FleetLink, round_: int, rank: int, shapes: dict[str, tuple[i
 
 
 def _payload(records: dict[str, Any]) -> int:
-    """Bytes of array data in the records (values plus each Array's own encoding header)."""
+    """Bytes of array data in the records (values, plus the layout or each Array's npy header)."""
     return sum(len(a.data) for r in records.values() if isinstance(r, ArrayRecord) for a in r.values())
 
 
+PEER = "float16, one Array per tensor (Flower's usual record)"
 VARIANTS = (
     # (label, transport dtype, encoding, round-1 adapter)
-    ("float16", "float16", per_tensor, False),
-    ("bfloat16", "bfloat16", per_tensor, False),
-    ("float32", "float32", per_tensor, False),
-    ("float16, round 1 (lora_B = 0)", "float16", per_tensor, True),
-    ("float16 packed (proposal)", "float16", packed, False),
+    ("float16", "float16", pollinate, False),
+    ("bfloat16", "bfloat16", pollinate, False),
+    ("float32", "float32", pollinate, False),
+    (PEER, "float16", per_tensor, False),
 )
 ITEMSIZE = {"float16": 2, "bfloat16": 2, "float32": 4}
 
@@ -185,7 +174,7 @@ def measure(model: BaseModel, ranks: tuple[int, ...]) -> tuple[list[dict[str, An
                 # Where the site's update grows on its way up, in bytes the site sends.
                 "upload_breakdown": {
                     "values": params * ITEMSIZE[dtype],
-                    "array_headers": r["up_payload"] - params * ITEMSIZE[dtype],
+                    "layout_or_array_headers": r["up_payload"] - params * ITEMSIZE[dtype],
                     "flower_objects_and_protobuf": up.protobuf_sent - r["up_payload"],
                     "http_request_heads": up.sent - up.protobuf_sent,
                 },
@@ -225,7 +214,7 @@ def headlines(rows: list[dict[str, Any]], model: BaseModel) -> list[Headline]:
                                 f"sent {r['sent_bytes']:,} B",
                                 f"{model.params:,} params x 2 = {model.params * 2:,} B",
                                 f"{r['fraction_of_base_model']:.2%}", "-", None))
-        elif r["variant"] in ("float32", "float16 packed (proposal)"):
+        elif r["variant"] in ("float32", PEER):
             out.append(Headline(NAME, case, measured, f"params x 2 = {r['params_x_2_bytes']:,} B",
                                 f"+{r['received_overhead']:.1%} / +{r['sent_overhead']:.1%}",
                                 "-", None))
@@ -241,20 +230,15 @@ def notes(rows: list[dict[str, Any]], idle: dict[str, Any]) -> list[str]:
         out.append(
             f"r={r['rank']} float16: {requests} HTTP requests per round ({r['download']['requests']} "
             f"to pull, {r['upload']['requests']} to push): Flower sends each object of the message "
-            f"tree in a request of its own, and Pollinate's records have two per tensor (an Array "
-            f"and its chunk; {r['tensors']} tensors). The {extra:,} bytes beyond the two adapters "
-            f"are {extra / requests:,.0f} per request: about {idle['http_request_head_bytes']} bytes "
+            f"tree in a request of its own; Pollinate's adapter is two Arrays whatever its "
+            f"{r['tensors']} tensors. The {extra:,} bytes beyond the two adapters are "
+            f"{extra / requests:,.0f} per request: about {idle['http_request_head_bytes']} bytes "
             "of request head (the ECDSA signature, public key and timestamp on every Fleet call), "
-            "the response head, the protobuf wrapper, and each tensor's 128-byte npy header. "
+            "the response head, the protobuf wrapper, and the compressed layout. "
             f"Flower's own traffic counter (object contents and message protobufs only) says "
             f"{r['flower_counter_down']:,} down and {r['flower_counter_up']:,} up. The upload: "
             + ", ".join(f"{k.replace('_', ' ')} {v:,}" for k, v in r["upload_breakdown"].items())
             + ".")
-    fresh = [r for r in rows if "round 1" in r["variant"]]
-    if fresh:
-        out.append("round 1: PEFT starts lora_B at zero, so every zero lora_B of one shape is the "
-                   "same Flower object, pulled once: the first download is "
-                   f"{-fresh[-1]['received_overhead']:.0%} below params x 2.")
     out.append(f"idle site: {idle['empty_pull_bytes']:,} bytes per empty pull (every "
                f"{SUPERNODE_IDLE_PULL_SECONDS:.0f} s) and {idle['heartbeat_bytes']:,} per heartbeat: "
                f"{idle['bytes_per_idle_minute']:,} bytes per idle minute.")

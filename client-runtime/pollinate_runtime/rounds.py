@@ -255,7 +255,11 @@ class FederatedRun:
             if record is None:
                 log.warning("site %s sent no initial adapter", reply.site)
                 return
-            adapter = {k: np.array(v, dtype=np.float32) for k, v in from_record(record).items()}
+            try:
+                adapter = {k: np.array(v, dtype=np.float32) for k, v in from_record(record).items()}
+            except UpdateRejected as err:
+                log.warning("site %s sent a malformed initial adapter: %s", reply.site, err)
+                return
             if not adapter or not all(np.isfinite(v).all() for v in adapter.values()):
                 log.warning("site %s sent an unusable initial adapter", reply.site)
                 return
