@@ -3,6 +3,8 @@
     python bench/run.py --quick             # minutes
     python bench/run.py                     # the full set (make bench)
     python bench/run.py --only wire_bytes   # some of them
+    python bench/run.py --from-results      # no run: summary.md from the JSONs already there
+    ... --readme                            # also put the summary into README.md
 
 A benchmark is a module in bench/ with NAME, run(mode, results_dir) -> result dict (its JSON,
 with "headlines"), and main(); adding one is adding its name to BENCHMARKS.
@@ -12,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import json
 import sys
 import traceback
 from typing import Any
@@ -27,9 +30,27 @@ BENCHMARKS = (
 )
 
 
-def _only(parser: argparse.ArgumentParser) -> None:
+README_BEGIN = "<!-- bench summary: begin (python bench/run.py --readme) -->"
+README_END = "<!-- bench summary: end -->"
+
+
+def _options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--only", nargs="+", choices=BENCHMARKS, metavar="NAME",
                         help=f"run only these ({', '.join(BENCHMARKS)})")
+    parser.add_argument("--from-results", action="store_true",
+                        help="run nothing: summarise the result JSONs already in --results-dir")
+    parser.add_argument("--readme", action="store_true",
+                        help="also replace the summary between the markers in README.md")
+
+
+def splice_readme(readme: str, summary: str) -> str:
+    """README text with `summary` between the bench markers (which must be there)."""
+    if README_BEGIN not in readme or README_END not in readme:
+        raise ValueError(f"README.md lacks the markers {README_BEGIN!r} and {README_END!r}")
+    head, rest = readme.split(README_BEGIN, 1)
+    _, tail = rest.split(README_END, 1)
+    body = summary.split("\n", 2)[2].strip()  # without the summary's own title
+    return f"{head}{README_BEGIN}\n{body}\n{README_END}{tail}"
 
 
 def _cell(text: str) -> str:
@@ -63,23 +84,36 @@ def summary_markdown(results: list[dict[str, Any]], failures: dict[str, str], co
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = parse_mode(__doc__.splitlines()[0], argv, extra=_only)
+    args = parse_mode(__doc__.splitlines()[0], argv, extra=_options)
     results, failures = [], {}
-    for name in args.only or BENCHMARKS:
-        print(f"\n=== {name} ({args.mode}) ===", flush=True)
-        try:
-            results.append(importlib.import_module(name).run(args.mode, args.results_dir))
-        except Exception as err:  # one broken benchmark must not hide the others' results
-            traceback.print_exc()
-            failures[name] = f"{type(err).__name__}: {err}"[:300]
+    names = args.only or BENCHMARKS
+    if args.from_results:
+        for name in names:
+            path = args.results_dir / f"{name}.json"
+            if path.exists():
+                results.append(json.loads(path.read_text()))
+        command = "each benchmark's own command (second table), from its JSON in bench/results/"
+    else:
+        for name in names:
+            print(f"\n=== {name} ({args.mode}) ===", flush=True)
+            try:
+                results.append(importlib.import_module(name).run(args.mode, args.results_dir))
+            except Exception as err:  # one broken benchmark must not hide the others' results
+                traceback.print_exc()
+                failures[name] = f"{type(err).__name__}: {err}"[:300]
+        command = "python bench/run.py" + ("" if args.mode == "full" else f" --{args.mode}")
+        if args.only:
+            command += " --only " + " ".join(args.only)
     summary = args.results_dir / "summary.md"
     summary.parent.mkdir(parents=True, exist_ok=True)
-    command = "python bench/run.py" + ("" if args.mode == "full" else f" --{args.mode}")
-    if args.only:
-        command += " --only " + " ".join(args.only)
-    summary.write_text(summary_markdown(results, failures, command))
+    text = summary_markdown(results, failures, command)
+    summary.write_text(text)
     shown = summary.relative_to(REPO) if summary.is_relative_to(REPO) else summary
     print(f"\nwrote {shown}")
+    if args.readme:
+        readme = REPO / "README.md"
+        readme.write_text(splice_readme(readme.read_text(), text))
+        print("updated README.md")
     return 1 if failures else 0
 
 

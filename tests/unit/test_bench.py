@@ -124,3 +124,25 @@ def test_run_writes_the_summary_table_from_each_benchmark(tmp_path: Path):
     assert "| wire_bytes | toy r=2" in summary
     assert "`python bench/wire_bytes.py --tiny`" in summary
     assert (tmp_path / "wire_bytes.json").exists()
+
+
+def test_the_summary_can_be_rebuilt_from_the_results_without_running_anything(tmp_path: Path):
+    run_bench("run.py", tmp_path, "--only", "wire_bytes")
+    (tmp_path / "summary.md").unlink()
+    proc = subprocess.run([sys.executable, str(REPO / "bench" / "run.py"), "--from-results",
+                           "--results-dir", str(tmp_path)], cwd=REPO, capture_output=True, text=True,
+                          timeout=60, check=False)
+    assert proc.returncode == 0, proc.stderr
+    assert "=== wire_bytes" not in proc.stdout  # nothing ran
+    summary = (tmp_path / "summary.md").read_text()
+    assert "| wire_bytes | toy r=2" in summary and "from its JSON" in summary
+
+
+def test_the_readme_takes_the_summary_between_its_markers():
+    sys.path.insert(0, str(REPO / "bench"))
+    from run import README_BEGIN, README_END, splice_readme
+
+    readme = f"intro\n{README_BEGIN}\nold table\n{README_END}\nafter\n"
+    out = splice_readme(readme, "# Benchmark results\n\nnew table\n")
+    assert out == f"intro\n{README_BEGIN}\nnew table\n{README_END}\nafter\n"
+    assert README_BEGIN in (REPO / "README.md").read_text()

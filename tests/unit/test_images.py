@@ -352,3 +352,15 @@ def test_server_image_packages_run_the_server_app_and_its_accountant_without_tor
         assert_no_module(venv, module)
     for command in ("flower-superlink", "flwr-serverapp"):
         assert (venv / "bin" / command).exists(), command
+
+
+def test_the_supernode_runs_with_a_short_superexec_poll_that_flower_reads(tmp_path: Path,
+                                                                         monkeypatch) -> None:
+    import flwr.supercore.superexec.run_superexec as superexec
+
+    knob = "FLWR_SUPEREXEC_TASK_POLL_INTERVAL"
+    monkeypatch.delenv(knob, raising=False)
+    assert float(cli.supernode_env(tmp_path)[knob]) <= 0.2
+    assert knob in Path(superexec.__file__).read_text()  # still the name Flower reads
+    monkeypatch.setenv(knob, "2")
+    assert cli.supernode_env(tmp_path)[knob] == "2"  # the user's own value wins

@@ -108,8 +108,8 @@ def main(argv: list[str] | None = None) -> int:
         return 0 if final.get("phase") == "Succeeded" else 1
     finally:
         if args.keep:
-            say(f"cluster left running: export KUBECONFIG={bed.kubeconfig}; "
-                "stop it with POLLINATE_TESTBED_DIR=.demo/testbed .venv/bin/pollinate-testbed down")
+            say(f"cluster left running: export KUBECONFIG={bed.kubeconfig}; stop it with "
+                f"POLLINATE_TESTBED_DIR={bed.state_dir} .venv/bin/pollinate-testbed down")
         else:
             bed.down(quiet=True)
 
