@@ -55,7 +55,12 @@ def test_ratios_and_targets_follow_from_the_perplexities(learning_quality: dict)
         assert ratios["federated_over_local_union"][site] == pytest.approx(fed / local)
     heads = learning_quality["headlines"]
     targeted = [h for h in heads if h["target"] != "-"]
-    assert len(targeted) == 2 and all(isinstance(h["met"], bool) for h in targeted)
-    central = next(h for h in targeted if "central" in h["case"])
+    assert len(targeted) == 3 and all(isinstance(h["met"], bool) for h in targeted)
+    central = next(h for h in targeted if "central" in h["case"] and "FedAdam" not in h["case"])
     assert central["met"] == (ratios["federated_over_central_union"] <= 1.05)
+    # The server-optimiser arm: FedAdam on the same sites and steps, judged by the same target.
+    fedadam = next(h for h in targeted if "FedAdam" in h["case"])
+    assert ratios["fedadam_over_central_union"] == pytest.approx(
+        ppl["federated, FedAdam"]["union"] / ppl["central"]["union"])
+    assert fedadam["met"] == (ratios["fedadam_over_central_union"] <= 1.05)
     assert learning_quality["notes"]
