@@ -96,7 +96,8 @@ def wire(tmp_path_factory: pytest.TempPathFactory) -> dict:
 def test_wire_bytes_counts_both_directions_for_every_transport(wire: dict):
     check_common_fields(wire, "wire_bytes")
     rounds = {r["variant"]: r for r in wire["rounds"]}
-    assert set(rounds) >= {"float16", "bfloat16", "float32", "float16 packed (proposal)"}
+    peer = "float16, one Array per tensor (Flower's usual record)"
+    assert set(rounds) >= {"float16", "bfloat16", "float32", peer}
     for r in rounds.values():
         assert r["received_bytes"] > 0 and r["sent_bytes"] > 0
         # The site's whole update goes up; the request carrying it cannot be smaller.
@@ -107,8 +108,10 @@ def test_wire_bytes_counts_both_directions_for_every_transport(wire: dict):
     fp16, fp32 = rounds["float16"], rounds["float32"]
     assert fp32["upload_breakdown"]["values"] == 2 * fp16["upload_breakdown"]["values"]
     assert fp32["upload"]["protobuf_sent"] > fp16["upload"]["protobuf_sent"]
-    # Flower sends each object in its own request: one Array in place of many is fewer requests.
-    assert rounds["float16 packed (proposal)"]["upload"]["requests"] < rounds["float16"]["upload"]["requests"]
+    # Flower sends each object in its own request: Pollinate's packed adapter (two Arrays)
+    # needs fewer than one Array per tensor, and its layout is a few bytes a tensor.
+    assert rounds["float16"]["upload"]["requests"] < rounds[peer]["upload"]["requests"]
+    assert fp16["upload_breakdown"]["layout_or_array_headers"] < 64 * fp16["tensors"]
 
 
 def test_wire_bytes_reports_idle_cost_and_the_one_percent_target(wire: dict):
