@@ -426,7 +426,7 @@ def notes(cases: list[dict[str, Any]], heads: list[Headline]) -> list[str]:
                     "1.41 and outside Pollinate's control: a SuperNode sleeps 3 s after an empty pull "
                     "(no setting), each message starts a new ClientApp process (1-1.6 s of imports on "
                     "an idle machine, flower-1.41-probe.md) and a reply is awaited in 0.5 s sleeps; "
-                    "every tensor is an object of its own, pulled and pushed in a request each. On a "
+                    "each object of a message (an adapter is two Arrays) is a signed request. On a "
                     "machine with a load average far above its cores (recorded per case) each of "
                     "these requests takes several times longer. Pollinate's own share, in the run recorded "
                     "in bench/results: its ServerApp logged each Runtime API call at INFO and Flower "
