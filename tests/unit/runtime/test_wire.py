@@ -183,13 +183,12 @@ def repacked(record: ArrayRecord, *, dtype: str | None = None, stype: str | None
              data: bytes | None = None, layout: bytes | None = None) -> ArrayRecord:
     """`record` with its values or layout Array replaced, as a hostile site could send it."""
     values = record[TENSORS]
-    out = ArrayRecord({
+    return ArrayRecord({
         LAYOUT: record[LAYOUT] if layout is None else Array(
             dtype="uint8", shape=(len(layout),), stype=LAYOUT_STYPE, data=layout),
         TENSORS: Array(dtype=dtype or values.dtype, shape=values.shape, stype=stype or values.stype,
                        data=values.data if data is None else data),
     })
-    return out
 
 
 @pytest.mark.parametrize("dtype", ["float64", "int32", "uint8"])
@@ -216,7 +215,7 @@ def test_values_of_another_width_than_declared_are_rejected(make_adapter):
 
 
 def test_truncated_values_are_rejected_as_malformed(make_adapter):
-    spec = AdapterSpec.from_template(make_adapter(), )
+    spec = AdapterSpec.from_template(make_adapter())
     record = to_record(make_adapter(), "bfloat16")
     err = rejection(repacked(record, data=record[TENSORS].data[:-2]), spec)
     assert err.reason is RejectReason.MALFORMED
@@ -252,13 +251,17 @@ def test_a_record_that_is_not_a_packed_adapter_is_rejected(make_adapter):
 
 
 def test_a_layout_describing_more_values_than_sent_is_rejected(make_adapter):
-    spec = AdapterSpec.from_template(make_adapter())
     record = to_record(make_adapter())
-    honest = json.loads(zlib.decompress(record[LAYOUT].data))
-    honest[0][1][0] += 1  # a rank one larger: still a valid shape for a rank-8 spec
+    layout = dict(json.loads(zlib.decompress(record[LAYOUT].data)))
+    # One LoRA pair a rank larger, A and B alike: valid shapes for a rank-8 spec, but the
+    # values carried are those of rank 4.
+    layout[Q_A][0] += 1
+    layout[Q_B][1] += 1
     spec = AdapterSpec.from_template(make_adapter(rank=8))
-    err = rejection(repacked(record, layout=zlib.compress(json.dumps(honest).encode())), spec)
-    assert err.reason in (RejectReason.MALFORMED, RejectReason.WRONG_SHAPE)
+    forged = zlib.compress(json.dumps([[n, shape] for n, shape in layout.items()]).encode())
+    err = rejection(repacked(record, layout=forged), spec)
+    assert err.reason is RejectReason.MALFORMED
+    assert "bytes" in err.message and "carry" in err.message
 
 
 @pytest.mark.parametrize("bad", [np.nan, np.inf, -np.inf])
