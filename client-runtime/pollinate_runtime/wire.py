@@ -400,12 +400,14 @@ def validate_update(
     _check_round(expected_round, reported_round)
     if isinstance(record_or_state, ArrayRecord):
         # Form, names, dtype and shapes are all read from the layout before any value is.
-        layout, values = _packed_parts(record_or_state) if len(record_or_state) else ([], None)
+        if len(record_or_state) == 0:
+            raise _empty(spec)
+        layout, values = _packed_parts(record_or_state)
         if not layout:
             raise _empty(spec)
         _check_names([n for n, _ in layout], spec)
         _check_shapes(dict(layout), spec)
-        state = _views(layout, values)  # type: ignore[arg-type]
+        state = _views(layout, values)
     else:
         if len(record_or_state) == 0:
             raise _empty(spec)

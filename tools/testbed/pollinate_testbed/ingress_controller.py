@@ -8,7 +8,7 @@ backing pods, honouring the ingress-nginx annotations (backend protocol, upstrea
 verification). It writes that address into each Ingress's status, where a user looks for it.
 
 A process outside the cluster reaches it the way a laptop reaches a real ingress: the
-Ingress's host name resolves to the status address (see `laptop_hosts_line`).
+Ingress's host name resolves to the status address (outside.py).
 """
 
 from __future__ import annotations
@@ -83,7 +83,3 @@ def command(traefik: Path, apiserver: str, ca_file: Path, token_file: Path, plan
         "--global.checknewversion=false", "--global.sendanonymoususage=false",
     ]
 
-
-def laptop_hosts_line(address: str, host: str) -> str:
-    """The line that makes an Ingress's host name lead to the controller: a laptop's DNS."""
-    return f"{address}\t{host}\n"
