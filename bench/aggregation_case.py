@@ -7,9 +7,10 @@ Both systems get the same kind of input: each site's fp16 update encoded by Poll
 must hold differs by design, and the case builds it that way:
 - Flower's strategies aggregate a list of every reply of the round (`Strategy.start` collects
   them all first), so all `sites` records are built, distinct in memory, before the timing.
-- Pollinate folds each reply into its accumulators as it is pulled and drops it, so it needs one
-  record at a time. The case cycles through a pool of distinct records of at least `pool_mib`
-  (far beyond the caches, so no update is read from cache) instead of building them all.
+- Pollinate folds replies into its accumulators in batches of at most FOLD_BATCH (and
+  FOLD_BATCH_BYTES) and drops them, so it needs one batch of records at a time. The case cycles
+  through a pool of distinct records of at least `pool_mib` (far beyond the caches, so no
+  update is read from cache) instead of building them all.
 """
 
 from __future__ import annotations
@@ -145,6 +146,16 @@ def relative_error(result: np.ndarray, reference: np.ndarray) -> float:
 # ---- the two systems ------------------------------------------------------------------------
 
 
+def held_by_design(spec: CaseSpec) -> int:
+    """Updates a Pollinate weighted-mean round holds at once: one batch (robust rules: one)."""
+    from pollinate_runtime.aggregation import FOLD_BATCH, FOLD_BATCH_BYTES
+
+    if spec.strategy != WEIGHTED:
+        return 1
+    by_bytes = math.ceil(FOLD_BATCH_BYTES / spec.update_bytes)
+    return min(spec.sites, FOLD_BATCH, by_bytes)
+
+
 def run_pollinate(spec: CaseSpec, source: UpdateSource) -> dict[str, Any]:
     from pollinate_runtime.aggregation import make_aggregator
     from pollinate_runtime.wire import from_record, to_record
@@ -154,6 +165,7 @@ def run_pollinate(spec: CaseSpec, source: UpdateSource) -> dict[str, Any]:
     weights = example_counts(spec.sites)
     global_adapter = {name: np.zeros(dims, np.float32) for name, dims in spec.shape.tensors()}
     aggregator = make_aggregator(spec.strategy, beta=spec.beta)
+    warm_up(spec.strategy)
 
     def aggregate() -> tuple[dict[str, np.ndarray], float, float]:
         start = time.perf_counter()
@@ -178,15 +190,25 @@ def run_pollinate(spec: CaseSpec, source: UpdateSource) -> dict[str, Any]:
         "add_seconds": add_seconds,
         "finish_seconds": finish_seconds,
         "pool_records": pool_size,
-        # The design holds one reply at a time: it is decoded in place (a view), folded, dropped.
-        "held_updates_mib": spec.update_bytes / (1 << 20),
+        # Replies are decoded in place (views) and dropped once folded: a batch is held at most.
+        "held_updates": held_by_design(spec),
+        "held_updates_mib": held_by_design(spec) * spec.update_bytes / (1 << 20),
         "work_mib": memory.added_mib,
         "work_anon_mib": memory.added_anon_mib,
         "rel_error": relative_error(result[first_name], reference),
     }
     if spec.profile and spec.strategy == WEIGHTED:
-        out["profile"] = profile_weighted_mean(pool[: min(pool_size, 10)], spec)
+        out["profile"] = profile_weighted_mean(pool[: min(pool_size, 16)], spec)
     return out
+
+
+def warm_up(strategy: str) -> None:
+    """One small round first, so that loading the compiled loops is not timed."""
+    from pollinate_runtime.aggregation import make_aggregator
+    from pollinate_runtime.wire import from_record, to_record
+
+    tiny = {"a.lora_A.weight": np.ones((2, 8), np.float32), "a.lora_B.weight": np.ones((8, 2), np.float32)}
+    make_aggregator(strategy).aggregate(tiny, [(from_record(to_record(tiny)), 1.0)] * 5)
 
 
 def run_flower(spec: CaseSpec, source: UpdateSource) -> dict[str, Any]:
@@ -243,53 +265,39 @@ def run_flower(spec: CaseSpec, source: UpdateSource) -> dict[str, Any]:
 
 
 def profile_weighted_mean(records: list, spec: CaseSpec) -> dict[str, float]:
-    """Time each stage of WeightedMean.add on its own, over the same blocks it visits, in ns per
-    parameter, plus two cheaper ways to do the expensive stages (measured, for the report)."""
+    """Each stage a reply goes through on the server, timed on its own in ns per parameter:
+    decoding the record (views), validating it (the norm and finiteness pass), and folding the
+    flat updates into accumulators a batch at a time."""
     from common import best_of
-    from pollinate_runtime.aggregation import BLOCK_ELEMENTS, _Float16Widener, as_rows, row_blocks
+    from pollinate_runtime import kernels
+    from pollinate_runtime.aggregation import FOLD_BATCH
     from pollinate_runtime.wire import AdapterSpec, from_record, validate_update
 
     n = len(records)
     per_param = 1e9 / (n * spec.shape.params)
-    adapters = [from_record(r) for r in records]
-    blocks = [src[rows] for a in adapters for v in a.values() for src in [as_rows(v)]
-              for rows in row_blocks(src.shape[0], src.shape[1], BLOCK_ELEMENTS)]
-    capacity = max(b.size for b in blocks)
-    widen = _Float16Widener(capacity)
-    scaled = np.zeros(capacity, np.float32)  # zeros: garbage could hold slow subnormals
-    sums = [np.zeros(b.shape, np.float32) for b in blocks[: len(blocks) // n]]
-    w = np.float32(123.0)
-    table = np.arange(1 << 16, dtype=np.uint32).astype(np.uint16).view(np.float16).astype(np.float32)
-    with np.errstate(invalid="ignore"):  # the NaN entries stay NaN
-        weighted_table = table * w
+    flats = [from_record(r).flat for r in records]
+    acc = np.zeros(spec.shape.params, np.float32)
+    batch = min(FOLD_BATCH, held_by_design(spec)) or 1
 
-    def scale_all() -> None:
-        for b in blocks:
-            np.multiply(scaled[: b.size], w, out=scaled[: b.size])
+    def fold_all() -> None:
+        for start in range(0, n, batch):
+            kernels.fold(acc, flats[start: start + batch], [1.0] * len(flats[start: start + batch]))
 
-    def accumulate_all() -> None:
-        for i, b in enumerate(blocks):
-            acc = sums[i % len(sums)]
-            np.add(acc, scaled[: b.size].reshape(b.shape), out=acc)
-
-    def take_all() -> None:
-        for b in blocks:
-            np.take(weighted_table, b.view(np.uint16), mode="clip", out=scaled[: b.size].reshape(b.shape))
+    def fold_one_at_a_time() -> None:
+        for flat in flats:
+            kernels.fold(acc, [flat], [1.0])
 
     template = {name: np.zeros(dims, np.float32) for name, dims in spec.shape.tensors()}
     adapter_spec = AdapterSpec.from_template(template)
     return {
         "sites_profiled": n,
         "tensors_per_update": len(template),
+        "batch": batch,
         "decode_ns": best_of(lambda: [from_record(r) for r in records], 2) * per_param,
-        "widen_ns": best_of(lambda: [widen(b) for b in blocks], 2) * per_param,
-        "scale_ns": best_of(scale_all, 2) * per_param,
-        "accumulate_ns": best_of(accumulate_all, 2) * per_param,
         "validate_ns": best_of(lambda: [validate_update(r, adapter_spec, max_norm=math.inf)
-                                        for r in records], 1) * per_param,
-        # A proposal: a table lookup through a per-site weighted 64Ki-entry fp32 table widens
-        # and scales in one pass.
-        "proposal_take_ns": best_of(take_all, 2) * per_param,
+                                        for r in records], 2) * per_param,
+        "fold_ns": best_of(fold_all, 2) * per_param,
+        "fold_unbatched_ns": best_of(fold_one_at_a_time, 2) * per_param,
     }
 
 

@@ -14,8 +14,10 @@ import threading
 from dataclasses import dataclass
 from pathlib import Path
 
+import numba
 import numpy as np
 from common import best_of
+from numba import njit, prange
 
 _STATUS = Path("/proc/self/status")
 _CLEAR_REFS = Path("/proc/self/clear_refs")
@@ -25,15 +27,32 @@ _CLEAR_REFS = Path("/proc/self/clear_refs")
 class Bandwidth:
     """Best-of-several streaming rates over arrays far larger than any cache, in GB/s."""
 
-    read: float        # bytes read per second (a reduction that does almost no arithmetic)
+    read: float        # bytes read per second by one core (a reduction doing almost no arithmetic)
     copy: float        # bytes copied per second, the issue's convention (STREAM's would be 2x)
     read_write: float  # bytes read plus bytes written per second while copying
     array_mib: int
     repeats: int
+    read_all_cores: float = 0.0  # the same reduction split over every core (`threads`)
+    threads: int = 1
+
+
+@njit(parallel=True, nogil=True, boundscheck=False)
+def _parallel_or(words):  # type: ignore[no-untyped-def]
+    block = 1 << 13
+    blocks = (words.size + block - 1) // block
+    partial = np.zeros(blocks, np.uint64)
+    for b in prange(blocks):
+        lo, hi = b * block, min(words.size, (b + 1) * block)
+        acc = np.uint64(0)
+        for i in range(lo, hi):
+            acc |= words[i]
+        partial[b] = acc
+    return partial
 
 
 def measure_bandwidth(array_mib: int = 512, repeats: int = 5) -> Bandwidth:
-    """Measure with numpy itself: the rate the aggregation code could reach at best."""
+    """Measure with numpy itself on one core, the rate numpy code could reach at best, and with a
+    compiled reduction on every core, the limit for Pollinate's compiled (multi-core) loops."""
     count = array_mib * (1 << 20) // 4
     src = np.ones(count, np.float32)  # touched: no page faults inside the timing
     dst = np.zeros_like(src)
@@ -41,9 +60,13 @@ def measure_bandwidth(array_mib: int = 512, repeats: int = 5) -> Bandwidth:
     copy = best_of(lambda: np.copyto(dst, src), repeats)
     # bitwise_or over integers: one cheap SIMD op per element, so it runs at read speed.
     read = best_of(lambda: np.bitwise_or.reduce(as_bits), repeats)
+    words = src.view(np.uint64)
+    _parallel_or(words[:1024])  # compile outside the timing
+    read_all = best_of(lambda: _parallel_or(words), repeats)
     nbytes = src.nbytes
     return Bandwidth(read=nbytes / read / 1e9, copy=nbytes / copy / 1e9,
-                     read_write=2 * nbytes / copy / 1e9, array_mib=array_mib, repeats=repeats)
+                     read_write=2 * nbytes / copy / 1e9, array_mib=array_mib, repeats=repeats,
+                     read_all_cores=nbytes / read_all / 1e9, threads=numba.get_num_threads())
 
 
 def _status_kib(*fields: str) -> dict[str, int]:

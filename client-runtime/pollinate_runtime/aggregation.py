@@ -6,19 +6,20 @@ its `ServerOptimizer` to the mean (plain replacement for FedAvg, FedProx and the
 Adam step on the pseudo-gradient for FedAdam). FedProx needs nothing here: its proximal term is
 applied by the sites, the server rule is FedAvg's.
 
-Memory. The weighted mean (FedAvg, FedProx, FedAdam) folds each update into float32
-accumulators and drops it, so peak memory is O(parameters), not O(sites x parameters). The
+Memory. The weighted mean (FedAvg, FedProx, FedAdam) folds updates into float32 accumulators
+and drops them; full-rank updates wait in a batch of at most FOLD_BATCH (and FOLD_BATCH_BYTES)
+to be folded in one pass. Peak memory is O(parameters), not O(sites x parameters). The
 robust rules (trimmed mean, coordinate-wise median) need every site's value per coordinate: each
 update is spilled, in the dtype it arrived in (float16 by default), to its own disk-backed numpy
-memmap as it arrives; `mean()` then reads the spills back one block of rows at a time into a
-(sites x block) float32 buffer. Process memory stays O(parameters + block x sites); the spill
-files live in the page cache, which the kernel can reclaim, and are deleted when the round ends.
+memmap as it arrives; `mean()` then reads the spills back a few rows at a time into a
+(sites x rows) float32 buffer of about one block in all (at least one row per site). Process
+memory stays O(parameters + max(block, sites x row)); the spill files live in the page cache,
+which the kernel can reclaim, and are deleted when the round ends.
 
-Speed. The hot loops are numpy ufuncs with `out=` over blocks of rows small enough to stay in
-cache: a float16 block is widened to float32 with integer bit operations (numpy's own float16
-cast is scalar and was the bottleneck), scaled by its weight, and added to its accumulator, so
-each element costs one read of the update and one read and write of its accumulator in memory.
-Updates must be finite (validate them first): the fast widening does not handle inf or NaN.
+Speed. The hot loops are compiled (`kernels`): float16 is widened by the CPU's own conversion
+instruction, and the weighted mean folds a batch of full-rank updates into each block of
+accumulators while that block sits in cache, so it moves little more than the updates' own bytes
+through memory (bench/aggregation.py measures it against the machine's read bandwidth).
 
 Mixed LoRA ranks. The global adapter has the largest rank r_max. A site with rank r < r_max
 trains the truncation of the global adapter (`truncate_to_rank`): the first r rows of every
@@ -54,10 +55,17 @@ from pathlib import Path
 
 import numpy as np
 
+from . import kernels
 from .wire import AdapterState, rank_axis
 
 # Elements per block: 64 Ki float32 = 256 KiB, small enough to stay in L2 cache.
 BLOCK_ELEMENTS = 1 << 16
+# Full-rank updates folded in one pass (see WeightedMean). Each pass reads and writes the float32
+# accumulators once (8 bytes a parameter) besides the updates' own 2: 16 updates a pass move
+# 40 bytes for 32 of input (measured: 85% of the read bandwidth of all cores; 8 a pass, 74%).
+# What waits is bounded by a count and by bytes, never by the number of sites.
+FOLD_BATCH = 16
+FOLD_BATCH_BYTES = 1 << 30
 
 STRATEGIES = ("fedavg", "fedprox", "fedadam", "trimmedmean", "median")
 
@@ -180,80 +188,69 @@ class RoundMean(ABC):
         self.close()
 
 
-class _Float16Widener:
-    """float16 -> float32 for finite values, about twice as fast as numpy's own cast.
+class WeightedMean(RoundMean):
+    """Example-weighted mean (FedAvg, FedProx, FedAdam), per rank slice, in float32.
 
-    numpy converts float16 one element at a time; this does it with eight vectorised integer
-    and float ufuncs on an in-cache block: move the 15 exponent-and-mantissa bits into float32
-    position, re-bias the exponent (exact for normal halves), and fix subnormal halves with
-    min(a, 2a - 2^-14), which touches no subnormal float32 (those run ~10x slower on x86).
-    Infinities and NaN come out wrong: callers pass validated, finite updates.
+    The accumulators are one flat float32 array in the global adapter's order. An update that
+    arrived packed in that same order and at full rank is one flat array too: it waits in a
+    batch of up to `batch` updates (at most `batch_bytes`), and the batch is folded in one pass
+    (`kernels.fold`). Other updates (lower ranks, other orders, bfloat16) fold tensor by tensor.
     """
 
-    def __init__(self, capacity: int) -> None:
-        self._bits = np.empty(capacity, np.int32)
-        self._sign = np.empty(capacity, np.int32)
-        self._twice = np.empty(capacity, np.float32)
-
-    def __call__(self, halves: np.ndarray) -> np.ndarray:
-        n, shape = halves.size, halves.shape
-        bits = self._bits[:n].reshape(shape)
-        sign = self._sign[:n].reshape(shape)
-        twice = self._twice[:n].reshape(shape)
-        values = bits.view(np.float32)
-        # int16 -> int32 sign-extends, so after the shift the half's sign bit is float32's.
-        np.left_shift(halves.view(np.int16), np.int32(13), out=bits, dtype=np.int32)
-        np.bitwise_and(bits, np.int32(-(1 << 31)), out=sign)
-        np.bitwise_and(bits, np.int32(0x0FFFE000), out=bits)
-        np.add(bits, np.int32(112 << 23), out=bits)
-        np.add(values, values, out=twice)
-        np.subtract(twice, np.float32(2.0**-14), out=twice)
-        np.minimum(values, twice, out=values)
-        np.bitwise_or(bits, sign, out=bits)
-        return values
-
-
-def widen_float16(values: np.ndarray) -> np.ndarray:
-    """A float32 copy of finite float16 `values` (see _Float16Widener)."""
-    flat = np.ascontiguousarray(values).reshape(-1)
-    return _Float16Widener(max(1, flat.size))(flat).copy().reshape(values.shape)
-
-
-class WeightedMean(RoundMean):
-    """Example-weighted mean (FedAvg, FedProx, FedAdam), per rank slice, in float32."""
-
     def __init__(
-        self, global_adapter: Mapping[str, np.ndarray], *, block_elements: int = BLOCK_ELEMENTS
+        self,
+        global_adapter: Mapping[str, np.ndarray],
+        *,
+        batch: int = FOLD_BATCH,
+        batch_bytes: int = FOLD_BATCH_BYTES,
     ) -> None:
         super().__init__(global_adapter)
-        self._sums = {n: np.zeros(v.shape, np.float32) for n, v in self.global_adapter.items()}
+        if batch < 1:
+            raise ValueError(f"batch {batch} must be at least 1")
+        self._names = list(self.global_adapter)
+        self._flat = np.zeros(sum(v.size for v in self.global_adapter.values()), np.float32)
+        self._sums: dict[str, np.ndarray] = {}
+        offset = 0
+        for name, values in self.global_adapter.items():
+            self._sums[name] = self._flat[offset: offset + values.size].reshape(values.shape)
+            offset += values.size
         self._weights = {n: np.zeros(c.shape, np.float64) for n, c in self._coverage.items()}
-        # A block is whole rows; a row longer than the block (a huge vocabulary) is one block.
-        longest_row = max(as_rows(v).shape[1] for v in self.global_adapter.values())
-        capacity = max(block_elements, longest_row)
-        self._block = block_elements
-        self._widen = _Float16Widener(capacity)
-        self._scaled = np.empty(capacity, np.float32)
+        self._batch, self._batch_bytes = batch, batch_bytes
+        self._pending: list[np.ndarray] = []
+        self._pending_weights: list[float] = []
+
+    def _whole(self, adapter: Mapping[str, np.ndarray]) -> np.ndarray | None:
+        """The update as one flat array in the accumulators' order, if it is one."""
+        flat = getattr(adapter, "flat", None)
+        if flat is None or flat.size != self._flat.size or list(adapter) != self._names:
+            return None
+        # add() checked no tensor is larger than the global one; equal totals make them equal.
+        return flat
 
     def _add(self, adapter: Mapping[str, np.ndarray], weight: float) -> None:
-        w32 = np.float32(weight)
+        flat = self._whole(adapter)
+        if flat is not None:
+            self._pending.append(flat)
+            self._pending_weights.append(weight)
+            held = sum(p.nbytes for p in self._pending)
+            if len(self._pending) >= self._batch or held >= self._batch_bytes:
+                self._fold_pending()
+        else:
+            for name, values in adapter.items():
+                region = self._sums[name][tuple(slice(0, d) for d in values.shape)]
+                kernels.fold_rows(as_rows(region), as_rows(values), weight)
         for name, values in adapter.items():
-            region = self._sums[name][tuple(slice(0, d) for d in values.shape)]
-            dst, src = as_rows(region), as_rows(np.ascontiguousarray(values))
-            for rows in row_blocks(src.shape[0], src.shape[1], self._block):
-                block = src[rows]
-                if block.dtype == np.float16:
-                    block = self._widen(block)
-                if weight != 1.0:
-                    scaled = self._scaled[: block.size].reshape(block.shape)
-                    np.multiply(block, w32, out=scaled, dtype=np.float32)
-                    block = scaled
-                np.add(dst[rows], block, out=dst[rows], dtype=np.float32)
             self._weights[name][: _slice_count(name, values.shape)] += weight
+
+    def _fold_pending(self) -> None:
+        if self._pending:
+            kernels.fold(self._flat, self._pending, self._pending_weights)
+            self._pending, self._pending_weights = [], []
 
     def mean(self) -> AdapterState:
         if self.sites == 0:
             raise ValueError("no site's update was added to this round")
+        self._fold_pending()
         for name, total in self._sums.items():
             weights = self._weights[name]
             inverse = np.zeros(weights.shape, np.float32)
@@ -268,6 +265,9 @@ class WeightedMean(RoundMean):
                 )
         means, self._sums = self._sums, {}
         return means
+
+    def close(self) -> None:
+        self._pending, self._pending_weights = [], []
 
 
 @dataclass
@@ -297,11 +297,6 @@ class _SpilledRound(RoundMean):
         self._cleanup = weakref.finalize(self, shutil.rmtree, self._dir, True)
         self._spilled: list[_SpilledSite] = []
         self._block = block_elements
-        longest_row = max(as_rows(v).shape[1] for v in self.global_adapter.values())
-        self._widen = _Float16Widener(max(block_elements, longest_row))
-
-    def _as_float32(self, values: np.ndarray) -> np.ndarray:
-        return self._widen(values) if values.dtype == np.float16 else values
 
     @property
     def spill_dir(self) -> Path:
@@ -347,7 +342,9 @@ class _SpilledRound(RoundMean):
         result = np.empty(global_values.shape, np.float32)
         out_rows = as_rows(result)
         rows, row_length = out_rows.shape
-        step = max(1, self._block // max(1, row_length))
+        # The (sites x rows x row) buffer holds about one block in all, whatever the sites.
+        per_site = max(1, self._block // len(self._spilled))
+        step = max(1, per_site // max(1, row_length))
         buffer = np.empty((len(self._spilled), min(step, rows), row_length), np.float32)
         site_rows = []
         for site in self._spilled:
@@ -355,20 +352,21 @@ class _SpilledRound(RoundMean):
             assert site.values is not None
             flat = site.values[offset : offset + math.prod(shape)]
             site_rows.append(as_rows(flat.reshape(shape)))
-        for block_rows in row_blocks(rows, row_length, self._block):
+        for block_rows in row_blocks(rows, row_length, per_site):
             height = block_rows.stop - block_rows.start
             block = buffer[:, :height]
             partial = False
             for s, values in enumerate(site_rows):
                 covered_rows = max(0, min(values.shape[0], block_rows.stop) - block_rows.start)
                 if covered_rows == height and values.shape[1] == row_length:
-                    block[s] = self._as_float32(values[block_rows])
+                    kernels.to_float32(values[block_rows], out=block[s])
                     continue
                 partial = True
                 block[s].fill(np.nan)
                 if covered_rows:
-                    block[s, :covered_rows, : values.shape[1]] = self._as_float32(
-                        values[block_rows.start : block_rows.start + covered_rows]
+                    kernels.to_float32(
+                        values[block_rows.start : block_rows.start + covered_rows],
+                        out=block[s, :covered_rows, : values.shape[1]],
                     )
             out = out_rows[block_rows]
             if partial:

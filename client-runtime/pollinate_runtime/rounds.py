@@ -80,7 +80,8 @@ def _site_eval(site: str, metrics: MetricRecord) -> SiteEval | None:
 
 @dataclass
 class Exchange:
-    replies: list[Reply] = field(default_factory=list)
+    # Replies are not kept: each goes to on_reply and is dropped, so the server never holds a
+    # whole round of updates.
     failed: dict[int, str] = field(default_factory=dict)  # node id -> why
     bytes_sent: int = 0
     bytes_received: int = 0
@@ -218,9 +219,7 @@ class FederatedRun:
                     out.failed[node] = f"site error: {config[m.ERROR]}"
                     continue
                 out.bytes_received += sum(payload_bytes(r) for r in reply.content.array_records.values())
-                wrapped = Reply(node, site, reply)
-                out.replies.append(wrapped)
-                on_reply(wrapped)
+                on_reply(Reply(node, site, reply))
             if away:
                 online = set(self.grid.get_node_ids())
                 if back := sorted(n for n in away if n in online):

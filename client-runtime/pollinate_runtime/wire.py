@@ -31,7 +31,17 @@ from enum import StrEnum
 import numpy as np
 from flwr.app import Array, ArrayRecord
 
+from . import kernels
+
 AdapterState = dict[str, np.ndarray]
+
+
+class PackedAdapter(dict[str, np.ndarray]):
+    """An AdapterState decoded from a packed record: its tensors are consecutive views of
+    `flat`, the received values in their wire dtype, in layout order (so a reader may take the
+    whole update as one array). `flat` is None when the tensors had to be widened (bfloat16)."""
+
+    flat: np.ndarray | None = None
 
 TRANSPORT_DTYPES = ("float16", "bfloat16", "float32")
 _FLOAT16_MAX = float(np.finfo(np.float16).max)
@@ -221,7 +231,7 @@ def _packed_parts(record: ArrayRecord) -> tuple[Layout, Array]:
     return layout, values
 
 
-def _views(layout: Layout, values: Array) -> AdapterState:
+def _views(layout: Layout, values: Array) -> PackedAdapter:
     """Each tensor as a read-only view of the received bytes (bfloat16 widened to float32)."""
     wire = np.dtype(_WIRE_DTYPES[values.dtype])
     count = sum(math.prod(shape) for _, shape in layout)
@@ -229,17 +239,19 @@ def _views(layout: Layout, values: Array) -> AdapterState:
         raise _malformed(f"the layout describes {count} values of {values.dtype} "
                          f"({count * wire.itemsize} bytes) but the tensors carry {len(values.data)} bytes")
     flat = np.frombuffer(values.data, dtype=wire)
-    out: AdapterState = {}
+    out = PackedAdapter()
     offset = 0
     for name, shape in layout:
         size = math.prod(shape)
         piece = flat[offset: offset + size].reshape(shape)
         out[name] = _bfloat16_bits_to_float32(piece) if values.dtype == "bfloat16" else piece
         offset += size
+    if values.dtype != "bfloat16":
+        out.flat = flat
     return out
 
 
-def from_record(record: ArrayRecord) -> AdapterState:
+def from_record(record: ArrayRecord) -> PackedAdapter:
     """A packed record back to an AdapterState (float16 stays float16, bfloat16 becomes float32);
     raises UpdateRejected if it is not a well-formed packed adapter."""
     return _views(*_packed_parts(record))
@@ -373,16 +385,6 @@ def _empty(spec: AdapterSpec) -> UpdateRejected:
     )
 
 
-def _sum_of_squares(values: np.ndarray) -> float:
-    flat = values.reshape(-1)
-    if flat.dtype != np.float32:
-        flat = flat.astype(np.float32)
-    # float32 dot products run on BLAS; float16 squares would overflow past 255. An overflow
-    # to inf is an answer here (the caller tells non-finite values from huge ones).
-    with np.errstate(over="ignore", invalid="ignore"):
-        return float(np.dot(flat, flat))
-
-
 def validate_update(
     record_or_state: ArrayRecord | Mapping[str, np.ndarray],
     spec: AdapterSpec,
@@ -420,9 +422,15 @@ def validate_update(
             state[name] = values.astype(np.float32) if values.dtype.name == "bfloat16" else values
         _check_shapes({n: tuple(v.shape) for n, v in state.items()}, spec)
 
+    if isinstance(state, PackedAdapter) and state.flat is not None:
+        # One pass over the whole update; the per-tensor pass below only runs to explain a
+        # rejection.
+        total = kernels.sum_of_squares(state.flat)
+        if math.isfinite(total) and math.sqrt(total) <= max_norm:
+            return state
     total, largest, largest_name = 0.0, -1.0, ""
     for name, values in state.items():
-        squares = _sum_of_squares(values)
+        squares = kernels.sum_of_squares(np.ascontiguousarray(values))
         if squares > largest:
             largest, largest_name = squares, name
         if not math.isfinite(squares):

@@ -72,7 +72,7 @@ def test_aggregation_cases_carry_rates_ratios_and_memory(aggregation: dict):
 def test_aggregation_profiles_where_the_weighted_mean_spends_its_time(aggregation: dict):
     profiled = [c for c in aggregation["cases"] if "profile" in c]
     assert profiled and all(c["strategy"] == "fedavg" and c["system"] == "pollinate" for c in profiled)
-    for stage in ("decode", "widen", "scale", "accumulate", "validate", "proposal_take"):
+    for stage in ("decode", "validate", "fold", "fold_unbatched"):
         assert profiled[0]["profile"][f"{stage}_ns"] > 0
     assert any("ns/param" in note for note in aggregation["notes"])
 

@@ -8,6 +8,7 @@ import tracemalloc
 import numpy as np
 import pytest
 from pollinate_runtime.aggregation import (
+    FOLD_BATCH,
     STRATEGIES,
     CoordinateMedian,
     FedAdam,
@@ -15,8 +16,8 @@ from pollinate_runtime.aggregation import (
     WeightedMean,
     make_aggregator,
     truncate_to_rank,
-    widen_float16,
 )
+from pollinate_runtime.wire import from_record, to_record
 
 A = "base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight"
 B = "base_model.model.model.layers.0.self_attn.q_proj.lora_B.weight"
@@ -39,13 +40,6 @@ def padded(updates, name, shape):
 
 
 # ---- helpers ------------------------------------------------------------------------------
-
-
-def test_float16_widening_is_exact_for_every_finite_half():
-    halves = np.arange(1 << 16, dtype=np.uint32).astype(np.uint16).view(np.float16)
-    finite = halves[np.isfinite(halves)]
-    widened = widen_float16(finite)
-    np.testing.assert_array_equal(widened.view(np.uint32), finite.astype(np.float32).view(np.uint32))
 
 
 def test_truncate_to_rank_keeps_first_rows_of_a_and_first_columns_of_b(make_adapter):
@@ -83,6 +77,45 @@ def test_weighted_mean_accumulates_in_float32_not_in_float16(make_adapter):
     result = make_aggregator("fedavg").aggregate(global_adapter, [(update, 1.0), (tiny, 1000.0)])
     expected = ((1.0 + 2.0**-10) + 1000 * 2.0**-10) / 1001
     np.testing.assert_allclose(result[A], expected, rtol=1e-6)
+
+
+@pytest.mark.parametrize("batch", [1, 3, 8])
+def test_packed_updates_fold_in_batches_to_the_same_mean(make_adapter, batch):
+    global_adapter = make_adapter(rank=8, seed=1)
+    updates = site_updates(make_adapter, 7, rank=8)
+    weights = [10.0, 1.0, 250.0, 3.0, 42.0, 7.0, 0.5]
+    round_mean = WeightedMean(global_adapter, batch=batch)
+    for update, weight in zip(updates, weights, strict=True):
+        packed = from_record(to_record(update))
+        assert packed.flat is not None
+        round_mean.add(packed, weight)
+    result = round_mean.mean()
+    w = np.array(weights) / sum(weights)
+    for name in global_adapter:
+        np.testing.assert_allclose(result[name], np.tensordot(w, stack(updates, name), axes=1),
+                                   rtol=1e-6, atol=1e-7)
+
+
+def test_packed_and_per_tensor_updates_mix_in_one_round(make_adapter):
+    global_adapter = make_adapter(rank=8, seed=1)
+    full = site_updates(make_adapter, 3, rank=8)
+    low = truncate_to_rank(make_adapter(rank=8, seed=9, dtype=np.float16), 2)
+    mixed = [from_record(to_record(full[0])), full[1], from_record(to_record(low)),
+             from_record(to_record(full[2], "float32"))]
+    result = make_aggregator("fedavg").aggregate(global_adapter, [(u, 1.0) for u in mixed])
+    reference = make_aggregator("fedavg").aggregate(
+        global_adapter, [(u, 1.0) for u in (full[0], full[1], low, full[2])])
+    for name in global_adapter:
+        np.testing.assert_allclose(result[name], reference[name], rtol=1e-6, atol=1e-7)
+
+
+def test_a_packed_update_in_another_tensor_order_is_still_matched_by_name(make_adapter):
+    global_adapter = make_adapter(seed=1)
+    update = make_adapter(seed=2)
+    reordered = from_record(to_record(dict(reversed(list(update.items())))))
+    result = make_aggregator("fedavg").aggregate(global_adapter, [(reordered, 2.0)])
+    for name in global_adapter:
+        np.testing.assert_allclose(result[name], update[name].astype(np.float32), rtol=1e-3)
 
 
 def test_fedprox_server_rule_is_fedavgs(make_adapter):
@@ -315,7 +348,8 @@ def test_an_abandoned_robust_round_removes_its_spill_files(make_adapter, tmp_pat
 # ---- memory -------------------------------------------------------------------------------
 
 
-def peak_traced_bytes(strategy: str, make_adapter, sites: int, tmp_path) -> tuple[int, int]:
+def peak_traced_bytes(strategy: str, make_adapter, sites: int, tmp_path,
+                      packed: bool = False) -> tuple[int, int]:
     """Peak numpy memory of one round whose updates arrive one at a time, and the adapter size."""
     shape = {"layers": 8, "rank": 16, "hidden": 512, "kv": 256}
     global_adapter = make_adapter(**shape)
@@ -325,7 +359,8 @@ def peak_traced_bytes(strategy: str, make_adapter, sites: int, tmp_path) -> tupl
     try:
         round_mean = aggregator.begin_round(global_adapter)
         for s in range(sites):
-            round_mean.add(make_adapter(dtype=np.float16, seed=s, **shape), 1.0)
+            update = make_adapter(dtype=np.float16, seed=s, **shape)
+            round_mean.add(from_record(to_record(update)) if packed else update, 1.0)
         aggregator.finish_round(round_mean)
         _, peak = tracemalloc.get_traced_memory()
     finally:
@@ -343,3 +378,12 @@ def test_peak_memory_of_a_round_does_not_grow_with_the_number_of_sites(
     # few float32 copies (accumulator, optimiser moments), one update, and ~1.5 MB of blocks.
     assert many < 20 * parameters
     assert many < few + 8 * parameters
+
+
+def test_packed_updates_waiting_to_be_folded_are_bounded_by_the_batch(make_adapter, tmp_path):
+    # Full-rank packed updates wait in a batch (FOLD_BATCH = 16) to be folded in one pass: the
+    # round holds at most a batch of them, so past the batch the peak stops growing.
+    batch, parameters = peak_traced_bytes("fedavg", make_adapter, FOLD_BATCH, tmp_path, packed=True)
+    many, _ = peak_traced_bytes("fedavg", make_adapter, 3 * FOLD_BATCH, tmp_path, packed=True)
+    assert many < batch + 2 * parameters
+    assert many < FOLD_BATCH * 2 * parameters + 20 * parameters
