@@ -533,8 +533,6 @@ def apply_all(objects: list[dict], workers: int = CLIENT_WORKERS) -> tuple[float
     request's seconds."""
     from pollinate_operator.clients import kube
 
-    for kind in {(o["apiVersion"], o["kind"]) for o in objects}:  # discovery, outside the timing
-        kube._dynamic().resources.get(api_version=kind[0], kind=kind[1])
     requests: list[float] = []
 
     def apply(body: dict) -> None:

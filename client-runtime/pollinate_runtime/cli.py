@@ -16,7 +16,6 @@ import argparse
 import logging
 import os
 import re
-import shutil
 import signal
 import socket
 import ssl
@@ -30,6 +29,7 @@ from pathlib import Path
 
 from . import __version__
 from .site_trainer import SiteOptions, SiteTrainer, TrainerServer
+from .supernode import DEFAULT_POLL_SECONDS, POLL_ENV
 
 log = logging.getLogger("pollinate.client")
 
@@ -95,6 +95,9 @@ def check_data(path: Path) -> None:
 def check_inputs(args: argparse.Namespace) -> tuple[str, int, Path | None]:
     """Every local input, cheapest first; returns the server's host and port and the CA."""
     host, port = parse_server(args.server)
+    if args.poll_seconds is not None and not 0 < args.poll_seconds <= 60:
+        raise JoinError(f"--poll-seconds {args.poll_seconds:g}: expected seconds in (0, 60], how "
+                        "often an idle site asks the server for work")
     check_file("--data", Path(args.data), "this site's private training data (a .jsonl or .txt "
                "file, or a folder of them)")
     ca = Path(args.ca) if args.ca else None
@@ -256,17 +259,21 @@ def join(args: argparse.Namespace) -> int:
     server.start()
     log.info("site %s joining %s:%d (pollinate %s)", args.site, host, port, __version__)
     try:
-        return run_site(args, supernode_command(args, host, port, ca, socket_path), supernode_env(work))
+        env = supernode_env(work)
+        if args.poll_seconds is not None:
+            env[POLL_ENV] = str(args.poll_seconds)
+        return run_site(args, supernode_command(args, host, port, ca, socket_path), env)
     finally:
         server.stop()
 
 
 def supernode_command(args: argparse.Namespace, host: str, port: int, ca: Path | None,
                       socket_path: Path) -> list[str]:
-    """Flower's SuperNode command line for this site: its trainer socket in the node config,
-    TLS with the Federation's CA (or --insecure), and the site key when it has one."""
+    """Flower's SuperNode command line for this site (paced: see supernode.py): its trainer
+    socket in the node config, TLS with the Federation's CA (or --insecure), and the site key
+    when it has one."""
     command = [
-        shutil.which("flower-supernode", path=str(Path(sys.executable).parent)) or "flower-supernode",
+        sys.executable, "-m", "pollinate_runtime.supernode",
         "--superlink", f"{host}:{port}",
         "--node-config", f'site="{args.site}" trainer-socket="{socket_path}"',
         "--port", str(free_port()),
@@ -421,6 +428,9 @@ def build_parser() -> argparse.ArgumentParser:
     j.add_argument("--general-eval", help="general held-out text to measure forgetting on")
     j.add_argument("--work-dir", default=os.environ.get("POLLINATE_WORK_DIR", "~/.cache/pollinate/site"))
     j.add_argument("--max-retries", type=int, default=10, help="SuperNode reconnection attempts")
+    j.add_argument("--poll-seconds", type=float, default=None,
+                   help=f"how often an idle site asks the server for work (default "
+                        f"{DEFAULT_POLL_SECONDS:g}, or {POLL_ENV}; Flower's own is 3)")
     j.add_argument("--rejoin-seconds", type=float, default=180,
                    help="how long to retry when the server refuses to activate this site (its "
                         "previous connection counts as online until its heartbeats lapse, "

@@ -242,7 +242,7 @@ class PrivateRound(RoundMean):
         self.clipped_sites += int(clipped.clipped)
         self.delta_norms.append(clipped.delta_norm)
 
-    def _add(self, adapter: Mapping[str, np.ndarray], weight: float) -> None:
+    def _add(self, adapter: Mapping[str, np.ndarray], weight: float, *, full: bool) -> None:
         raise NotImplementedError  # add() delegates to the inner round
 
     def coverage(self) -> dict[str, np.ndarray]:

@@ -31,17 +31,17 @@ from enum import StrEnum
 import numpy as np
 from flwr.app import Array, ArrayRecord
 
-from . import kernels
-
 AdapterState = dict[str, np.ndarray]
 
 
 class PackedAdapter(dict[str, np.ndarray]):
     """An AdapterState decoded from a packed record: its tensors are consecutive views of
-    `flat`, the received values in their wire dtype, in layout order (so a reader may take the
-    whole update as one array). `flat` is None when the tensors had to be widened (bfloat16)."""
+    `flat`, the received values in their wire dtype, in `layout` order ((name, shape) pairs), so
+    a reader may check the whole layout at once and take the update as one array. `flat` is None
+    when the tensors had to be widened (bfloat16)."""
 
     flat: np.ndarray | None = None
+    layout: tuple[tuple[str, tuple[int, ...]], ...] = ()
 
 TRANSPORT_DTYPES = ("float16", "bfloat16", "float32")
 _FLOAT16_MAX = float(np.finfo(np.float16).max)
@@ -248,6 +248,7 @@ def _views(layout: Layout, values: Array) -> PackedAdapter:
         offset += size
     if values.dtype != "bfloat16":
         out.flat = flat
+    out.layout = tuple(layout)
     return out
 
 
@@ -421,6 +422,10 @@ def validate_update(
             # bfloat16 only exists in numpy through ml_dtypes; widen it once here.
             state[name] = values.astype(np.float32) if values.dtype.name == "bfloat16" else values
         _check_shapes({n: tuple(v.shape) for n, v in state.items()}, spec)
+
+    # Imported here, not at the top: the operator reads stores through this module and has no
+    # use for the compiler behind the kernels.
+    from . import kernels
 
     if isinstance(state, PackedAdapter) and state.flat is not None:
         # One pass over the whole update; the per-tensor pass below only runs to explain a

@@ -238,8 +238,9 @@ def test_commands_of_generated_manifests_exist_in_their_images(fed_spec, tr_spec
                                  "clinical-notes-server.research.svc:9092")
         (container,) = job["spec"]["template"]["spec"]["containers"]
         assert container["image"] == fed_spec.client_image
-        # pollinate-client runs flower-supernode, which runs each message's `flwr-clientapp`.
-        spawned = {container["command"][0], "flower-supernode", "flwr-clientapp"}
+        # pollinate-client runs Flower's SuperNode (pollinate_runtime.supernode), which runs
+        # each message's `flwr-clientapp`.
+        spawned = {container["command"][0], "flwr-clientapp"}
         assert spawned <= console_scripts(client_packages)
 
 

@@ -8,13 +8,28 @@ from __future__ import annotations
 
 import base64
 import functools
+import json
 from dataclasses import dataclass
+from typing import Any
 
 import kubernetes
 from kubernetes.client.rest import ApiException
-from kubernetes.dynamic import DynamicClient
 
 FIELD_MANAGER = "pollinate-operator"
+
+# The kinds the operator writes, by (apiVersion, kind): their plural in the REST path. A fixed
+# table instead of the dynamic client's discovery, which fetched and kept every API group of
+# the cluster (memory, and seconds at start) to find these seven.
+PLURALS: dict[tuple[str, str], str] = {
+    ("v1", "Secret"): "secrets",
+    ("v1", "Service"): "services",
+    ("apps/v1", "Deployment"): "deployments",
+    ("batch/v1", "Job"): "jobs",
+    ("networking.k8s.io/v1", "Ingress"): "ingresses",
+    ("networking.k8s.io/v1", "NetworkPolicy"): "networkpolicies",
+    ("pollinate.dev/v1alpha1", "Federation"): "federations",
+    ("pollinate.dev/v1alpha1", "TrainingRound"): "trainingrounds",
+}
 
 
 @functools.cache
@@ -28,11 +43,6 @@ def api_client() -> kubernetes.client.ApiClient:
     # reopens connections under load.
     config.connection_pool_maxsize = 32
     return kubernetes.client.ApiClient(config)
-
-
-@functools.cache
-def _dynamic() -> DynamicClient:
-    return DynamicClient(api_client())
 
 
 def core() -> kubernetes.client.CoreV1Api:
@@ -51,19 +61,43 @@ def custom() -> kubernetes.client.CustomObjectsApi:
     return kubernetes.client.CustomObjectsApi(api_client())
 
 
+def path(api_version: str, kind: str, namespace: str, name: str | None = None) -> str:
+    """The REST path of a namespaced object (or of its collection, without `name`)."""
+    try:
+        plural = PLURALS[(api_version, kind)]
+    except KeyError:
+        raise ValueError(f"{api_version} {kind} is not a kind the operator writes") from None
+    group = "/api/v1" if api_version == "v1" else f"/apis/{api_version}"
+    return f"{group}/namespaces/{namespace}/{plural}" + (f"/{name}" if name else "")
+
+
+def request(method: str, resource_path: str, *, query: list[tuple[str, str]] | None = None,
+            body: Any = None, content_type: str = "application/json") -> dict | None:
+    """One call to the API server; its JSON answer as plain dicts (no typed models: decoding
+    those cost more than the request), or None when the object does not exist."""
+    client = api_client()
+    serialized = client.param_serialize(
+        method, resource_path, query_params=query or [], body=body, auth_settings=["BearerToken"],
+        header_params={"Accept": "application/json", "Content-Type": content_type})
+    response = client.call_api(*serialized)
+    data = response.read()
+    if response.status == 404:
+        return None
+    if not 200 <= response.status <= 299:
+        raise ApiException(status=response.status, reason=response.reason,
+                           body=data.decode(errors="replace") if data else None)
+    return json.loads(data) if data else {}
+
+
 def apply(body: dict) -> dict:
     """Create or update `body` by server-side apply; returns the object as stored."""
-    resource = _dynamic().resources.get(api_version=body["apiVersion"], kind=body["kind"])
     meta = body["metadata"]
-    result = resource.server_side_apply(
-        body=body, name=meta["name"], namespace=meta.get("namespace"),
-        field_manager=FIELD_MANAGER, force_conflicts=True,
-    )
-    return result.to_dict()
-
-
-def _absent(err: ApiException) -> bool:
-    return err.status == 404
+    stored = request(
+        "PATCH", path(body["apiVersion"], body["kind"], meta["namespace"], meta["name"]),
+        query=[("fieldManager", FIELD_MANAGER), ("force", "true")], body=body,
+        content_type="application/apply-patch+yaml")
+    assert stored is not None  # an apply creates what is missing
+    return stored
 
 
 @dataclass(frozen=True)
@@ -73,70 +107,57 @@ class SecretData:
 
 
 def read_secret(namespace: str, name: str) -> SecretData | None:
-    try:
-        secret = core().read_namespaced_secret(name, namespace)
-    except ApiException as err:
-        if _absent(err):
-            return None
-        raise
-    data = {k: base64.b64decode(v) for k, v in (secret.data or {}).items()}
-    return SecretData(data, dict(secret.metadata.annotations or {}))
+    secret = request("GET", path("v1", "Secret", namespace, name))
+    if secret is None:
+        return None
+    data = {k: base64.b64decode(v) for k, v in (secret.get("data") or {}).items()}
+    return SecretData(data, dict(secret["metadata"].get("annotations") or {}))
+
+
+def _list(api_version: str, kind: str, namespace: str, label_selector: str) -> list[dict]:
+    listed = request("GET", path(api_version, kind, namespace),
+                     query=[("labelSelector", label_selector)])
+    return list((listed or {}).get("items") or [])
 
 
 def list_secret_names(namespace: str, label_selector: str) -> list[str]:
-    secrets = core().list_namespaced_secret(namespace, label_selector=label_selector)
-    return [s.metadata.name for s in secrets.items]
+    return [s["metadata"]["name"] for s in _list("v1", "Secret", namespace, label_selector)]
 
 
 def list_secret_labels(namespace: str, label_selector: str, label: str) -> list[str]:
-    secrets = core().list_namespaced_secret(namespace, label_selector=label_selector)
-    return [s.metadata.labels[label] for s in secrets.items if label in (s.metadata.labels or {})]
+    return [s["metadata"]["labels"][label] for s in _list("v1", "Secret", namespace, label_selector)
+            if label in (s["metadata"].get("labels") or {})]
 
 
 def delete(kind_api: str, kind: str, namespace: str, name: str) -> None:
-    resource = _dynamic().resources.get(api_version=kind_api, kind=kind)
-    try:
-        resource.delete(name=name, namespace=namespace, propagation_policy="Background")
-    except ApiException as err:
-        if not _absent(err):
-            raise
+    """Delete an object and, in the background, what it owns; a missing object is fine."""
+    request("DELETE", path(kind_api, kind, namespace, name),
+            body={"kind": "DeleteOptions", "apiVersion": "v1", "propagationPolicy": "Background"})
 
 
 def deployment_ready_replicas(namespace: str, name: str) -> int | None:
-    try:
-        deployment = apps().read_namespaced_deployment_status(name, namespace)
-    except ApiException as err:
-        if _absent(err):
-            return None
-        raise
-    return deployment.status.ready_replicas or 0
+    deployment = request("GET", path("apps/v1", "Deployment", namespace, name))
+    if deployment is None:
+        return None
+    return int((deployment.get("status") or {}).get("readyReplicas") or 0)
 
 
 def annotate_custom(plural: str, namespace: str, name: str, annotations: dict[str, str]) -> None:
     """Merge `annotations` into a Pollinate object's metadata (a missing object is fine)."""
-    try:
-        custom().patch_namespaced_custom_object(
-            "pollinate.dev", "v1alpha1", namespace, plural, name,
-            {"metadata": {"annotations": annotations}})
-    except ApiException as err:
-        if not _absent(err):
-            raise
+    request("PATCH", f"/apis/pollinate.dev/v1alpha1/namespaces/{namespace}/{plural}/{name}",
+            body={"metadata": {"annotations": annotations}},
+            content_type="application/merge-patch+json")
 
 
 def get_custom(plural: str, namespace: str, name: str) -> dict | None:
-    try:
-        return custom().get_namespaced_custom_object("pollinate.dev", "v1alpha1", namespace, plural, name)
-    except ApiException as err:
-        if _absent(err):
-            return None
-        raise
+    return request("GET", f"/apis/pollinate.dev/v1alpha1/namespaces/{namespace}/{plural}/{name}")
 
 
 def list_jobs(namespace: str, label_selector: str) -> list[dict]:
-    jobs = batch().list_namespaced_job(namespace, label_selector=label_selector)
-    return [api_client().sanitize_for_serialization(j) for j in jobs.items]
+    return _list("batch/v1", "Job", namespace, label_selector)
 
 
 def list_pods(namespace: str, label_selector: str) -> list[dict]:
-    pods = core().list_namespaced_pod(namespace, label_selector=label_selector)
-    return [api_client().sanitize_for_serialization(p) for p in pods.items]
+    listed = request("GET", f"/api/v1/namespaces/{namespace}/pods",
+                     query=[("labelSelector", label_selector)])
+    return list((listed or {}).get("items") or [])

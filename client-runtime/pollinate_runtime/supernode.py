@@ -1,0 +1,84 @@
+"""Flower's SuperNode, paced for rounds: `python -m pollinate_runtime.supernode <flower-supernode
+flags>` is `flower-supernode` with its fixed waits shortened.
+
+Flower 1.41's SuperNode (flwr.supernode.start_client_internal) sleeps 3 s after every pull that
+brings no message, and waits for the ClientApp's reply and its objects in 0.5 s sleeps; neither
+has a setting. Between rounds every site is idle, so a round's message waits 1.5 s on average
+(3 s at worst) before a site sees it, the sites start up to 3 s apart, and each reply waits up
+to 0.5 s more: about 2 s of a round's fixed cost on three sites (bench/round_overhead.py).
+
+Here the idle pull repeats every `POLLINATE_SUPERNODE_POLL_SECONDS` (default 1 s: one signed
+request a second per site, a load the SuperLink serves easily for hundreds of sites) and the
+local reply waits every 0.05 s (they poll this process's own state, not the network). Only the
+module's `time` is replaced, so nothing else in Flower changes; `flwr` is pinned to 1.41, and
+`tests/unit/runtime/test_supernode.py` fails if the waits this relies on move.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+import time
+from types import ModuleType
+
+POLL_ENV = "POLLINATE_SUPERNODE_POLL_SECONDS"
+DEFAULT_POLL_SECONDS = 1.0
+LOCAL_WAIT_SECONDS = 0.05
+# The sleeps of Flower 1.41's SuperNode loop this pacing replaces.
+IDLE_PULL_SLEEP = 3
+LOCAL_WAIT_SLEEP = 0.5
+
+
+class PacedTime:
+    """The `time` module with the SuperNode's two fixed waits replaced; every other attribute,
+    and any other sleep, is the real module's."""
+
+    def __init__(self, poll_seconds: float, local_wait_seconds: float = LOCAL_WAIT_SECONDS) -> None:
+        if not poll_seconds > 0:
+            raise ValueError(f"{POLL_ENV}={poll_seconds!r}: expected a number of seconds > 0")
+        self.poll_seconds = poll_seconds
+        self.local_wait_seconds = local_wait_seconds
+
+    def sleep(self, seconds: float) -> None:
+        if seconds == IDLE_PULL_SLEEP:
+            seconds = self.poll_seconds
+        elif seconds == LOCAL_WAIT_SLEEP:
+            seconds = self.local_wait_seconds
+        time.sleep(seconds)
+
+    def __getattr__(self, name: str) -> object:
+        return getattr(time, name)
+
+
+def poll_seconds_from(env: dict[str, str] | os._Environ[str]) -> float:
+    raw = env.get(POLL_ENV, "")
+    if not raw:
+        return DEFAULT_POLL_SECONDS
+    try:
+        return float(raw)
+    except ValueError:
+        raise ValueError(f"{POLL_ENV}={raw!r}: expected a number of seconds > 0") from None
+
+
+def pace(loop_module: ModuleType, poll_seconds: float) -> None:
+    """Give Flower's SuperNode loop module the paced `time`."""
+    if getattr(loop_module, "time", None) is not time:
+        raise RuntimeError(f"{loop_module.__name__} no longer uses the time module this paces; "
+                           "check the pinned flwr version")
+    loop_module.time = PacedTime(poll_seconds)  # type: ignore[attr-defined]
+
+
+def main() -> None:
+    from flwr.supernode import start_client_internal
+    from flwr.supernode.cli import flower_supernode
+
+    try:
+        pace(start_client_internal, poll_seconds_from(os.environ))
+    except ValueError as err:
+        sys.exit(f"pollinate supernode: {err}")
+    sys.argv[0] = "flower-supernode"
+    flower_supernode()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,49 @@
+"""The paced SuperNode: Flower 1.41's fixed waits are where the pacing expects them, and only
+those waits change."""
+
+from __future__ import annotations
+
+import inspect
+import subprocess
+import sys
+import time
+import types
+
+import pytest
+from flwr.supernode import start_client_internal
+from pollinate_runtime import supernode
+
+
+def test_flowers_supernode_loop_still_has_the_waits_the_pacing_replaces():
+    source = inspect.getsource(start_client_internal)
+    assert start_client_internal.time is time
+    assert f"time.sleep({supernode.IDLE_PULL_SLEEP})" in source
+    assert f"time.sleep({supernode.LOCAL_WAIT_SLEEP})" in source
+
+
+def test_paced_time_shortens_only_the_idle_pull_and_the_local_waits(monkeypatch):
+    slept: list[float] = []
+    monkeypatch.setattr(time, "sleep", slept.append)
+    paced = supernode.PacedTime(1.0)
+    for seconds in (3, 0.5, 2, 0.1):
+        paced.sleep(seconds)
+    assert slept == [1.0, supernode.LOCAL_WAIT_SECONDS, 2, 0.1]
+    assert paced.monotonic is time.monotonic  # everything else is the real module
+
+
+def test_pace_refuses_a_loop_that_no_longer_uses_the_time_module():
+    moved = types.ModuleType("moved")
+    with pytest.raises(RuntimeError, match="pinned flwr"):
+        supernode.pace(moved, 1.0)
+
+
+@pytest.mark.parametrize("raw", ["soon", "0", "-1"])
+def test_a_bad_poll_interval_is_refused_naming_the_variable(raw):
+    with pytest.raises(ValueError, match=supernode.POLL_ENV):
+        supernode.PacedTime(supernode.poll_seconds_from({supernode.POLL_ENV: raw}))
+
+
+def test_the_paced_supernode_is_flower_supernode_with_its_flags():
+    out = subprocess.run([sys.executable, "-m", "pollinate_runtime.supernode", "--help"],
+                         capture_output=True, text=True, timeout=120, check=True).stdout
+    assert "--superlink" in out and "--auth-supernode-private-key" in out
