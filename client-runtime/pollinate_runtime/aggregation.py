@@ -219,10 +219,10 @@ class WeightedMean(RoundMean):
         if batch < 1:
             raise ValueError(f"batch {batch} must be at least 1")
         self._names = list(self.global_adapter)
-        # Zeroed by a write, not left to calloc: pages first touched inside the parallel fold
-        # fault more slowly (measured: 0.12 s against 0.08 s for 40M parameters).
+        # Not zeroed here: the first batch overwrites it block by block (one pass fewer); an
+        # update folded tensor by tensor zeroes it first.
         self._flat = np.empty(sum(v.size for v in self.global_adapter.values()), np.float32)
-        self._flat.fill(0.0)
+        self._written = False
         self._sums: dict[str, np.ndarray] = {}
         offset = 0
         for name, values in self.global_adapter.items():
@@ -230,6 +230,7 @@ class WeightedMean(RoundMean):
             offset += values.size
         self._weights = {n: np.zeros(c.shape, np.float64) for n, c in self._coverage.items()}
         self._full_weight = 0.0  # of updates at full rank, which cover every slice
+        self._partial = False  # some update covered only some slices
         self._batch, self._batch_bytes = batch, batch_bytes
         self._pending: list[np.ndarray] = []
         self._pending_weights: list[float] = []
@@ -237,30 +238,47 @@ class WeightedMean(RoundMean):
     def _add(self, adapter: Mapping[str, np.ndarray], weight: float, *, full: bool) -> None:
         flat = getattr(adapter, "flat", None) if full else None
         if flat is not None:
+            # A full batch is folded when the next update arrives, so mean() always has one
+            # to fold and can divide in the same pass.
+            held = sum(p.nbytes for p in self._pending)
+            if len(self._pending) >= self._batch or held + flat.nbytes > self._batch_bytes:
+                self._fold_pending()
             self._pending.append(flat)
             self._pending_weights.append(weight)
-            held = sum(p.nbytes for p in self._pending)
-            if len(self._pending) >= self._batch or held >= self._batch_bytes:
-                self._fold_pending()
         else:
+            self._zero_once()
             for name, values in adapter.items():
                 region = self._sums[name][tuple(slice(0, d) for d in values.shape)]
                 kernels.fold_rows(as_rows(region), as_rows(values), weight)
         if full:
             self._full_weight += weight
             return
+        self._partial = True
         for name, values in adapter.items():
             self._weights[name][: _slice_count(name, values.shape)] += weight
 
-    def _fold_pending(self) -> None:
+    def _zero_once(self) -> None:
+        if not self._written:
+            self._flat.fill(0.0)
+            self._written = True
+
+    def _fold_pending(self, scale: float = 1.0) -> None:
         if self._pending:
-            kernels.fold(self._flat, self._pending, self._pending_weights)
+            kernels.fold(self._flat, self._pending, self._pending_weights,
+                         overwrite=not self._written, scale=scale)
+            self._written = True
             self._pending, self._pending_weights = [], []
 
     def mean(self) -> AdapterState:
         if self.sites == 0:
             raise ValueError("no site's update was added to this round")
+        if not self._partial and self._pending:
+            # Every update covered every slice: one weight for all, divided in the last fold.
+            self._fold_pending(scale=1.0 / self._full_weight)
+            means, self._sums = self._sums, {}
+            return means
         self._fold_pending()
+        self._zero_once()
         for name, total in self._sums.items():
             weights = self._weights[name] + self._full_weight
             inverse = np.zeros(weights.shape, np.float32)

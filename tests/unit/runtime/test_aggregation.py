@@ -382,8 +382,9 @@ def test_peak_memory_of_a_round_does_not_grow_with_the_number_of_sites(
 
 def test_packed_updates_waiting_to_be_folded_are_bounded_by_the_batch(make_adapter, tmp_path):
     # Full-rank packed updates wait in a batch (FOLD_BATCH = 16) to be folded in one pass: the
-    # round holds at most a batch of them, so past the batch the peak stops growing.
+    # round holds at most a batch of them and the one that arrives while it folds, so past the
+    # batch the peak stops growing (one float16 update is 2 bytes a parameter).
     batch, parameters = peak_traced_bytes("fedavg", make_adapter, FOLD_BATCH, tmp_path, packed=True)
     many, _ = peak_traced_bytes("fedavg", make_adapter, 3 * FOLD_BATCH, tmp_path, packed=True)
-    assert many < batch + 2 * parameters
+    assert many < batch + 4 * parameters
     assert many < FOLD_BATCH * 2 * parameters + 20 * parameters

@@ -73,3 +73,13 @@ def test_sum_of_squares_matches_float64_and_propagates_inf_and_nan():
     # The largest finite half squared fits float32; a huge float32 overflows to inf.
     assert np.isfinite(kernels.sum_of_squares(np.full(1000, 65504, np.float16)))
     assert kernels.sum_of_squares(np.array([1e30], np.float32)) == np.inf
+
+
+def test_fold_can_overwrite_garbage_and_scale_in_the_same_pass():
+    rng = np.random.default_rng(3)
+    size = kernels.FOLD_BLOCK + 99
+    updates = [rng.standard_normal(size).astype(np.float16) for _ in range(5)]
+    acc = np.full(size, np.nan, np.float32)  # np.empty could hold anything
+    kernels.fold(acc, updates, [1.0, 2.0, 3.0, 4.0, 5.0], overwrite=True, scale=1 / 15)
+    expected = sum(w * u.astype(np.float64) for w, u in zip(range(1, 6), updates, strict=True)) / 15
+    np.testing.assert_allclose(acc, expected, rtol=1e-5, atol=1e-6)
