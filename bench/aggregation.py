@@ -5,7 +5,9 @@ same fp16 ArrayRecords, and against the machine's memory bandwidth measured in t
     python bench/aggregation.py --quick    # 10 sites x 1M/10M
     python bench/aggregation.py --tiny     # seconds, for tests
 
-Per case: seconds, GB/s of input (sites x parameters x 2 bytes), that rate as a fraction of the
+Per case: seconds (Pollinate: a steady-state round, the run's later rounds, whose accumulators
+are reused; the first round of a run, which also faults in fresh accumulator pages, is reported
+as first_round_seconds), GB/s of input (sites x parameters x 2 bytes), that rate as a fraction of the
 measured read bandwidth of all cores (Pollinate's compiled loops use every core; one core's rate
 and the copy rate, the issue's convention, are reported too), the ratio to Flower, and peak
 memory; each (case, system) runs in a fresh process (see aggregation_case.py). Peers:
@@ -228,6 +230,15 @@ def why_notes(rows: list[dict[str, Any]], bandwidth: Bandwidth) -> list[str]:
             "update at a time, when the float32 accumulators are read and written once per site). "
             f"The server's validate_update (norm, finiteness: one more read of the update) adds "
             f"{p['validate_ns']:.3f}.")
+    weighted = [r for r in rows if r["system"] == "pollinate" and r["strategy"] == WEIGHTED
+                and "first_round_seconds" in r]
+    if weighted:
+        big = max(weighted, key=lambda r: r["sites"] * r["params"])
+        notes.append(
+            f"weighted mean, {_case(big)}: a steady-state round takes {big['seconds']:.3f} s; the "
+            f"run's first round {big['first_round_seconds']:.3f} s, because its float32 "
+            "accumulators are fresh pages, faulted in as they are first written (later rounds "
+            "reuse them).")
     flower = [r for r in rows if r["system"] == "flower" and r["strategy"] == WEIGHTED and "seconds" in r]
     ours = [r for r in rows if r["system"] == "pollinate" and r["strategy"] == WEIGHTED and "seconds" in r]
     if flower and ours:

@@ -46,6 +46,7 @@ from __future__ import annotations
 
 import math
 import shutil
+import sys
 import tempfile
 import weakref
 from abc import ABC, abstractmethod
@@ -199,6 +200,28 @@ class RoundMean(ABC):
         self.close()
 
 
+class AccumulatorPool:
+    """Float32 accumulators reused from round to round. A fresh buffer costs a page fault per
+    4 KiB the first time it is written (about 0.1 s for 40M parameters, a tenth of folding 100
+    sites); a reused one costs none. A buffer is handed out again only when nothing refers to
+    it any more: the previous round's mean, views of its buffer, may still be the global
+    adapter (or the server optimiser's input) while this round accumulates."""
+
+    def __init__(self, keep: int = 3) -> None:
+        self._kept: list[np.ndarray] = []
+        self._keep = keep
+
+    def take(self, size: int) -> np.ndarray:
+        for buffer in self._kept:
+            # References: the list, this loop's variable and getrefcount's argument; any view
+            # of the buffer (a tensor of an earlier mean) adds one through its .base.
+            if buffer.size == size and sys.getrefcount(buffer) <= 3:
+                return buffer
+        buffer = np.empty(size, np.float32)
+        self._kept = [*self._kept[-(self._keep - 1):], buffer] if self._keep > 1 else [buffer]
+        return buffer
+
+
 class WeightedMean(RoundMean):
     """Example-weighted mean (FedAvg, FedProx, FedAdam), per rank slice, in float32.
 
@@ -214,6 +237,7 @@ class WeightedMean(RoundMean):
         *,
         batch: int = FOLD_BATCH,
         batch_bytes: int = FOLD_BATCH_BYTES,
+        buffers: AccumulatorPool | None = None,
     ) -> None:
         super().__init__(global_adapter)
         if batch < 1:
@@ -221,7 +245,8 @@ class WeightedMean(RoundMean):
         self._names = list(self.global_adapter)
         # Not zeroed here: the first batch overwrites it block by block (one pass fewer); an
         # update folded tensor by tensor zeroes it first.
-        self._flat = np.empty(sum(v.size for v in self.global_adapter.values()), np.float32)
+        size = sum(v.size for v in self.global_adapter.values())
+        self._flat = buffers.take(size) if buffers else np.empty(size, np.float32)
         self._written = False
         self._sums: dict[str, np.ndarray] = {}
         offset = 0
@@ -671,12 +696,11 @@ def make_aggregator(
     spill_dir: str | Path | None = None,
 ) -> Aggregator:
     """The aggregator for a TrainingRound's `spec.strategy.name`."""
-    if strategy in ("fedavg", "fedprox"):
-        return Aggregator(WeightedMean, name=strategy)
-    if strategy == "fedadam":
-        return Aggregator(
-            WeightedMean, FedAdam(server_learning_rate, beta_1, beta_2, tau), name=strategy
-        )
+    if strategy in ("fedavg", "fedprox", "fedadam"):
+        buffers = AccumulatorPool()
+        optimizer = (FedAdam(server_learning_rate, beta_1, beta_2, tau)
+                     if strategy == "fedadam" else None)
+        return Aggregator(lambda g: WeightedMean(g, buffers=buffers), optimizer, name=strategy)
     if strategy == "trimmedmean":
         _check_trim_beta(beta)  # at configuration time, not in the first round
         return Aggregator(lambda g: TrimmedMean(g, beta=beta, spill_dir=spill_dir), name=strategy)

@@ -388,3 +388,33 @@ def test_packed_updates_waiting_to_be_folded_are_bounded_by_the_batch(make_adapt
     many, _ = peak_traced_bytes("fedavg", make_adapter, 3 * FOLD_BATCH, tmp_path, packed=True)
     assert many < batch + 4 * parameters
     assert many < FOLD_BATCH * 2 * parameters + 20 * parameters
+
+
+def test_accumulators_are_reused_only_once_nothing_refers_to_them(make_adapter):
+    aggregator = make_aggregator("fedavg")
+    global_adapter = make_adapter(seed=1, dtype=np.float32)
+    updates = [from_record(to_record(u)) for u in site_updates(make_adapter, 3)]
+    first = aggregator.aggregate(global_adapter, [(u, 1.0) for u in updates])
+    snapshot = {n: v.copy() for n, v in first.items()}
+    # `first` is the global adapter of the next round: its buffer must not be written.
+    second = aggregator.aggregate(first, [(u, 2.0) for u in updates[:2]])
+    for name in first:
+        np.testing.assert_array_equal(first[name], snapshot[name])
+    base = next(iter(second.values())).base
+    del first, snapshot
+    third = aggregator.aggregate(second, [(u, 1.0) for u in updates])
+    assert next(iter(third.values())).base is not base  # `second` still alive: another buffer
+    expected = make_aggregator("fedavg").aggregate(second, [(u, 1.0) for u in updates])
+    for name in third:
+        np.testing.assert_array_equal(third[name], expected[name])
+
+
+def test_a_dropped_rounds_accumulator_serves_the_next_round(make_adapter):
+    aggregator = make_aggregator("fedavg")
+    global_adapter = make_adapter(seed=1, dtype=np.float32)
+    updates = [from_record(to_record(u)) for u in site_updates(make_adapter, 2)]
+    result = aggregator.aggregate(global_adapter, [(u, 1.0) for u in updates])
+    first_buffer = id(next(iter(result.values())).base)
+    del result
+    result = aggregator.aggregate(global_adapter, [(u, 1.0) for u in updates])
+    assert id(next(iter(result.values())).base) == first_buffer
