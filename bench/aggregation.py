@@ -239,6 +239,14 @@ def why_notes(rows: list[dict[str, Any]], bandwidth: Bandwidth) -> list[str]:
             f"run's first round {big['first_round_seconds']:.3f} s, because its float32 "
             "accumulators are fresh pages, faulted in as they are first written (later rounds "
             "reuse them).")
+        held = sorted({(r["params"], r["sites"], r.get("held_updates", 0)) for r in weighted})
+        notes.append(
+            "weighted mean memory: updates wait in a fold batch of at most 16 (and 1 GiB), so "
+            "peak memory grows with the sites only until the batch is full and is constant after "
+            "(updates held, by params/sites: " + ", ".join(
+                f"{p / M:.0f}M/{s}: {h}" for p, s, h in held) + "); the verdict compares the "
+            "fewest and the most sites, so it reads 'missed' wherever 10 sites is below the "
+            "batch. Flower holds every reply of the round.")
     flower = [r for r in rows if r["system"] == "flower" and r["strategy"] == WEIGHTED and "seconds" in r]
     ours = [r for r in rows if r["system"] == "pollinate" and r["strategy"] == WEIGHTED and "seconds" in r]
     if flower and ours:

@@ -31,7 +31,7 @@ import numpy as np
 import torch
 from common import REPO, Headline, load_average, parse_mode, print_notes, print_table, write_result
 from pollinate_runtime import corpora
-from pollinate_runtime.aggregation import make_aggregator, truncate_to_rank
+from pollinate_runtime.aggregation import make_aggregator
 from pollinate_runtime.run_config import RunConfig
 from pollinate_runtime.site_trainer import initial_adapter, local_config
 from pollinate_runtime.train.data import IGNORE_INDEX, SiteData, TokenBlocks, load_site_data
@@ -44,7 +44,7 @@ from pollinate_runtime.train.model import (
     load_adapter_state,
     load_model,
 )
-from pollinate_runtime.wire import AdapterSpec, from_record, to_record, validate_update
+from pollinate_runtime.wire import AdapterSpec, from_record, to_record, truncate_to_rank, validate_update
 
 NAME = "learning_quality"
 CENTRAL_TARGET = 1.05  # federated / central perplexity on the union

@@ -75,26 +75,6 @@ def _rank_axis_of(name: str, shape: tuple[int, ...]) -> int | None:
     return rank_axis(name) if len(shape) == 2 else None
 
 
-def truncate_to_rank(adapter: Mapping[str, np.ndarray], rank: int) -> AdapterState:
-    """The adapter a rank-`rank` site trains: the first `rank` rows of each lora_A and columns
-    of each lora_B (contiguous copies, ready to encode); other tensors unchanged."""
-    if rank < 1:
-        raise ValueError(f"rank {rank} is not a LoRA rank; expected an integer >= 1")
-    out: AdapterState = {}
-    for name, values in adapter.items():
-        axis = _rank_axis_of(name, values.shape)
-        if axis is None:
-            out[name] = values
-            continue
-        if rank > values.shape[axis]:
-            raise ValueError(
-                f"tensor {name!r} has rank {values.shape[axis]}; cannot truncate it to rank {rank}"
-            )
-        kept = values[:rank] if axis == 0 else values[:, :rank]
-        out[name] = np.ascontiguousarray(kept)
-    return out
-
-
 def as_float32(adapter: Mapping[str, np.ndarray]) -> AdapterState:
     """Contiguous float32 copies (no copy for tensors that already are)."""
     return {n: np.ascontiguousarray(v, dtype=np.float32) for n, v in adapter.items()}

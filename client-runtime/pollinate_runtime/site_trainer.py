@@ -25,8 +25,8 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from . import messages as m
-from .aggregation import truncate_to_rank
 from .run_config import RunConfig
+from .wire import truncate_to_rank
 
 if TYPE_CHECKING:
     from .train.local import LocalTrainingConfig

@@ -102,6 +102,26 @@ def partner_name(name: str) -> str | None:
 # ---- encoding -----------------------------------------------------------------------------
 
 
+def truncate_to_rank(adapter: Mapping[str, np.ndarray], rank: int) -> AdapterState:
+    """The adapter a rank-`rank` site trains: the first `rank` rows of each lora_A and columns
+    of each lora_B (contiguous copies, ready to encode); other tensors unchanged."""
+    if rank < 1:
+        raise ValueError(f"rank {rank} is not a LoRA rank; expected an integer >= 1")
+    out: AdapterState = {}
+    for name, values in adapter.items():
+        axis = rank_axis(name) if values.ndim == 2 else None
+        if axis is None:
+            out[name] = values
+            continue
+        if rank > values.shape[axis]:
+            raise ValueError(
+                f"tensor {name!r} has rank {values.shape[axis]}; cannot truncate it to rank {rank}"
+            )
+        kept = values[:rank] if axis == 0 else values[:, :rank]
+        out[name] = np.ascontiguousarray(kept)
+    return out
+
+
 def _float32_to_bfloat16_bits(values: np.ndarray) -> np.ndarray:
     # Round to nearest even on the dropped 16 bits, as torch and XLA do; NaN stays a quiet NaN.
     bits = np.ascontiguousarray(values, dtype=np.float32).view(np.uint32)

@@ -15,9 +15,8 @@ from pollinate_runtime.aggregation import (
     TrimmedMean,
     WeightedMean,
     make_aggregator,
-    truncate_to_rank,
 )
-from pollinate_runtime.wire import from_record, to_record
+from pollinate_runtime.wire import from_record, to_record, truncate_to_rank
 
 A = "base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight"
 B = "base_model.model.model.layers.0.self_attn.q_proj.lora_B.weight"

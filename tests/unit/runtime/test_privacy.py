@@ -9,8 +9,9 @@ import math
 import numpy as np
 import pytest
 from dp_accounting import dp_event, rdp
-from pollinate_runtime.aggregation import WeightedMean, make_aggregator, truncate_to_rank
+from pollinate_runtime.aggregation import WeightedMean, make_aggregator
 from pollinate_runtime.privacy import CentralDP, PrivateAggregator, PrivateRound
+from pollinate_runtime.wire import truncate_to_rank
 
 A = "base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight"
 B = "base_model.model.model.layers.0.self_attn.q_proj.lora_B.weight"
