@@ -500,7 +500,7 @@ class Cluster:
             self.bed.kubectl("wait", "--for=condition=Established", f"crd/{crd}.{GROUP}", "--timeout=60s")
         t0 = time.monotonic()
         nodes = gpu_nodes(self.plan)
-        apply_all(nodes)
+        apply_nodes(nodes)
         if not wait_until(lambda: self.ready_gpu_nodes() >= len(nodes), 600, 2):
             raise RuntimeError(f"only {self.ready_gpu_nodes()} of {len(nodes)} GPU nodes Ready")
         print(f"{len(nodes)} GPU nodes Ready in {time.monotonic() - t0:.1f} s", flush=True)
@@ -525,6 +525,20 @@ class Cluster:
 
     def down(self) -> None:
         self.bed.down(quiet=True)
+
+
+def apply_nodes(nodes: list[dict], workers: int = CLIENT_WORKERS) -> None:
+    """Server-side apply of the simulated nodes (cluster-scoped: not a kind the operator writes,
+    so through the operator client's raw request, not kube.apply)."""
+    from pollinate_operator.clients import kube
+
+    def apply(node: dict) -> None:
+        kube.request("PATCH", f"/api/v1/nodes/{node['metadata']['name']}",
+                     query=[("fieldManager", "operator-scale-bench"), ("force", "true")],
+                     body=node, content_type="application/apply-patch+yaml")
+
+    with ThreadPoolExecutor(max_workers=workers) as pool:
+        list(pool.map(apply, nodes))
 
 
 def apply_all(objects: list[dict], workers: int = CLIENT_WORKERS) -> tuple[float, list[float]]:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import datetime as dt
 import logging
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
 
 import kopf
 
@@ -75,6 +76,17 @@ def _registered_nodes(control: FlowerControl, fed: FederationSpec) -> dict[str, 
             if n.name in sites and n.status != "unregistered"}
 
 
+@dataclass
+class FlowerObserved:
+    """What one pass learnt from the Federation's Flower server (nothing if unreachable)."""
+
+    run_id: int | None
+    run: plan.RunObserved | None = None
+    registered: dict[str, int] = field(default_factory=dict)
+    reachable: bool = False
+    control: FlowerControl | None = None  # open while the pass may still start or stop a run
+
+
 def reconcile(name: str, namespace: str, body: kopf.Body, settings: Settings,
               logger: logging.Logger) -> TrainingRoundStatus:
     spec = TrainingRoundSpec.model_validate(dict(body["spec"]))
@@ -85,33 +97,48 @@ def reconcile(name: str, namespace: str, body: kopf.Body, settings: Settings,
     fed_ready = bool(fed_status and fed_status.phase == "Ready")
 
     run_id = int(previous.run_id) if previous.run_id else None
-    run: plan.RunObserved | None = None
-    registered: dict[str, int] = {}
-    reachable = False
-    control: FlowerControl | None = None
-    if fed is not None and (fed_ready or previous.run_id) and previous.phase not in plan.TERMINAL:
+    live = fed is not None and previous.phase not in plan.TERMINAL
+
+    def observe_flower() -> FlowerObserved:
+        if not (live and (fed_ready or previous.run_id)):
+            return FlowerObserved(run_id)
+        assert fed is not None
         tls = kube.read_secret(namespace, server.tls_secret_name(spec.federation, fed))
-        if tls is not None:
-            try:
-                control = FlowerControl(flower_address(spec.federation, namespace, settings),
-                                        tls.data["ca.crt"])
-                if run_id is None:
-                    run_id = _find_run(control, namespace, name)
-                state = control.get_run(run_id) if run_id is not None else None
-                run = plan.RunObserved(state.status, state.sub_status, state.details) if state else None
-                if run is None and fed.server.node_authentication:
-                    registered = _registered_nodes(control, fed)
-                reachable = True
-            except FlowerUnavailable as err:
-                logger.info("Flower server not reachable: %s", err)
-    progress = None
-    if fed is not None and previous.phase not in plan.TERMINAL:
-        progress = storage.read_progress(fed, spec.federation, namespace, name)
+        if tls is None:
+            return FlowerObserved(run_id)
+        control = None
+        try:
+            control = FlowerControl(flower_address(spec.federation, namespace, settings),
+                                    tls.data["ca.crt"])
+            found = run_id if run_id is not None else _find_run(control, namespace, name)
+            state = control.get_run(found) if found is not None else None
+            run = plan.RunObserved(state.status, state.sub_status, state.details) if state else None
+            registered = (_registered_nodes(control, fed)
+                          if run is None and fed.server.node_authentication else {})
+            return FlowerObserved(found, run, registered, True, control)
+        except FlowerUnavailable as err:
+            logger.info("Flower server not reachable: %s", err)
+            if control:
+                control.close()
+            return FlowerObserved(run_id)
+
+    def observe_progress() -> plan.Progress | None:
+        return storage.read_progress(fed, spec.federation, namespace, name) if live and fed else None
+
+    # Three independent reads (the Flower server, S3, the API server): side by side, a pass
+    # costs the slowest of them, not their sum.
+    with ThreadPoolExecutor(max_workers=3) as pool:
+        flower_future = pool.submit(observe_flower)
+        progress_future = pool.submit(observe_progress)
+        jobs_future = pool.submit(observe_jobs, namespace, name)
+        flower, progress, jobs = flower_future.result(), progress_future.result(), jobs_future.result()
+    run_id, control = flower.run_id, flower.control
 
     observed = plan.TrainingRoundObserved(
         now=dt.datetime.now(dt.UTC), generation=body.meta.get("generation", 0),
-        federation=fed, federation_ready=fed_ready, jobs=observe_jobs(namespace, name),
-        run=run, server_reachable=reachable, progress=progress, registered_nodes=registered,
+        federation=fed, federation_ready=fed_ready, jobs=jobs,
+        run=flower.run, server_reachable=flower.reachable, progress=progress,
+        registered_nodes=flower.registered,
         previous=previous.model_copy(update={"run_id": str(run_id) if run_id else None}),
     )
     decision = plan.decide(name, spec, observed)
@@ -121,7 +148,8 @@ def reconcile(name: str, namespace: str, body: kopf.Body, settings: Settings,
             control.stop_run(run_id)
             logger.info("stopped Flower run %s", run_id)
         if decision.submit_run and control and fed is not None:
-            run_id = control.start_run(run_config(name, namespace, spec, spec.federation, fed, registered))
+            config = run_config(name, namespace, spec, spec.federation, fed, flower.registered)
+            run_id = control.start_run(config)
             status = status.model_copy(update={"run_id": str(run_id)})
             logger.info("submitted Flower run %s (%d rounds)", run_id, spec.rounds)
     finally:
