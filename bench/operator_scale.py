@@ -823,17 +823,14 @@ def notes(plan: Plan, direct: dict[str, Any], op: dict[str, Any]) -> list[str]:
     if fed.get("create_to_ready", {}).get("n"):
         d = fed["create_to_ready"]
         out.append(f"Federation created -> Ready: p50 {d['p50']:.1f} s, p99 {d['p99']:.1f} s. The first pass "
-                   "creates the Deployment and sees no ready replica; the operator does not watch its "
-                   f"children, so Ready waits for the next timer pass ({RESYNC_SECONDS:g} s later). A "
-                   "TrainingRound created before its Federation is Ready waits the same way, for its own "
-                   "timer after the Federation's.")
+                   "creates the Deployment and sees no ready replica; the Deployment's status change "
+                   "wakes its Federation (handlers/level_triggered.py wake_owners_of), whose next pass "
+                   "sees it Ready. A TrainingRound created before its Federation is Ready is woken by "
+                   f"its own timer (every {RESYNC_SECONDS:g} s).")
     if rec.get("all", {}).get("n"):
-        out.append(f"Deleted children come back only on the owner's next timer pass (every "
-                   f"{RESYNC_SECONDS:g} s): no handler watches Jobs or Deployments, so the recreate "
-                   f"latency is about a uniform draw from 0-{RESYNC_SECONDS:g} s plus the queue, "
-                   f"p99 {rec['all']['p99']:.1f} s. Watching the children (kopf.on.event/on.delete on "
-                   "Jobs and Deployments with the managed-by label, owner from ownerReferences) would "
-                   "trigger the owner's pass at once.")
+        out.append(f"A deleted child wakes its owner at once (wake_owners_of on Jobs and Deployments: "
+                   "an annotation on the owner, from the child's ownerReferences), so it is back after "
+                   f"one pass, not the {RESYNC_SECONDS:g} s timer: p99 {rec['all']['p99']:.1f} s.")
     if "steady" in op:
         s = op["steady"]
         m = op.get("reconcile_metrics", {})
