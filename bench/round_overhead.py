@@ -422,17 +422,15 @@ def notes(cases: list[dict[str, Any]], heads: list[Headline]) -> list[str]:
             else:
                 out.append(
                     f"missed: {h.case}: {h.measured}. The parts above say where: getting the round "
-                    "to the sites and their replies back, not the sites' compute. Fixed in Flower "
-                    "1.41 and outside Pollinate's control: a SuperNode sleeps 3 s after an empty pull "
-                    "(no setting), each message starts a new ClientApp process (1-1.6 s of imports on "
-                    "an idle machine, flower-1.41-probe.md) and a reply is awaited in 0.5 s sleeps; "
-                    "each object of a message (an adapter is two Arrays) is a signed request. On a "
-                    "machine with a load average far above its cores (recorded per case) each of "
-                    "these requests takes several times longer. Pollinate's own share, in the run recorded "
-                    "in bench/results: its ServerApp logged each Runtime API call at INFO and Flower "
-                    "forwards each log line to the SuperLink in a push-logs call of its own (a fifth "
-                    "to a third of its requests); the server app now logs HTTP calls only with "
-                    "POLLINATE_LOG_HTTP=1.")
+                    "to the sites and their replies back, not the sites' compute. Flower 1.41 starts a "
+                    "new ClientApp process for each message (about 1-2 s of process start, imports, "
+                    "FAB check and Runtime API calls before Pollinate's thin app hands the message to "
+                    "the resident trainer; flower-1.41-probe.md), and each object of a message (an "
+                    "adapter is two Arrays) is a signed request. The SuperNode's own fixed waits (3 s "
+                    "after an empty pull, 0.5 s reply polls) are shortened by Pollinate's paced "
+                    "SuperNode (pollinate_runtime/supernode.py: 1 s and 0.05 s), which both arms use. "
+                    "On a machine with a load average above its cores (recorded per case) each of "
+                    "these steps takes longer.")
     return out
 
 

@@ -30,8 +30,14 @@ import numpy as np
 
 
 def _cache_dir() -> str:
-    for candidate in (Path.home() / ".cache" / "pollinate" / "numba",
-                      Path(tempfile.gettempdir()) / "pollinate-numba"):
+    try:
+        home: Path | None = Path.home()
+    except RuntimeError:  # no HOME and no passwd entry (an arbitrary container uid)
+        home = None
+    candidates = [Path(tempfile.gettempdir()) / f"pollinate-numba-{os.getuid()}"]
+    if home is not None:
+        candidates.insert(0, home / ".cache" / "pollinate" / "numba")
+    for candidate in candidates:
         try:
             candidate.mkdir(parents=True, exist_ok=True)
             if os.access(candidate, os.W_OK):
