@@ -136,7 +136,8 @@ def delete(kind_api: str, kind: str, namespace: str, name: str) -> None:
 
 
 def deployment_ready_replicas(namespace: str, name: str) -> int | None:
-    deployment = request("GET", path("apps/v1", "Deployment", namespace, name))
+    # The status subresource: the chart grants it, and not reading whole Deployments.
+    deployment = request("GET", path("apps/v1", "Deployment", namespace, name) + "/status")
     if deployment is None:
         return None
     return int((deployment.get("status") or {}).get("readyReplicas") or 0)
