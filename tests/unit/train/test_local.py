@@ -12,6 +12,7 @@ from pollinate_runtime.train.data import TokenBlocks, load_site_data
 from pollinate_runtime.train.local import LocalTrainingConfig, evaluate, train_round
 from pollinate_runtime.train.model import adapter_state, load_model
 from tiny_lm import CPU, TINY_LORA
+from torch.optim.optimizer import register_optimizer_step_pre_hook
 
 FAST = LocalTrainingConfig(max_steps=30, batch_size=8, learning_rate=1e-2, seed=1,
                            transport_dtype="float32")
@@ -95,14 +96,35 @@ def test_gradient_checkpointing_gives_the_same_training(tiny_lora, site_data):
     assert distance(plain.adapter, checkpointed.adapter) < 1e-4
 
 
-def test_gradient_clipping_bounds_each_step(tiny_lora, site_data):
-    global_state = adapter_state(tiny_lora.model, "float32")
-    config = LocalTrainingConfig(max_steps=1, batch_size=8, learning_rate=1.0,
-                                 max_grad_norm=1e-6, transport_dtype="float32")
-    result = train_round(tiny_lora.model, global_state, site_data, config)
-    # Adam's first step moves each parameter by about lr whatever the gradient's size, so
-    # compare against SGD-like bounds loosely: the step still happens, and is finite.
-    assert math.isfinite(result.update_norm) and result.update_norm > 0
+def _gradient_norms_at_each_step(model, start, data, max_grad_norm: float) -> list[float]:
+    """The L2 norm of the LoRA gradients the optimiser steps with, seen by a hook run just
+    before each optimiser step (after any clipping)."""
+    seen: list[float] = []
+
+    def before_step(optimizer: torch.optim.Optimizer, args, kwargs) -> None:
+        grads = [p.grad for group in optimizer.param_groups for p in group["params"]
+                 if p.grad is not None]
+        seen.append(float(torch.linalg.vector_norm(torch.stack([g.norm() for g in grads]))))
+
+    handle = register_optimizer_step_pre_hook(before_step)
+    try:
+        train_round(model, start, data, LocalTrainingConfig(
+            max_steps=4, batch_size=8, learning_rate=1e-2, max_grad_norm=max_grad_norm, seed=1,
+            transport_dtype="float32"))
+    finally:
+        handle.remove()
+    return seen
+
+
+def test_gradient_clipping_bounds_the_gradient_of_every_step(tiny_lora, site_data):
+    start = adapter_state(tiny_lora.model, "float32")
+    unclipped = _gradient_norms_at_each_step(tiny_lora.model, start, site_data, max_grad_norm=0.0)
+    bound = min(unclipped) / 10  # well below what this data gives, so clipping must act
+    clipped = _gradient_norms_at_each_step(tiny_lora.model, start, site_data, max_grad_norm=bound)
+    assert len(unclipped) == len(clipped) == 4
+    assert all(n > bound * 5 for n in unclipped), unclipped  # 0 turns clipping off
+    assert all(n <= bound * (1 + 1e-4) for n in clipped), (bound, clipped)
+    assert all(n >= bound * 0.99 for n in clipped), (bound, clipped)  # scaled to it, not zeroed
 
 
 def test_evaluation_weighs_tokens_and_ignores_padding(tiny_lora, site_data):
