@@ -8,6 +8,8 @@ from contextlib import contextmanager
 
 from prometheus_client import Counter, Histogram
 
+from .api.traininground import TrainingRoundStatus
+
 RECONCILES = Counter("pollinate_reconciles_total", "Reconcile passes", ["kind"])
 RECONCILE_ERRORS = Counter("pollinate_reconcile_errors_total", "Reconcile passes that raised", ["kind"])
 RECONCILE_SECONDS = Histogram(
@@ -29,3 +31,14 @@ def observe_reconcile(kind: str) -> Iterator[None]:
         raise
     finally:
         RECONCILE_SECONDS.labels(kind).observe(time.perf_counter() - start)
+
+
+def count_training_round(namespace: str, before: TrainingRoundStatus, after: TrainingRoundStatus,
+                         terminal: tuple[str, ...] = ("Succeeded", "Failed")) -> None:
+    """Count what one TrainingRound pass saw happen: rounds completed since the last status,
+    and the run's end (once, when it first reaches a terminal phase)."""
+    done = (after.round or 0) - (before.round or 0)
+    if done > 0:
+        ROUNDS_COMPLETED.labels(namespace).inc(done)
+    if after.phase in terminal and before.phase not in terminal:
+        RUNS_FINISHED.labels(after.phase).inc()

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 
+import botocore.exceptions
 from pollinate_runtime.store import FederationStore, ObjectStore, RetryPolicy, StoreError, s3_client
 from pydantic import ValidationError
 
@@ -30,6 +31,22 @@ def federation_store(fed: FederationSpec, federation: str, namespace: str) -> Fe
     )
     prefix = s3.prefix if s3.prefix is not None else federation
     return FederationStore(ObjectStore(client, s3.bucket, prefix, retry=_NO_RETRY))
+
+
+def published_adapter_versions(fed: FederationSpec, federation: str,
+                               namespace: str) -> tuple[int, ...] | None:
+    """The complete adapter versions under the Federation's prefix, or None if S3 cannot be
+    read now (the status then keeps what it last saw)."""
+    store = federation_store(fed, federation, namespace)
+    if store is None:
+        return None
+    try:
+        return tuple(store.adapter_versions())
+    # A missing bucket or refused credentials too: the column waits, the Federation's own
+    # status (server, keys) must still be written.
+    except (StoreError, botocore.exceptions.BotoCoreError, botocore.exceptions.ClientError) as err:
+        log.info("adapter versions of %s not readable yet: %s", federation, err)
+        return None
 
 
 def read_progress(fed: FederationSpec, federation: str, namespace: str,

@@ -8,7 +8,7 @@ import kopf
 
 from .. import pki
 from ..api.federation import FederationSpec, FederationStatus
-from ..clients import kube
+from ..clients import kube, storage
 from ..clients.flower import FlowerControl, FlowerUnavailable
 from ..manifests import names, secrets, server
 from ..manifests.security import owner_reference
@@ -125,6 +125,7 @@ def reconcile(name: str, namespace: str, body: kopf.Body, settings: Settings,
     observed = plan.FederationObserved(
         generation=body.meta.get("generation", 0), tls=plan.TLSObserved(), site_keys=site_keys,
         server_ready_replicas=ready, flower_nodes=flower_nodes, previous=previous,
+        published_adapter_versions=storage.published_adapter_versions(spec, name, namespace),
     )
     registered = plan.registered_sites(observed)
     # With authentication on, a removed site's key is deleted only once the server has

@@ -17,7 +17,7 @@ from ..manifests import clients as client_manifests
 from ..manifests import names, server
 from ..manifests.run import run_config
 from ..manifests.security import owner_reference
-from ..metrics import ROUNDS_COMPLETED, RUNS_FINISHED
+from ..metrics import count_training_round
 from ..reconcile import traininground as plan
 from ..settings import Settings
 from .federation import flower_address
@@ -171,10 +171,7 @@ def reconcile(name: str, namespace: str, body: kopf.Body, settings: Settings,
         kube.delete("batch/v1", "Job", namespace, names.client_job(name, site_name))
     for event in decision.events:
         kopf.event(body, type=event.type, reason=event.reason, message=event.message)
-    if (status.round or 0) > (previous.round or 0):
-        ROUNDS_COMPLETED.labels(namespace).inc((status.round or 0) - (previous.round or 0))
-    if status.phase in plan.TERMINAL and previous.phase not in plan.TERMINAL:
-        RUNS_FINISHED.labels(status.phase).inc()
+    count_training_round(namespace, previous, status, plan.TERMINAL)
     return status
 
 

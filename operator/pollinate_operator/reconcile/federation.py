@@ -40,7 +40,9 @@ class FederationObserved:
     # None when the server could not be asked.
     flower_nodes: list[FlowerNode] | None
     previous: FederationStatus = field(default_factory=FederationStatus)
-    latest_adapter_version: str | None = None
+    # The complete adapter versions in the Federation's S3 store (S3 holds the training
+    # state); None when it could not be read.
+    published_adapter_versions: tuple[int, ...] | None = None
 
 
 @dataclass(frozen=True)
@@ -98,6 +100,14 @@ def nodes_to_unregister(spec: FederationSpec, observed: FederationObserved) -> d
     return {site: registered[site] for site in stale_sites(spec, observed) if site in registered}
 
 
+def latest_adapter_version(observed: FederationObserved) -> str | None:
+    """The newest published version, as `v<n>`; what the last pass saw if S3 is unreadable."""
+    if observed.published_adapter_versions is None:
+        return observed.previous.latest_adapter_version
+    versions = observed.published_adapter_versions
+    return f"v{max(versions)}" if versions else None
+
+
 def federation_status(
     name: str, namespace: str, spec: FederationSpec, observed: FederationObserved,
     registered: dict[str, str], internal_endpoint: str, external_endpoint: str | None,
@@ -144,7 +154,7 @@ def federation_status(
         ca_secret=names.server_tls_secret(name) if not spec.server.tls.secret_name
         else spec.server.tls.secret_name,
         sites_summary=f"{n_registered if auth else len(spec.sites)}/{len(spec.sites)}",
-        latest_adapter_version=observed.latest_adapter_version or observed.previous.latest_adapter_version,
+        latest_adapter_version=latest_adapter_version(observed),
         observed_generation=gen,
         sites=sites,
         conditions=conditions,

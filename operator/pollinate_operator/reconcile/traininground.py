@@ -115,6 +115,23 @@ def validate_against_federation(name: str, spec: TrainingRoundSpec, fed_name: st
     return None
 
 
+def _already(prev: TrainingRoundStatus, condition: str, reason: str) -> bool:
+    """Whether the last pass already recorded this state (its Event was posted then)."""
+    return any(c.type == condition and c.reason == reason for c in prev.conditions)
+
+
+def submissions_after_submit(prev: TrainingRoundStatus, done_rounds: int) -> dict:
+    """Status fields once a run is submitted: how many runs this TrainingRound has had, and,
+    for any but the first (a server that lost its run, a resume after suspend), the round
+    it continues after."""
+    # A status written before runSubmissions existed still shows its run through runId.
+    before = prev.run_submissions or (1 if prev.run_id else 0)
+    update: dict = {"run_submissions": before + 1}
+    if before:
+        update["resumed_from_round"] = done_rounds
+    return update
+
+
 def site_states(spec: TrainingRoundSpec, fed: FederationSpec, obs: TrainingRoundObserved,
                 training_round: str) -> list[SiteStatus]:
     states = []
@@ -205,8 +222,10 @@ def decide(name: str, spec: TrainingRoundSpec, obs: TrainingRoundObserved) -> De
         events.append(Event("Normal", "Resumed", "resuming from the last checkpoint"))
 
     if not obs.federation_ready and not prev.run_id:
-        conds = set_condition(conditions, "Running", False, "FederationNotReady",
-                              f"Federation {spec.federation!r} is not Ready yet", gen, now)
+        message = f"Federation {spec.federation!r} is not Ready yet"
+        if not _already(prev, "Running", "FederationNotReady"):
+            events.append(Event("Normal", "FederationNotReady", f"waiting: {message}"))
+        conds = set_condition(conditions, "Running", False, "FederationNotReady", message, gen, now)
         return Decision(base.model_copy(update={"phase": "Pending", "conditions": conds}),
                         events=tuple(events))
     # A run under way keeps being observed even if its Federation turns Degraded (a server
@@ -275,15 +294,21 @@ def decide(name: str, spec: TrainingRoundSpec, obs: TrainingRoundObserved) -> De
                     if fed.server.node_authentication else [])
     if submit and unregistered:
         submit = False  # the next pass, once the Federation has registered them again
-        conditions = set_condition(
-            conditions, "SitesPending", True, "KeysNotRegistered",
-            f"waiting for the server to register the keys of {', '.join(unregistered)}", gen, now)
+        message = f"waiting for the server to register the keys of {', '.join(unregistered)}"
+        if not _already(prev, "SitesPending", "KeysNotRegistered"):
+            events.append(Event("Normal", "KeysNotRegistered", message))
+        conditions = set_condition(conditions, "SitesPending", True, "KeysNotRegistered", message,
+                                   gen, now)
+    if submit:
+        status_update.update(submissions_after_submit(prev, done_rounds))
     if submit and prev.run_id:
         events.append(Event("Warning", "RunResubmitted",
                             f"Flower run {prev.run_id} is gone (server restarted?); "
-                            "resubmitting, it resumes from the last checkpoint"))
+                            f"resubmitting, it resumes after round {done_rounds}"))
     elif submit:
-        events.append(Event("Normal", "RunSubmitted", f"submitting a Flower run of {spec.rounds} rounds"))
+        events.append(Event("Normal", "RunSubmitted", f"submitting a Flower run of {spec.rounds} rounds"
+                            + (f", resuming after round {done_rounds}"
+                               if status_update.get("resumed_from_round") is not None else "")))
     running = sum(1 for s in sites if s.state in ("Running", "External"))
     conditions = set_condition(conditions, "Running", True, "RunInProgress",
                                f"round {done_rounds}/{spec.rounds}", gen, now)

@@ -28,7 +28,11 @@ def test_server_deployment_is_one_recreated_hardened_superlink(fed_spec: Federat
     # Writable places Flower needs, on a read-only root filesystem.
     mounts = {m["mountPath"] for m in c["volumeMounts"]}
     assert {"/tmp", server.STATE_DIR, server.TLS_DIR} <= mounts
-    assert c["readinessProbe"]["httpGet"]["scheme"] == "HTTPS"
+    assert c["readinessProbe"]["httpGet"] == {"path": "/health", "port": "flower", "scheme": "HTTPS"}
+    assert c["livenessProbe"]["httpGet"] == {"path": "/health", "port": "flower", "scheme": "HTTPS"}
+    # A slow start is not a dead server: liveness gives it longer than readiness does.
+    assert c["livenessProbe"]["initialDelaySeconds"] > c["readinessProbe"]["initialDelaySeconds"]
+    assert c["resources"] == server.DEFAULT_RESOURCES
     assert c["envFrom"] == [{"secretRef": {"name": "s3-credentials"}}]
     annotations = dep["spec"]["template"]["metadata"]["annotations"]
     assert annotations["pollinate.dev/server-certificate"] == "abc"
@@ -91,13 +95,19 @@ def test_no_ingress_without_a_host(fed_spec: FederationSpec) -> None:
 
 def test_network_policy_admits_only_ingress_clients_and_operator() -> None:
     policy = server.network_policy("clinical-notes", "research", SETTINGS)
+    assert policy["spec"]["podSelector"] == {"matchLabels": names.server_selector("clinical-notes")}
+    assert policy["spec"]["policyTypes"] == ["Ingress"]
     (rule,) = policy["spec"]["ingress"]
     assert rule["ports"] == [{"port": 9092, "protocol": "TCP"}]
-    selectors = [peer["podSelector"]["matchLabels"] for peer in rule["from"]]
-    assert SETTINGS.ingress_controller_labels in selectors
-    assert SETTINGS.operator_labels in selectors
-    assert {"pollinate.dev/federation": "clinical-notes",
-            "app.kubernetes.io/component": "site-client"} in selectors
+    # Exactly these peers: one more would open the control API to it.
+    assert rule["from"] == [
+        {"namespaceSelector": {}, "podSelector": {"matchLabels": {
+            "app.kubernetes.io/name": "ingress-nginx"}}},
+        {"podSelector": {"matchLabels": {
+            "pollinate.dev/federation": "clinical-notes", "app.kubernetes.io/component": "site-client"}}},
+        {"namespaceSelector": {}, "podSelector": {"matchLabels": {
+            "app.kubernetes.io/name": "pollinate-operator"}}},
+    ]
 
 
 def test_server_certificate_names_cover_ingress_and_service(fed_spec: FederationSpec) -> None:
@@ -188,3 +198,116 @@ def test_owner_reference_makes_the_federation_the_controller(federation_body: di
     assert ref == {"apiVersion": "pollinate.dev/v1alpha1", "kind": "Federation",
                    "name": "clinical-notes", "uid": "fed-uid", "controller": True,
                    "blockOwnerDeletion": True}
+
+
+def test_server_resources_come_from_the_spec_when_given(fed_spec: FederationSpec) -> None:
+    resources = {"requests": {"cpu": "2", "memory": "8Gi"}, "limits": {"memory": "8Gi"}}
+    spec = fed_spec.model_copy(update={"server": fed_spec.server.model_copy(update={"resources": resources})})
+    (c,) = server.deployment("f", "ns", spec, SETTINGS)["spec"]["template"]["spec"]["containers"]
+    assert c["resources"] == resources
+
+
+def site_with(fed_spec: FederationSpec, name: str, **changes) -> FederationSpec:
+    sites = [s.to_wire() | changes if s.name == name else s.to_wire() for s in fed_spec.sites]
+    return FederationSpec.model_validate({**fed_spec.to_wire(), "sites": sites})
+
+
+def job_for(fed: FederationSpec, tr_spec: TrainingRoundSpec, site: str = "hospital-a") -> dict:
+    return clients.client_job("notes-v1", "research", tr_spec, "clinical-notes", fed, fed.site(site),
+                              "clinical-notes-server.research.svc:9092")
+
+
+def test_client_pod_runs_non_root_on_a_read_only_root_without_capabilities(
+        fed_spec: FederationSpec, tr_spec: TrainingRoundSpec) -> None:
+    pod = job_for(fed_spec, tr_spec)["spec"]["template"]["spec"]
+    assert pod["securityContext"] == {
+        "runAsNonRoot": True, "runAsUser": 65532, "runAsGroup": 65532, "fsGroup": 65532,
+        "seccompProfile": {"type": "RuntimeDefault"}}
+    assert pod["automountServiceAccountToken"] is False
+    (c,) = pod["containers"]
+    assert c["securityContext"] == {
+        "allowPrivilegeEscalation": False, "readOnlyRootFilesystem": True,
+        "capabilities": {"drop": ["ALL"]}}
+    assert "add" not in c["securityContext"]["capabilities"]
+    # Writable places on the read-only root: its work dir and /tmp, both emptyDirs.
+    volumes = {v["name"]: v for v in pod["volumes"]}
+    writable = [m for m in c["volumeMounts"] if not m.get("readOnly")]
+    assert {m["mountPath"] for m in writable} == {clients.WORK_DIR, "/tmp"}
+    assert all(volumes[m["name"]] == {"name": m["name"], "emptyDir": {}} for m in writable)
+    # The site's private key is readable by its owner only.
+    assert volumes["site-identity"]["secret"]["defaultMode"] == 0o400
+
+
+def test_a_sites_data_claim_is_mounted_read_only(
+        fed_spec: FederationSpec, tr_spec: TrainingRoundSpec) -> None:
+    fed = site_with(fed_spec, "hospital-a", data={"persistentVolumeClaim": {"claimName": "notes"},
+                                                  "path": "2024/notes.jsonl"})
+    job = job_for(fed, tr_spec)
+    pod = job["spec"]["template"]["spec"]
+    assert {v["name"]: v for v in pod["volumes"]}["data"] == {
+        "name": "data", "persistentVolumeClaim": {"claimName": "notes", "readOnly": True}}
+    (c,) = pod["containers"]
+    assert {"name": "data", "mountPath": "/data", "readOnly": True} in c["volumeMounts"]
+    assert "--data=/data/2024/notes.jsonl" in c["args"]
+
+
+def test_a_sites_host_path_must_be_an_existing_directory(
+        fed_spec: FederationSpec, tr_spec: TrainingRoundSpec) -> None:
+    fed = site_with(fed_spec, "hospital-a", data={"hostPath": {"path": "/srv/notes"}})
+    pod = job_for(fed, tr_spec)["spec"]["template"]["spec"]
+    assert {v["name"]: v for v in pod["volumes"]}["data"] == {
+        "name": "data", "hostPath": {"path": "/srv/notes", "type": "Directory"}}
+    assert "--data=/data" in pod["containers"][0]["args"]
+
+
+def test_a_sites_tolerations_reach_its_pod(fed_spec: FederationSpec, tr_spec: TrainingRoundSpec) -> None:
+    tolerations = [{"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"},
+                   {"key": "pollinate.dev/site", "operator": "Equal", "value": "hospital-a",
+                    "effect": "NoExecute"}]
+    fed = site_with(fed_spec, "hospital-a", tolerations=tolerations)
+    assert job_for(fed, tr_spec)["spec"]["template"]["spec"]["tolerations"] == tolerations
+    assert "tolerations" not in job_for(fed, tr_spec, "hospital-b")["spec"]["template"]["spec"]
+
+
+def test_a_base_model_in_s3_gives_the_client_the_bucket_credentials(
+        fed_spec: FederationSpec, tr_spec: TrainingRoundSpec) -> None:
+    fed = FederationSpec.model_validate({**fed_spec.to_wire(), "baseModel": {"uri": "s3://models/smollm2/"}})
+    (c,) = job_for(fed, tr_spec)["spec"]["template"]["spec"]["containers"]
+    assert c["envFrom"] == [{"secretRef": {"name": "s3-credentials"}}]
+    env = {e["name"]: e["value"] for e in c["env"]}
+    assert env["POLLINATE_S3_ENDPOINT"] == "http://s3.pollinate-system.svc:9000"
+    assert env["POLLINATE_SITE"] == "hospital-a" and env["HF_HUB_OFFLINE"] == "1"
+
+
+def test_a_base_model_in_s3_without_an_endpoint_uses_aws(
+        fed_spec: FederationSpec, tr_spec: TrainingRoundSpec) -> None:
+    wire = fed_spec.to_wire()
+    wire["storage"]["s3"].pop("endpoint")
+    fed = FederationSpec.model_validate({**wire, "baseModel": {"uri": "s3://models/smollm2/"}})
+    (c,) = job_for(fed, tr_spec)["spec"]["template"]["spec"]["containers"]
+    assert c["envFrom"] == [{"secretRef": {"name": "s3-credentials"}}]
+    assert "POLLINATE_S3_ENDPOINT" not in {e["name"] for e in c["env"]}
+
+
+def test_general_evaluation_from_a_claim_is_mounted_read_only(
+        fed_spec: FederationSpec, tr_spec: TrainingRoundSpec) -> None:
+    general = {"persistentVolumeClaim": {"claimName": "heldout"}}
+    fed = FederationSpec.model_validate({**fed_spec.to_wire(), "generalEvaluation": general})
+    pod = job_for(fed, tr_spec)["spec"]["template"]["spec"]
+    assert {"name": "general", "persistentVolumeClaim": {"claimName": "heldout", "readOnly": True}} \
+        in pod["volumes"]
+    assert "--general-eval=/general" in pod["containers"][0]["args"]
+
+
+def test_run_config_carries_privacy_and_transport(
+        fed_spec: FederationSpec, tr_spec: TrainingRoundSpec) -> None:
+    spec = TrainingRoundSpec.model_validate({
+        **tr_spec.to_wire(), "privacy": {"clippingNorm": 0.5, "noiseMultiplier": 1.1, "targetDelta": 1e-6},
+        "transport": {"dtype": "float32", "maxUpdateNorm": 50}})
+    config = run.run_config("r", "ns", spec, "f", fed_spec)
+    flat = config.to_flower()
+    assert type(config).from_flower(flat) == config
+    assert (config.clipping_norm, config.noise_multiplier, config.target_delta) == (0.5, 1.1, 1e-6)
+    assert (config.transport_dtype, config.max_update_norm) == ("float32", 50)
+    default = run.run_config("r", "ns", tr_spec, "f", fed_spec)
+    assert (default.clipping_norm, default.noise_multiplier, default.transport_dtype) == (0.0, 0, "float16")

@@ -122,3 +122,61 @@ def test_a_ready_federation_whose_server_goes_away_is_degraded(fed_spec: Federat
     assert status.phase == "Degraded"
     degraded = next(c for c in status.conditions if c.type == "Degraded")
     assert degraded.status == "True" and degraded.reason == "ServerUnavailable"
+
+
+def test_latest_adapter_is_the_newest_version_published_in_s3(fed_spec: FederationSpec) -> None:
+    obs = observed(published_adapter_versions=(1, 3, 2),
+                   previous=FederationStatus(latest_adapter_version="v1"))
+    status = federation_status("f", "ns", fed_spec, obs, {}, "in", None)
+    assert status.latest_adapter_version == "v3"
+
+
+def test_latest_adapter_is_kept_while_s3_cannot_be_read(fed_spec: FederationSpec) -> None:
+    obs = observed(published_adapter_versions=None, previous=FederationStatus(latest_adapter_version="v2"))
+    assert federation_status("f", "ns", fed_spec, obs, {}, "in", None).latest_adapter_version == "v2"
+
+
+def test_no_published_adapter_leaves_the_column_empty(fed_spec: FederationSpec) -> None:
+    obs = observed(published_adapter_versions=())
+    assert federation_status("f", "ns", fed_spec, obs, {}, "in", None).latest_adapter_version is None
+
+
+def test_a_new_federation_without_its_deployment_is_starting(fed_spec: FederationSpec) -> None:
+    status = federation_status("f", "ns", fed_spec, observed(server_ready_replicas=None), {}, "in", None)
+    assert status.phase == "Pending"
+    conds = {c.type: c for c in status.conditions}
+    assert conds["Ready"].status == "False" and conds["Ready"].reason == "ServerStarting"
+    assert conds["Ready"].message == "Deployment f-server is being created"
+    assert conds["Progressing"].status == "True"
+    assert conds["Degraded"].status == "False"
+
+
+def test_a_starting_server_with_no_ready_replica_says_so(fed_spec: FederationSpec) -> None:
+    status = federation_status("f", "ns", fed_spec, observed(server_ready_replicas=0), {}, "in", None)
+    ready = next(c for c in status.conditions if c.type == "Ready")
+    assert ready.reason == "ServerStarting" and ready.message == "Deployment f-server has no ready replica"
+    assert status.phase == "Pending"
+
+
+def test_a_degraded_federation_whose_server_returns_is_ready_again(fed_spec: FederationSpec) -> None:
+    registered = {s: str(i) for i, s in enumerate(KEYS)}
+    ready = federation_status("f", "ns", fed_spec, observed(), registered, "in", None, now="t0")
+    degraded = federation_status("f", "ns", fed_spec, observed(
+        server_ready_replicas=0, previous=ready), registered, "in", None, now="t1")
+    assert degraded.phase == "Degraded"
+    back = federation_status("f", "ns", fed_spec, observed(previous=degraded), registered, "in", None,
+                             now="t2")
+    assert back.phase == "Ready"
+    conds = {c.type: c for c in back.conditions}
+    assert (conds["Ready"].status, conds["Ready"].reason) == ("True", "ServerReady")
+    assert (conds["Degraded"].status, conds["Degraded"].reason) == ("False", "AsExpected")
+    assert conds["Progressing"].status == "False"
+    # Each flip is a transition; the time of each condition says when it last changed.
+    assert conds["Ready"].last_transition_time == "t2"
+    assert conds["Degraded"].last_transition_time == "t2"
+
+
+def test_status_records_the_generation_it_describes(fed_spec: FederationSpec) -> None:
+    status = federation_status("f", "ns", fed_spec, observed(generation=7), {}, "in", None)
+    assert status.observed_generation == 7
+    assert {c.observed_generation for c in status.conditions} == {7}

@@ -215,3 +215,98 @@ def test_a_running_round_keeps_reporting_while_its_federation_is_degraded(fed_sp
     assert d.status.phase == "Running" and d.status.round == 1
     cond = next(c for c in d.status.conditions if c.type == "FederationReady")
     assert cond.status == "False"
+
+
+def test_first_submission_counts_one_run_and_resumes_from_nothing(fed_spec, tr_spec) -> None:
+    d = decide("notes-v1", tr_spec, observe(fed_spec))
+    assert d.submit_run
+    assert d.status.run_submissions == 1 and d.status.resumed_from_round is None
+
+
+def test_a_run_the_server_lost_is_resubmitted_and_status_records_it(fed_spec, tr_spec) -> None:
+    prev = TrainingRoundStatus(phase="Running", run_id="7", round=1, run_submissions=1)
+    d = decide("notes-v1", tr_spec, observe(
+        fed_spec, jobs=running_jobs(*SITES), run=None, previous=prev,
+        progress=Progress(2, (RoundMetrics(round=2),), None, "k")))
+    assert d.submit_run
+    assert d.status.run_submissions == 2
+    assert d.status.resumed_from_round == 2
+    event = next(e for e in d.events if e.reason == "RunResubmitted")
+    assert "after round 2" in event.message
+
+
+def test_a_status_from_before_the_count_still_counts_its_first_run(fed_spec, tr_spec) -> None:
+    prev = TrainingRoundStatus(phase="Running", run_id="7", round=1)
+    d = decide("notes-v1", tr_spec, observe(fed_spec, jobs=running_jobs(*SITES), previous=prev))
+    assert d.status.run_submissions == 2 and d.status.resumed_from_round == 1
+
+
+def test_resume_after_suspend_is_a_resubmission_from_the_last_round(fed_spec, tr_spec) -> None:
+    prev = TrainingRoundStatus(phase="Running", run_id="7", round=2, run_submissions=1)
+    suspended = decide("notes-v1", tr_spec.model_copy(update={"suspend": True}), observe(
+        fed_spec, jobs=running_jobs(*SITES), run=RunObserved("running"), previous=prev))
+    assert suspended.status.run_submissions == 1
+    resumed = decide("notes-v1", tr_spec, observe(
+        fed_spec, previous=suspended.status, progress=Progress(2, (), None, "k")))
+    assert resumed.submit_run
+    assert resumed.status.run_submissions == 2 and resumed.status.resumed_from_round == 2
+    assert resumed.status.round == 2 and resumed.status.progress == "2/3"
+    assert "resuming after round 2" in next(e for e in resumed.events if e.reason == "RunSubmitted").message
+
+
+def test_no_submission_leaves_the_count_alone(fed_spec, tr_spec) -> None:
+    prev = TrainingRoundStatus(phase="Running", run_id="7", run_submissions=3, resumed_from_round=1)
+    d = decide("notes-v1", tr_spec, observe(
+        fed_spec, jobs=running_jobs(*SITES), run=RunObserved("running"), previous=prev))
+    assert not d.submit_run
+    assert d.status.run_submissions == 3 and d.status.resumed_from_round == 1
+
+
+def test_waiting_for_the_federation_posts_an_event_once(fed_spec, tr_spec) -> None:
+    d = decide("notes-v1", tr_spec, observe(fed_spec, federation_ready=False))
+    assert reasons(d) == ["FederationNotReady"]
+    assert "Federation 'clinical-notes' is not Ready" in d.events[0].message
+    again = decide("notes-v1", tr_spec, observe(fed_spec, federation_ready=False, previous=d.status))
+    assert again.status.phase == "Pending" and reasons(again) == []
+
+
+def test_waiting_for_site_keys_posts_an_event_once(fed_spec, tr_spec) -> None:
+    d = decide("notes-v1", tr_spec, observe(fed_spec, registered_nodes={"hospital-a": 1}))
+    assert "KeysNotRegistered" in reasons(d)
+    again = decide("notes-v1", tr_spec, observe(fed_spec, registered_nodes={"hospital-a": 1},
+                                                 previous=d.status))
+    assert "KeysNotRegistered" not in reasons(again)
+
+
+def test_a_site_whose_job_gives_up_is_failed_and_reported(fed_spec, tr_spec) -> None:
+    jobs = running_jobs("hospital-a", "hospital-b")
+    jobs["clinic-c"] = JobObserved("notes-v1-clinic-c", failed=True,
+                                   pods=(PodObserved("Failed", "gpu-clinic-c-0"),))
+    prev = TrainingRoundStatus(phase="Running", run_id="7")
+    d = decide("notes-v1", tr_spec, observe(fed_spec, jobs=jobs, run=RunObserved("running"), previous=prev))
+    state = {s.name: s for s in d.status.sites}["clinic-c"]
+    assert state.state == "Failed" and "backoffLimit" in state.message
+    assert "SiteFailed" in reasons(d)
+    assert d.status.phase == "Running"  # minSites 2 still holds
+    cond = next(c for c in d.status.conditions if c.type == "SitesPending")
+    assert cond.reason == "SitesLeftOut" and "clinic-c" in cond.message
+    again = decide("notes-v1", tr_spec, observe(fed_spec, jobs=jobs, run=RunObserved("running"),
+                                                 previous=d.status))
+    assert "SiteFailed" not in reasons(again)
+
+
+def test_a_stopped_run_fails_the_round_as_stopped(fed_spec, tr_spec) -> None:
+    prev = TrainingRoundStatus(phase="Running", run_id="7")
+    d = decide("notes-v1", tr_spec, observe(
+        fed_spec, jobs=running_jobs(*SITES), run=RunObserved("finished", "stopped"), previous=prev))
+    assert d.status.phase == "Failed"
+    failed = next(c for c in d.status.conditions if c.type == "Failed")
+    assert failed.reason == "RunStopped" and failed.message == "Flower run 7 stopped"
+    assert set(d.delete_jobs) == set(SITES) and not d.stop_run
+    assert reasons(d) == ["RunStopped"]
+
+
+def test_status_records_the_generation_it_describes(fed_spec, tr_spec) -> None:
+    d = decide("notes-v1", tr_spec, observe(fed_spec, generation=4))
+    assert d.status.observed_generation == 4
+    assert all(c.observed_generation == 4 for c in d.status.conditions)
