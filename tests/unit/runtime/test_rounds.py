@@ -1,0 +1,314 @@
+"""The server's round loop (rounds.FederatedRun) against a fake grid and an in-memory bucket:
+resuming from a checkpoint, waiting for minSites, sampling a fraction of the sites, and failing
+the run when fewer than minSites valid updates arrive. Pure logic; the real SuperLink, sites
+and S3 are in tests/integration/test_engine.py."""
+
+from __future__ import annotations
+
+import math
+from collections import Counter
+from collections.abc import Iterator
+
+import numpy as np
+import pytest
+from flwr.app import ConfigRecord, Message, MetricRecord, RecordDict
+from flwr.supercore.task_identity import TaskIdentity
+from pollinate_runtime import messages as m
+from pollinate_runtime import rounds
+from pollinate_runtime.rounds import FederatedRun, RunFailed
+from pollinate_runtime.run_config import RunConfig
+from pollinate_runtime.store import FederationStore, ObjectStore
+from pollinate_runtime.wire import from_record, to_record
+
+
+def lora_adapter(seed: int = 0, scale: float = 0.1) -> dict[str, np.ndarray]:
+    """A rank-2 adapter of two modules, PEFT names."""
+    rng = np.random.default_rng(seed)
+    base = "base_model.model.model.layers.0.self_attn"
+    return {f"{base}.{module}.lora_{ab}.weight": (rng.standard_normal(shape) * scale).astype(np.float32)
+            for module in ("q_proj", "v_proj") for ab, shape in (("A", (2, 8)), ("B", (8, 2)))}
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.now = 0.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+class MemoryObjects(ObjectStore):
+    """A bucket in a dict that counts the writes of every key (a versioned bucket's view)."""
+
+    def __init__(self) -> None:
+        super().__init__(client=None, bucket="pollinate", prefix="fed")
+        self.blobs: dict[str, bytes] = {}
+        self.writes: Counter[str] = Counter()
+
+    def put(self, relative: str, data: bytes, *, content_type: str = "", if_absent: bool = False) -> bool:
+        if if_absent and relative in self.blobs:
+            return False
+        self.blobs[relative] = data
+        self.writes[relative] += 1
+        return True
+
+    def get(self, relative: str) -> bytes | None:
+        return self.blobs.get(relative)
+
+    def list(self, relative_prefix: str) -> list[str]:
+        return sorted(k for k in self.blobs if k.startswith(relative_prefix))
+
+
+class ServerKilled(Exception):
+    """Stands for the ServerApp process dying."""
+
+
+class SitesGrid:
+    """Honest sites: each answers `train` with the global adapter moved by its own fixed step
+    (so the result depends on the strategy's state), `query` with the seeded initial adapter,
+    and `evaluate` with an eval loss. `silent` nodes never answer, `nan` nodes send NaNs,
+    `kill_at_round` raises ServerKilled when that round's messages are pushed, and nodes in
+    `arrive_at` connect only once the clock reaches that time."""
+
+    def __init__(self, clock: Clock, nodes: list[int], *, silent: tuple[int, ...] = (),
+                 nan: tuple[int, ...] = (), kill_at_round: int | None = None,
+                 arrive_at: dict[int, float] | None = None) -> None:
+        self.clock = clock
+        self.nodes = nodes
+        self.silent = silent
+        self.nan = nan
+        self.kill_at_round = kill_at_round
+        self.arrive_at = arrive_at or {}
+        self.pushed: list[tuple[str, int, int]] = []  # (message type, round, node)
+        self._replies: dict[str, Message] = {}
+        self._count = 0
+
+    def get_node_ids(self) -> list[int]:
+        self.clock.now += 0.5
+        return [n for n in self.nodes if self.clock.now >= self.arrive_at.get(n, 0.0)]
+
+    def push_messages(self, messages: list[Message]) -> list[str]:
+        ids = []
+        for msg in messages:
+            node = msg.metadata.dst_node_id
+            round_ = int(msg.content.config_records[m.CONFIG][m.ROUND])
+            if msg.metadata.message_type == "train" and round_ == self.kill_at_round:
+                raise ServerKilled(f"killed while sending round {round_}")
+            self._count += 1
+            mid = f"m{self._count}"
+            msg.metadata.__dict__["_message_id"] = mid
+            self.pushed.append((msg.metadata.message_type, round_, node))
+            if node not in self.silent:
+                self._replies[mid] = Message(self._answer(msg, node, round_), reply_to=msg)
+            ids.append(mid)
+        return ids
+
+    def pull_messages(self, ids: list[str]) -> list[Message]:
+        self.clock.now += 1.0
+        return [self._replies.pop(mid) for mid in ids if mid in self._replies]
+
+    def _answer(self, msg: Message, node: int, round_: int) -> RecordDict:
+        config = ConfigRecord({m.ROUND: round_, m.SITE: f"site-{node}"})
+        if msg.metadata.message_type == "query":
+            return RecordDict({m.CONFIG: config, m.ARRAYS: to_record(lora_adapter(), "float32")})
+        metrics = {m.EVAL_LOSS: 3.0 / (round_ + 1), m.EVAL_EXAMPLES: 10.0}
+        if msg.metadata.message_type == "evaluate":
+            return RecordDict({m.CONFIG: config, m.METRICS: MetricRecord(metrics)})
+        adapter = from_record(msg.content.array_records[m.ARRAYS])
+        step = lora_adapter(seed=node, scale=0.01)
+        update = {k: np.asarray(v, np.float32) + step[k] for k, v in adapter.items()}
+        if node in self.nan:
+            first = sorted(update)[0]
+            update[first] = update[first].copy()
+            update[first].flat[0] = np.nan
+        metrics.update({m.NUM_EXAMPLES: 10.0 * node, m.TRAIN_LOSS: 2.0})
+        return RecordDict({m.CONFIG: config, m.METRICS: MetricRecord(metrics),
+                           m.ARRAYS: to_record(update, "float16")})
+
+
+@pytest.fixture(autouse=True)
+def task_identity() -> Iterator[None]:
+    # What Flower sets in a ServerApp process before any Message is made.
+    TaskIdentity.run_id = TaskIdentity.task_id = 1
+    TaskIdentity.node_id = 0
+    yield
+    TaskIdentity.run_id = TaskIdentity.task_id = TaskIdentity.node_id = None  # type: ignore[assignment]
+
+
+@pytest.fixture(autouse=True)
+def no_real_waits(monkeypatch: pytest.MonkeyPatch) -> None:
+    # The fake clock advances with every call to the grid; real sleeps would only slow the tests.
+    monkeypatch.setattr(rounds.time, "sleep", lambda _: None)
+
+
+def config(**changes) -> RunConfig:
+    values = dict(training_round="notes-v1", lora_rank=2, rounds=4, min_sites=2, round_timeout_seconds=30.0,
+                  strategy="fedadam", server_learning_rate=0.1)
+    values.update(changes)
+    return RunConfig(**values)
+
+
+def federated_run(grid: SitesGrid, clock: Clock, objects: MemoryObjects, **changes) -> FederatedRun:
+    return FederatedRun(grid, config(**changes), FederationStore(objects), poll_seconds=0.0,
+                        clock=clock, node_wait_seconds=20.0)
+
+
+def trained_rounds(grid: SitesGrid) -> list[int]:
+    return sorted({r for kind, r, _ in grid.pushed if kind == "train"})
+
+
+# ---- resuming ------------------------------------------------------------------------------
+
+
+def test_without_a_checkpoint_a_run_starts_from_round_zero() -> None:
+    clock = Clock()
+    run = federated_run(SitesGrid(clock, [1, 2, 3]), clock, MemoryObjects())
+    assert run.resume() == (0, None)
+
+
+def unbroken_checkpoint(clock: Clock):
+    """The last checkpoint of the same run when nothing goes wrong."""
+    objects = MemoryObjects()
+    federated_run(SitesGrid(clock, [1, 2, 3]), clock, objects).run()
+    checkpoint = FederationStore(objects).load_checkpoint("notes-v1")
+    assert checkpoint is not None and checkpoint.round == 4
+    return checkpoint
+
+
+def test_a_restarted_run_resumes_after_its_last_checkpoint_and_ends_where_an_unbroken_one_does() -> None:
+    clock = Clock()
+    objects = MemoryObjects()
+    store = FederationStore(objects)
+
+    # Killed while sending round 3: rounds 1 and 2 are checkpointed.
+    first = SitesGrid(clock, [1, 2, 3], kill_at_round=3)
+    with pytest.raises(ServerKilled):
+        federated_run(first, clock, objects).run()
+    assert trained_rounds(first) == [1, 2]
+    checkpoint = store.load_checkpoint("notes-v1")
+    assert checkpoint is not None and checkpoint.round == 2
+
+    # The restarted server: a fresh FederatedRun on the same bucket.
+    second = SitesGrid(clock, [1, 2, 3])
+    done, adapter = federated_run(second, clock, objects).resume()
+    assert done == 2
+    assert adapter is not None and adapter.keys() == checkpoint.adapter.keys()
+    for name, values in checkpoint.adapter.items():
+        np.testing.assert_array_equal(adapter[name], values)
+
+    restarted = federated_run(second, clock, objects)
+    restarted.run()
+    # No initial-adapter query, and only the rounds after the checkpoint were trained.
+    assert [kind for kind, _, _ in second.pushed].count("query") == 0
+    assert trained_rounds(second) == [3, 4]
+    # Every round's checkpoint was written once; each round has one metrics entry.
+    for round_ in (1, 2, 3, 4):
+        manifest = f"checkpoints/notes-v1/round-{round_}/manifest.json"
+        assert objects.writes[manifest] == 1, (manifest, objects.writes[manifest])
+    assert [e["round"] for e in restarted.metrics] == [0, 1, 2, 3, 4]
+    # FedAdam's moments came back too: the resumed run ends exactly where the unbroken one did.
+    final = store.load_checkpoint("notes-v1")
+    assert final is not None and final.round == 4
+    for name, values in unbroken_checkpoint(clock).adapter.items():
+        np.testing.assert_allclose(final.adapter[name], values, rtol=0, atol=1e-7)
+
+
+def test_a_resumed_run_without_its_strategy_state_would_end_elsewhere() -> None:
+    """The check above is not vacuous: FedAdam restarted with fresh moments at round 3 ends
+    somewhere else than the unbroken run."""
+    clock = Clock()
+    objects = MemoryObjects()
+    with pytest.raises(ServerKilled):
+        federated_run(SitesGrid(clock, [1, 2, 3], kill_at_round=3), clock, objects).run()
+    store = FederationStore(objects)
+    checkpoint = store.load_checkpoint("notes-v1")
+    assert checkpoint is not None
+    checkpoint.strategy_state = {"step": np.array([0], np.int64)}  # FedAdam as new
+    store.save_checkpoint("notes-v1", checkpoint)
+    federated_run(SitesGrid(clock, [1, 2, 3]), clock, objects).run()
+    final = store.load_checkpoint("notes-v1")
+    reference = unbroken_checkpoint(clock)
+    assert final is not None
+    assert any(not np.allclose(final.adapter[k], v, rtol=0, atol=1e-7) for k, v in reference.adapter.items())
+
+
+# ---- minSites and sampling -----------------------------------------------------------------
+
+
+def test_the_first_round_waits_until_min_sites_are_connected() -> None:
+    clock = Clock()
+    grid = SitesGrid(clock, [1, 2, 3], arrive_at={2: 5.0, 3: 8.0})
+    run = federated_run(grid, clock, MemoryObjects(), min_sites=3, rounds=1)
+    run.run()
+    first_train = min(i for i, (kind, _, _) in enumerate(grid.pushed) if kind == "train")
+    assert {node for kind, _, node in grid.pushed[first_train:] if kind == "train"} == {1, 2, 3}
+    assert clock.now >= 8.0
+
+
+def test_too_few_connected_sites_fail_the_run_naming_min_sites_and_the_missing_sites() -> None:
+    clock = Clock()
+    grid = SitesGrid(clock, [1, 2, 3], arrive_at={3: 1e9})
+    run = federated_run(grid, clock, MemoryObjects(), min_sites=3,
+                        site_nodes={"site-a": 1, "site-b": 2, "site-c": 3})
+    with pytest.raises(RunFailed, match=r"only 2 site\(s\) connected after 20 s; minSites is 3; "
+                                        r"not connected: site-c"):
+        run.wait_for_nodes(3)
+
+
+def test_fraction_per_round_samples_min_sites_or_the_fraction_whichever_is_more() -> None:
+    clock = Clock()
+    nodes = list(range(1, 11))
+
+    def sizes(min_sites: int, fraction: float) -> int:
+        run = federated_run(SitesGrid(clock, nodes), clock, MemoryObjects(), min_sites=min_sites,
+                            fraction_per_round=fraction)
+        return len(run.sample(nodes))
+
+    assert sizes(2, 0.25) == math.ceil(0.25 * 10) == 3
+    assert sizes(5, 0.25) == 5
+    assert sizes(1, 0.01) == 1
+    assert sizes(2, 1.0) == 10
+
+
+def test_sampling_is_deterministic_for_a_training_round_and_differs_between_rounds() -> None:
+    clock = Clock()
+    nodes = list(range(1, 21))
+
+    def samples(name: str) -> list[list[int]]:
+        run = federated_run(SitesGrid(clock, nodes), clock, MemoryObjects(), training_round=name,
+                            min_sites=2, fraction_per_round=0.3)
+        return [run.sample(nodes) for _ in range(5)]
+
+    picked = samples("notes-v1")
+    assert picked == samples("notes-v1")  # a restarted server draws the same sites
+    assert all(len(s) == 6 and s == sorted(s) and set(s) <= set(nodes) for s in picked)
+    assert len({tuple(s) for s in picked}) > 1  # not the same sites every round
+    assert picked != samples("notes-v2")
+
+
+def test_a_sampled_round_sends_the_adapter_only_to_the_sampled_sites() -> None:
+    clock = Clock()
+    grid = SitesGrid(clock, list(range(1, 11)))
+    run = federated_run(grid, clock, MemoryObjects(), rounds=2, min_sites=2, fraction_per_round=0.3)
+    run.run()
+    for round_ in (1, 2):
+        assert len({n for kind, r, n in grid.pushed if kind == "train" and r == round_}) == 3
+    assert all(e["participants"] == 3 for e in run.metrics if e["round"] > 0)
+
+
+def test_fewer_valid_updates_than_min_sites_fail_the_run_naming_min_sites_and_the_sites() -> None:
+    clock = Clock()
+    objects = MemoryObjects()
+    grid = SitesGrid(clock, [1, 2, 3], silent=(3,), nan=(2,))
+    run = federated_run(grid, clock, objects, min_sites=2, round_timeout_seconds=10.0,
+                        site_nodes={"site-a": 1, "site-b": 2, "site-c": 3})
+    with pytest.raises(RunFailed) as failed:
+        run.run()
+    message = str(failed.value)
+    assert message.startswith("round 1: only 1 valid update(s) (site-a), minSites is 2"), message
+    assert "no reply from site-c" in message
+    assert "rejected: site-b (NonFiniteValues" in message
+    progress = FederationStore(objects).read_progress("notes-v1")
+    assert progress is not None and progress.phase == "Failed" and progress.message == message
+    assert progress.sites["site-c"]["state"] == "NoReply"
+    assert progress.sites["site-b"]["state"] == "Rejected"
