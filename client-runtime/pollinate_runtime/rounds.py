@@ -35,6 +35,7 @@ from .wire import (
     AdapterState,
     RejectReason,
     UpdateRejected,
+    check_update_size,
     from_record,
     payload_bytes,
     to_record,
@@ -305,6 +306,8 @@ class FederatedRun:
                     raise UpdateRejected(RejectReason.EMPTY, "the reply carries no adapter")
                 if examples <= 0:
                     raise UpdateRejected(RejectReason.EMPTY, f"{m.NUM_EXAMPLES} is {examples}, expected > 0")
+                # Every array the reply carries counts, not only the adapter's.
+                check_update_size(sum(payload_bytes(r) for r in content.array_records.values()), spec)
                 update = validate_update(content.array_records[m.ARRAYS], spec,
                                          max_norm=self.config.max_update_norm,
                                          expected_round=round,

@@ -13,10 +13,10 @@ A whole adapter travels packed, as two Arrays (see "the packed record" below).
 Everything arriving from a site is untrusted. `validate_update` decodes and checks a reply before
 any of it touches the aggregate, and raises `UpdateRejected(reason, message)` with a stable,
 greppable reason (`RejectReason`) and a message naming the tensor, what it was and what was
-expected. Checks run cheapest first: the round, then the layout (names, dtype, shapes), then the
-values, so a replayed or empty reply costs no decoding. The returned arrays keep their wire dtype
-(float16 stays float16: the aggregators upcast block by block) and are read-only views of the
-received bytes (no copy; nothing is ever unpickled).
+expected. Checks run cheapest first: the round, then the size, then the layout (names, dtype,
+shapes), then the values, so a replayed, empty or oversized reply costs no decoding. The
+returned arrays keep their wire dtype (float16 stays float16: the aggregators upcast block by
+block) and are read-only views of the received bytes (no copy; nothing is ever unpickled).
 """
 
 from __future__ import annotations
@@ -60,6 +60,7 @@ class RejectReason(StrEnum):
     NON_FINITE = "NonFiniteValues"
     NORM_TOO_LARGE = "NormTooLarge"
     STALE_ROUND = "StaleRound"
+    OVERSIZED = "OversizedUpdate"
 
 
 class UpdateRejected(Exception):
@@ -151,6 +152,8 @@ PACKED_STYPE = "pollinate.packed"
 LAYOUT_STYPE = "pollinate.layout+json+zlib"
 MAX_LAYOUT_BYTES = 4 << 20  # decompressed: about 40,000 tensor names; no adapter comes close
 MAX_NDIM = 8
+# The compressed layout of an honest update: names and shapes, well under 256 bytes a tensor.
+LAYOUT_ALLOWANCE_BYTES = 64 << 10
 _WIRE_DTYPES = {"float16": "<f2", "float32": "<f4", "bfloat16": "<u2"}
 
 Layout = tuple[tuple[str, tuple[int, ...]], ...]
@@ -340,6 +343,12 @@ class AdapterSpec:
     def num_parameters(self) -> int:
         return sum(math.prod(t.shape) for t in self.tensors.values())
 
+    @property
+    def max_update_bytes(self) -> int:
+        """The most bytes an honest update of this adapter carries: every value in the widest
+        transport dtype (float32) plus its compressed layout, with room to spare."""
+        return 4 * self.num_parameters + LAYOUT_ALLOWANCE_BYTES + 256 * len(self.tensors)
+
 
 # ---- validation ---------------------------------------------------------------------------
 
@@ -407,6 +416,18 @@ def _check_shapes(shapes: Mapping[str, tuple[int, ...]], spec: AdapterSpec) -> N
                 )
 
 
+def check_update_size(received_bytes: int, spec: AdapterSpec) -> None:
+    """Refuse a reply carrying more array bytes than any update of `spec` can (checked before
+    anything is decoded: a site must not make the server read or fold an arbitrary amount)."""
+    if received_bytes > spec.max_update_bytes:
+        raise UpdateRejected(
+            RejectReason.OVERSIZED,
+            f"the reply carries {received_bytes} bytes of arrays; an update of this adapter "
+            f"({spec.num_parameters} values in {len(spec.tensors)} tensors) is at most "
+            f"{spec.max_update_bytes} bytes",
+        )
+
+
 def _empty(spec: AdapterSpec) -> UpdateRejected:
     return UpdateRejected(
         RejectReason.EMPTY,
@@ -430,9 +451,10 @@ def validate_update(
     """
     _check_round(expected_round, reported_round)
     if isinstance(record_or_state, ArrayRecord):
-        # Form, names, dtype and shapes are all read from the layout before any value is.
+        # Size first, then form, names, dtype and shapes from the layout before any value.
         if len(record_or_state) == 0:
             raise _empty(spec)
+        check_update_size(payload_bytes(record_or_state), spec)
         layout, values = _packed_parts(record_or_state)
         if not layout:
             raise _empty(spec)

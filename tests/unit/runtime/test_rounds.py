@@ -11,7 +11,7 @@ from collections.abc import Iterator
 
 import numpy as np
 import pytest
-from flwr.app import ConfigRecord, Message, MetricRecord, RecordDict
+from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
 from flwr.supercore.task_identity import TaskIdentity
 from pollinate_runtime import messages as m
 from pollinate_runtime import rounds
@@ -67,16 +67,18 @@ class SitesGrid:
     """Honest sites: each answers `train` with the global adapter moved by its own fixed step
     (so the result depends on the strategy's state), `query` with the seeded initial adapter,
     and `evaluate` with an eval loss. `silent` nodes never answer, `nan` nodes send NaNs,
-    `kill_at_round` raises ServerKilled when that round's messages are pushed, and nodes in
-    `arrive_at` connect only once the clock reaches that time."""
+    `oversized` nodes add a megabyte of other arrays to their reply, `kill_at_round` raises
+    ServerKilled when that round's messages are pushed, and nodes in `arrive_at` connect only
+    once the clock reaches that time."""
 
     def __init__(self, clock: Clock, nodes: list[int], *, silent: tuple[int, ...] = (),
-                 nan: tuple[int, ...] = (), kill_at_round: int | None = None,
+                 nan: tuple[int, ...] = (), oversized: tuple[int, ...] = (), kill_at_round: int | None = None,
                  arrive_at: dict[int, float] | None = None) -> None:
         self.clock = clock
         self.nodes = nodes
         self.silent = silent
         self.nan = nan
+        self.oversized = oversized
         self.kill_at_round = kill_at_round
         self.arrive_at = arrive_at or {}
         self.pushed: list[tuple[str, int, int]] = []  # (message type, round, node)
@@ -122,8 +124,11 @@ class SitesGrid:
             update[first] = update[first].copy()
             update[first].flat[0] = np.nan
         metrics.update({m.NUM_EXAMPLES: 10.0 * node, m.TRAIN_LOSS: 2.0})
-        return RecordDict({m.CONFIG: config, m.METRICS: MetricRecord(metrics),
-                           m.ARRAYS: to_record(update, "float16")})
+        reply = RecordDict({m.CONFIG: config, m.METRICS: MetricRecord(metrics),
+                            m.ARRAYS: to_record(update, "float16")})
+        if node in self.oversized:  # a well-formed adapter, and a megabyte besides
+            reply["extra"] = ArrayRecord({"junk": Array(np.zeros(1 << 18, np.float32))})
+        return reply
 
 
 @pytest.fixture(autouse=True)
@@ -312,3 +317,15 @@ def test_fewer_valid_updates_than_min_sites_fail_the_run_naming_min_sites_and_th
     assert progress is not None and progress.phase == "Failed" and progress.message == message
     assert progress.sites["site-c"]["state"] == "NoReply"
     assert progress.sites["site-b"]["state"] == "Rejected"
+
+
+def test_a_reply_carrying_more_bytes_than_an_update_can_is_rejected_and_attributed() -> None:
+    clock = Clock()
+    grid = SitesGrid(clock, [1, 2, 3], oversized=(3,))
+    run = federated_run(grid, clock, MemoryObjects(), rounds=2,
+                        site_nodes={"site-a": 1, "site-b": 2, "site-c": 3})
+    run.run()
+    for entry in (e for e in run.metrics if e["round"] > 0):
+        assert entry["participants"] == 2
+        [rejected] = entry["rejected"]
+        assert rejected["site"] == "site-c" and rejected["reason"].startswith("OversizedUpdate: "), rejected

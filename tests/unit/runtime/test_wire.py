@@ -318,3 +318,26 @@ def test_reply_for_the_current_round_is_accepted(make_adapter):
     validate_update(
         to_record(make_adapter()), spec, max_norm=100.0, expected_round=3, reported_round=3
     )
+
+
+# ---- size ---------------------------------------------------------------------------------
+
+
+def test_an_update_far_larger_than_its_layout_allows_is_rejected_before_decoding(make_adapter):
+    spec = AdapterSpec.from_template(make_adapter())
+    record = to_record(make_adapter())
+    padding = b"\0" * (4 << 20)
+    err = rejection(repacked(record, data=record[TENSORS].data + padding), spec)
+    assert err.reason is RejectReason.OVERSIZED
+    assert f"{payload_bytes(record) + len(padding)} bytes" in err.message
+    assert f"at most {spec.max_update_bytes} bytes" in err.message
+
+
+def test_the_size_limit_admits_every_honest_transport_dtype(make_adapter):
+    adapter = make_adapter()
+    spec = AdapterSpec.from_template(adapter)
+    for dtype in ("float16", "bfloat16", "float32"):
+        record = to_record(adapter, dtype)
+        assert payload_bytes(record) <= spec.max_update_bytes
+        validate_update(record, spec, max_norm=math.inf)
+    assert spec.max_update_bytes < 4 * spec.num_parameters + (1 << 20)  # not unbounded
