@@ -26,6 +26,7 @@ import time
 from collections import deque
 from collections.abc import Iterable
 from pathlib import Path
+from typing import Any, TextIO
 
 from . import __version__
 from .site_trainer import SiteOptions, SiteTrainer, TrainerServer
@@ -218,17 +219,27 @@ def explain_supernode_exit(output_tail: Iterable[str]) -> str | None:
 
 
 class Reporter:
-    """Progress for a person at a terminal (rich), plain log lines in a pod."""
+    """Progress for a person at a terminal: a rich progress bar per round (the round's local
+    steps and the last loss) between log lines. In a pod (not a TTY) plain log lines only: a bar
+    redrawn in a log file is noise."""
 
-    def __init__(self, site: str) -> None:
+    def __init__(self, site: str, stream: TextIO | None = None) -> None:
         self.site = site
-        self.interactive = sys.stderr.isatty()
-        self._console = None
+        stream = stream if stream is not None else sys.stderr
+        self.interactive = stream.isatty()
+        self._console: Any = None
+        self._bar: Any = None
+        self._task: Any = None
         if self.interactive:
             from rich.console import Console
-            self._console = Console(stderr=True)
+            self._console = Console(file=stream)
 
     def __call__(self, kind: str, info: dict) -> None:
+        if kind == "step":
+            if self._bar is not None:
+                self._bar.update(self._task, completed=info["step"], total=info["steps"],
+                                 loss=f"{info['loss']:.4f}")
+            return
         if kind == "loading":
             msg = f"loading base model {info['model']} (kept resident across rounds)"
         elif kind == "training":
@@ -238,10 +249,27 @@ class Reporter:
                    f"{info['seconds']:.1f} s; adapter sent")
         else:
             msg = f"{kind}: {info}"
+        self._close_bar()  # a round that failed leaves its bar behind
         if self._console is not None:
             self._console.log(f"[bold]{self.site}[/bold] {msg}")
         else:
             log.info(msg)
+        if kind == "training" and self._console is not None:
+            self._open_bar(info["round"])
+
+    def _open_bar(self, round_number: int) -> None:
+        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+        self._bar = Progress(
+            TextColumn(f"{self.site} round {round_number}"), BarColumn(), MofNCompleteColumn(),
+            TextColumn("steps, loss {task.fields[loss]}"), TimeElapsedColumn(), console=self._console)
+        self._task = self._bar.add_task("train", total=None, loss="-")
+        self._bar.start()
+
+    def _close_bar(self) -> None:
+        if self._bar is not None:
+            self._bar.stop()
+            self._bar = self._task = None
 
 
 # ---- commands ------------------------------------------------------------------------------

@@ -148,7 +148,10 @@ class SiteTrainer:
 
         round_number = int(request.get("round", 0))
         self.on_event("training", {"round": round_number})
-        result = train_round(loaded.model, local_state, self._data, local_config(config, round_number))
+        result = train_round(
+            loaded.model, local_state, self._data, local_config(config, round_number),
+            on_step=lambda step, steps, loss: self.on_event(
+                "step", {"round": round_number, "step": step, "steps": steps, "loss": loss}))
         metrics.update({
             m.NUM_EXAMPLES: float(result.num_examples),
             m.TRAIN_LOSS: result.train_loss,
