@@ -8,10 +8,13 @@ progress goes on without it."""
 from __future__ import annotations
 
 import contextlib
+import http.client
 import os
 import signal
+import ssl
 import subprocess
 import time
+import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -131,6 +134,24 @@ def test_flower_itself_refuses_a_server_its_ca_does_not_sign(
     assert code != 0
     assert "CERTIFICATE_VERIFY_FAILED" in output, output
     assert "site-bare-supernode" not in online_sites(server)
+
+
+def test_plain_http_to_the_server_gets_no_answer_and_an_insecure_supernode_cannot_join(
+        server: FlowerServer, tmp_path: Path) -> None:
+    """The server speaks nothing but TLS: a plain HTTP request is never answered, and Flower's
+    own `--insecure` SuperNode, with a registered key, never comes online."""
+    context = ssl.create_default_context(cafile=str(server.ca_path))
+    with urllib.request.urlopen(f"https://{server.address}/health", context=context, timeout=10) as r:
+        assert r.status == 200  # the same port, over TLS
+    with pytest.raises((http.client.HTTPException, OSError)):
+        urllib.request.urlopen(f"http://{server.address}/health", timeout=10).read()
+    key, _ = server.register("site-insecure", tmp_path / "keys")
+    code, output = run_to_exit(
+        [str(BIN / "flower-supernode"), "--superlink", server.address, "--insecure",
+         "--auth-supernode-private-key", str(key), "--max-retries", "0"],
+        tmp_path / "supernode.log", {"FLWR_HOME": str(tmp_path / "flwr")})
+    assert code != 0, output
+    assert "site-insecure" not in online_sites(server)
 
 
 # ---- SuperNode authentication ----------------------------------------------------------------
