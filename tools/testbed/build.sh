@@ -11,6 +11,16 @@ cache=${POLLINATE_CACHE:-$HOME/.cache/pollinate}/testbed
 export CGO_ENABLED=0
 log() { printf '[testbed] %s\n' "$*" >&2; }
 
+# One build at a time per cache: a second build started meanwhile (a CI run, a test's testbed,
+# another clone) waits and then finds every binary cached, instead of compiling the same ones
+# again on the same cores and racing the first for the same output files.
+mkdir -p "$cache"
+exec {build_lock}>"$cache/.build.lock"
+if ! flock -n "$build_lock"; then
+  log "another build is using $cache; waiting for it"
+  flock "$build_lock"
+fi
+
 keys=()
 build() {  # name module-dir package tags ldflags
   local name=$1 dir=$2 pkg=$3 tags=$4 ldflags=$5
