@@ -6,13 +6,16 @@ from __future__ import annotations
 
 import base64
 import copy
+import json
 import os
 import re
 import shutil
 import signal
 import socket
+import ssl
 import subprocess
 import sys
+import urllib.error
 import urllib.request
 import uuid
 from collections.abc import Iterator
@@ -547,6 +550,92 @@ def second_namespace(testbed: Testbed) -> Iterator[str]:
     Kubectl(testbed).run("delete", "namespace", name, "--wait=false", check=False)
 
 
+def api_status(kubeconfig: Path, method: str, api_path: str, body: dict | None = None) -> int:
+    """The HTTP status the API server answers a request authenticated by `kubeconfig`'s token."""
+    config = yaml.safe_load(kubeconfig.read_text())
+    cluster = config["clusters"][0]["cluster"]
+    context = ssl.create_default_context(
+        cadata=base64.b64decode(cluster["certificate-authority-data"]).decode())
+    request = urllib.request.Request(
+        cluster["server"] + api_path, method=method,
+        data=json.dumps(body).encode() if body is not None else None,
+        headers={"Authorization": f"Bearer {config['users'][0]['user']['token']}",
+                 "Content-Type": "application/merge-patch+json" if method == "PATCH" else "application/json"})
+    try:
+        with urllib.request.urlopen(request, context=context, timeout=30) as response:
+            return response.status
+    except urllib.error.HTTPError as err:
+        return err.code
+
+
+def secret_body(name: str) -> dict:
+    return {"apiVersion": "v1", "kind": "Secret", "metadata": {"name": name},
+            "stringData": {"password": "not for the operator"}}
+
+
+def assert_forbidden_beyond_its_rules(testbed: Testbed, kubeconfig: Path, release_namespace: str,
+                                      watched: str, account: str) -> None:
+    """What the operator's ServiceAccount must not do, each asked twice: a real request with
+    its token (the API server answers 403) and `kubectl auth can-i` as it (no). The same
+    token may read the watched namespace's Secrets, so a 403 is the rules', not a bad token."""
+    admin = Kubectl(testbed)
+    admin.run("create", "secret", "generic", "not-for-the-operator", "-n", release_namespace,
+              "--from-literal=password=not-for-the-operator")
+    assert api_status(kubeconfig, "GET", f"/api/v1/namespaces/{watched}/secrets/clinical-notes-ca") == 200
+    assert api_status(kubeconfig, "GET", f"/api/v1/namespaces/{watched}/secrets") == 200
+
+    outside = release_namespace  # the operator's own namespace is not one it serves
+    forbidden = [
+        # The issue's own example: Secrets of a namespace the operator does not serve.
+        ("GET", f"/api/v1/namespaces/{outside}/secrets/not-for-the-operator", None,
+         ["get", "secrets/not-for-the-operator", "-n", outside]),
+        ("GET", f"/api/v1/namespaces/{outside}/secrets", None, ["list", "secrets", "-n", outside]),
+        ("GET", "/api/v1/namespaces/kube-system/secrets", None, ["list", "secrets", "-n", "kube-system"]),
+        ("GET", "/api/v1/secrets", None, ["list", "secrets", "--all-namespaces"]),
+        ("POST", f"/api/v1/namespaces/{outside}/secrets", secret_body("planted"),
+         ["create", "secrets", "-n", outside]),
+        # Secrets it may touch in its namespace, but never watch (nothing needs it).
+        ("GET", f"/api/v1/namespaces/{watched}/secrets?watch=true&timeoutSeconds=1", None,
+         ["watch", "secrets", "-n", watched]),
+        # Nodes, and a shell in any pod.
+        ("GET", "/api/v1/nodes", None, ["list", "nodes"]),
+        ("POST", f"/api/v1/namespaces/{watched}/pods/any/exec?command=id&stdout=true", None,
+         ["create", "pods", "--subresource=exec", "-n", watched]),
+        ("POST", f"/api/v1/namespaces/{watched}/pods", {"apiVersion": "v1", "kind": "Pod",
+                                                         "metadata": {"name": "x"}},
+         ["create", "pods", "-n", watched]),
+        ("GET", f"/api/v1/namespaces/{watched}/configmaps", None, ["list", "configmaps", "-n", watched]),
+        # Its own API and others' beyond what it uses: no deleting a user's Federation, no
+        # reading CRDs when serving named namespaces.
+        ("DELETE", f"/apis/pollinate.dev/v1alpha1/namespaces/{watched}/federations/clinical-notes", None,
+         ["delete", "federations.pollinate.dev", "-n", watched]),
+        ("GET", "/apis/apiextensions.k8s.io/v1/customresourcedefinitions", None,
+         ["list", "customresourcedefinitions.apiextensions.k8s.io"]),
+        # Nothing cluster-scoped written, no way to grant itself more.
+        ("POST", "/api/v1/namespaces", {"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": "x"}},
+         ["create", "namespaces"]),
+        ("POST", "/apis/rbac.authorization.k8s.io/v1/clusterroles",
+         {"apiVersion": "rbac.authorization.k8s.io/v1", "kind": "ClusterRole", "metadata": {"name": "x"}},
+         ["create", "clusterroles.rbac.authorization.k8s.io"]),
+        ("POST", f"/apis/rbac.authorization.k8s.io/v1/namespaces/{watched}/rolebindings",
+         {"apiVersion": "rbac.authorization.k8s.io/v1", "kind": "RoleBinding", "metadata": {"name": "x"},
+          "roleRef": {"apiGroup": "rbac.authorization.k8s.io", "kind": "ClusterRole", "name": "admin"},
+          "subjects": [{"kind": "ServiceAccount", "name": account.rsplit(":", 1)[1],
+                        "namespace": release_namespace}]},
+         ["create", "rolebindings.rbac.authorization.k8s.io", "-n", watched]),
+        ("PATCH", f"/api/v1/namespaces/{watched}", {"metadata": {"labels": {"x": "y"}}},
+         ["patch", f"namespaces/{watched}"]),
+    ]
+    allowed = []
+    for method, api_path, body, can_i in forbidden:
+        code = api_status(kubeconfig, method, api_path, body)
+        answer = admin.run("auth", "can-i", *can_i, f"--as={account}", check=False).stdout.strip()
+        if code != 403 or answer != "no":
+            allowed.append(f"{method} {api_path}: HTTP {code}; can-i {' '.join(can_i)}: {answer}")
+    assert not allowed, "the operator's ServiceAccount may do more than it needs:\n" + "\n".join(allowed)
+    assert admin.run("get", "secret", "planted", "-n", outside, check=False).returncode != 0
+
+
 def refusals(log: str) -> list[str]:
     return [line for line in log.splitlines()
             if re.search(r"forbidden|\b403\b", line, re.I)]
@@ -600,6 +689,9 @@ def test_operator_reconciles_under_nothing_but_the_namespaced_rbac(
                             ("ingress", "clinical-notes-server"), ("networkpolicy", "clinical-notes-server"),
                             ("secret", "clinical-notes-ca"), ("secret", "clinical-notes-site-clinic-c")]:
             k.run("get", kind, child)
+
+        assert_forbidden_beyond_its_rules(testbed, kubeconfig, namespace, watched,
+                                          f"system:serviceaccount:{namespace}:{name}")
 
         k.apply((ROOT / "examples/traininground.yaml").read_text())
         eventually(lambda: k.run("get", "job", "notes-v1-hospital-a", check=False).returncode == 0,
