@@ -79,7 +79,23 @@ def test_federation_creates_its_server_secrets_and_policy(operator, kubectl: Kub
     assert [p["port"] for p in svc["spec"]["ports"]] == [9092]
     ing = kubectl.json("get", "ingress", "clinical-notes-server")
     assert [p["path"] for p in ing["spec"]["rules"][0]["http"]["paths"]] == ["/v1/fleet"]
-    kubectl.json("get", "networkpolicy", "clinical-notes-server")
+    assert ing["spec"]["rules"][0]["host"] == "fl.pollinate.localhost"
+    assert ing["spec"]["ingressClassName"] == "nginx"
+    assert ing["spec"]["tls"] == [{"hosts": ["fl.pollinate.localhost"],
+                                   "secretName": "clinical-notes-server-tls"}]
+    policy = kubectl.json("get", "networkpolicy", "clinical-notes-server")["spec"]
+    assert policy["podSelector"] == {"matchLabels": {
+        "pollinate.dev/federation": "clinical-notes", "app.kubernetes.io/component": "server"}}
+    (rule,) = policy["ingress"]
+    assert rule["ports"] == [{"port": 9092, "protocol": "TCP"}]
+    assert rule["from"] == [
+        {"namespaceSelector": {}, "podSelector": {"matchLabels": {
+            "app.kubernetes.io/name": "ingress-nginx"}}},
+        {"podSelector": {"matchLabels": {
+            "pollinate.dev/federation": "clinical-notes", "app.kubernetes.io/component": "site-client"}}},
+        {"namespaceSelector": {}, "podSelector": {"matchLabels": {
+            "app.kubernetes.io/name": "pollinate-operator"}}},
+    ]
     tls = kubectl.json("get", "secret", "clinical-notes-server-tls")
     assert set(tls["data"]) == {"ca.crt", "tls.crt", "tls.key"}
     for site in ("hospital-a", "hospital-b", "clinic-c", "alice-laptop"):
@@ -172,21 +188,32 @@ def test_deleting_a_federation_collects_its_children(ready_federation: str, kube
                what="secrets collected")
 
 
-def test_traininground_naming_a_missing_federation_says_so(operator, kubectl: Kubectl) -> None:
-    kubectl.apply(training_round(federation="no-such-federation"))
-    cond = eventually(lambda: condition(kubectl, "traininground", "notes-v1", "FederationFound"),
-                      what="FederationFound condition")
-    assert cond["status"] == "False" and cond["reason"] == "FederationNotFound"
-    assert "spec.federation 'no-such-federation'" in cond["message"]
-    assert status(kubectl, "traininground", "notes-v1")["phase"] == "Pending"
+INVALID_FOR_OPERATOR = sorted((ROOT / "tests/data/invalid-operator").glob("*.yaml"))
 
 
-def test_traininground_naming_unknown_sites_fails_naming_the_field(
-        ready_federation: str, kubectl: Kubectl) -> None:
-    kubectl.apply(training_round(sites=["hospital-a", "mars-base"], minSites=1))
-    cond = eventually(lambda: condition(kubectl, "traininground", "notes-v1", "Failed"), what="Failed")
-    assert cond["reason"] == "InvalidSpec"
-    assert "spec.sites: 'mars-base' not a site of Federation 'clinical-notes'" in cond["message"]
+@pytest.mark.parametrize("manifest", INVALID_FOR_OPERATOR, ids=[p.stem for p in INVALID_FOR_OPERATOR])
+def test_operator_refuses_what_the_api_server_cannot_check_naming_the_field(
+        operator, kubectl: Kubectl, manifest: Path) -> None:
+    # Rules that span two resources: the API server accepts the TrainingRound, the operator
+    # says what is wrong in a condition and a Warning Event, and starts nothing.
+    expected = manifest.read_text().splitlines()[0].removeprefix("# expect: ")
+    name = yaml.safe_load(manifest.read_text())["metadata"]["name"]
+    s3_secret(kubectl)
+    kubectl.apply(federation())
+    kubectl.run("apply", "-f", str(manifest))
+
+    def refusal() -> dict | None:
+        return next((c for c in status(kubectl, "traininground", name).get("conditions", [])
+                     if expected in c.get("message", "")), None)
+
+    cond = eventually(refusal, timeout=60, what=f"a condition saying {expected!r}")
+    assert cond["reason"] in ("FederationNotFound", "InvalidSpec")
+    st = status(kubectl, "traininground", name)
+    # A missing Federation may still be created: the round waits; anything else fails.
+    assert st["phase"] == ("Pending" if cond["reason"] == "FederationNotFound" else "Failed")
+    assert any(e["type"] == "Warning" and expected in e["message"] for e in events(kubectl, name))
+    assert not kubectl.json("get", "jobs", "-l", f"pollinate.dev/traininground={name}")["items"]
+    assert "runId" not in st
 
 
 def test_site_removed_from_federation_loses_its_key(ready_federation: str, kubectl: Kubectl) -> None:
