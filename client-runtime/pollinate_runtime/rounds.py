@@ -163,11 +163,11 @@ class FederatedRun:
             if len(nodes) >= count:
                 return nodes
             if self.clock() >= deadline:
+                # The run's registered sites, or (without them) every site that answered before.
                 missing = sorted(s for n, s in self.sites_by_node.items() if n not in nodes)
                 raise RunFailed(
                     f"only {len(nodes)} site(s) connected after {self.node_wait_seconds:.0f} s; "
-                    f"minSites is {count}" + (f"; not connected: {', '.join(missing)}"
-                                              if self.config.site_nodes else ""))
+                    f"minSites is {count}" + (f"; not connected: {', '.join(missing)}" if missing else ""))
             time.sleep(0.5)
 
     def exchange(self, nodes: list[int], message_type: str, content: Callable[[int], RecordDict],

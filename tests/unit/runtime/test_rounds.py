@@ -69,11 +69,12 @@ class SitesGrid:
     and `evaluate` with an eval loss. `silent` nodes never answer, `nan` nodes send NaNs,
     `oversized` nodes add a megabyte of other arrays to their reply, `kill_at_round` raises
     ServerKilled when that round's messages are pushed, and nodes in `arrive_at` connect only
-    once the clock reaches that time."""
+    once the clock reaches that time (and leave for good at `leave_at`)."""
 
     def __init__(self, clock: Clock, nodes: list[int], *, silent: tuple[int, ...] = (),
                  nan: tuple[int, ...] = (), oversized: tuple[int, ...] = (), kill_at_round: int | None = None,
-                 arrive_at: dict[int, float] | None = None) -> None:
+                 arrive_at: dict[int, float] | None = None,
+                 leave_at: dict[int, float] | None = None) -> None:
         self.clock = clock
         self.nodes = nodes
         self.silent = silent
@@ -81,13 +82,15 @@ class SitesGrid:
         self.oversized = oversized
         self.kill_at_round = kill_at_round
         self.arrive_at = arrive_at or {}
+        self.leave_at = leave_at or {}
         self.pushed: list[tuple[str, int, int]] = []  # (message type, round, node)
         self._replies: dict[str, Message] = {}
         self._count = 0
 
     def get_node_ids(self) -> list[int]:
         self.clock.now += 0.5
-        return [n for n in self.nodes if self.clock.now >= self.arrive_at.get(n, 0.0)]
+        return [n for n in self.nodes
+                if self.arrive_at.get(n, 0.0) <= self.clock.now < self.leave_at.get(n, math.inf)]
 
     def push_messages(self, messages: list[Message]) -> list[str]:
         ids = []
@@ -329,3 +332,14 @@ def test_a_reply_carrying_more_bytes_than_an_update_can_is_rejected_and_attribut
         assert entry["participants"] == 2
         [rejected] = entry["rejected"]
         assert rejected["site"] == "site-c" and rejected["reason"].startswith("OversizedUpdate: "), rejected
+
+
+def test_sites_gone_before_a_round_below_min_sites_fail_the_run_naming_the_sites_that_left() -> None:
+    """Without registered site nodes the server knows the sites by their earlier replies."""
+    clock = Clock()
+    grid = SitesGrid(clock, [1, 2, 3], leave_at={2: 5.0, 3: 5.0})
+    run = federated_run(grid, clock, MemoryObjects(), min_sites=2)
+    with pytest.raises(RunFailed, match=r"only 1 site\(s\) connected after 20 s; minSites is 2; "
+                                        r"not connected: site-2, site-3"):
+        run.run()
+    assert 1 in trained_rounds(grid)
