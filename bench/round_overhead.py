@@ -33,6 +33,7 @@ from pathlib import Path
 from typing import Any
 
 from common import BENCH_DIR, REPO, Headline, load_average, parse_mode, print_notes, print_table, write_result
+from pollinate_runtime.superexec import WARM_ENV
 from round_sites import DATA_ENV, SITE_ENV, TIMINGS_ENV
 
 sys.path.insert(0, str(REPO / "tests" / "support"))
@@ -101,7 +102,8 @@ class TimedSite(Site):
     def timings(self) -> Path:
         return self.work / "timings.jsonl"
 
-    def join(self, server: FlowerServer, *extra: str) -> None:
+    def join(self, server: FlowerServer, *extra: str, warm: bool = True) -> None:
+        """`warm=False`: Flower's own SuperExec, a fresh interpreter per message (stock)."""
         self.work.mkdir(parents=True, exist_ok=True)
         argv = [sys.executable, str(BENCH_DIR / "round_sites.py"), "join", "--server", server.address,
                 "--site", self.name, "--data", str(self.data), "--ca", str(server.ca_path),
@@ -110,7 +112,8 @@ class TimedSite(Site):
                # As the tests do: two cores for the sites' processes, one thread each.
                "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1",
                "PYTHONPATH": os.pathsep.join(p for p in (str(BENCH_DIR), os.environ.get("PYTHONPATH")) if p),
-               TIMINGS_ENV: str(self.timings), SITE_ENV: self.name, DATA_ENV: str(self.data)}
+               TIMINGS_ENV: str(self.timings), SITE_ENV: self.name, DATA_ENV: str(self.data),
+               WARM_ENV: "1" if warm else "0"}
         self.proc = _spawn(argv, self.log, env)
 
     def messages(self) -> list[dict[str, Any]]:
@@ -127,6 +130,8 @@ class LoopbackFederation:
         self.bed: Any = None
         self.server: FlowerServer | None = None
         self.sites: dict[str, TimedSite] = {}
+        self.node_ids: set[str] = set()
+        self.warm = True
 
     def __enter__(self) -> LoopbackFederation:
         os.environ["POLLINATE_TESTBED_PORT_OFFSET"] = TESTBED_PORT_OFFSET
@@ -142,7 +147,6 @@ class LoopbackFederation:
             self.server = FlowerServer(self.root / "superlink", env={
                 "AWS_ACCESS_KEY_ID": self.s3.access_key, "AWS_SECRET_ACCESS_KEY": self.s3.secret_key})
             self.server.start()
-            node_ids = set()
             for name, modules in SITE_DOMAINS.items():
                 data = self.root / "data" / name
                 data.mkdir(parents=True)
@@ -150,15 +154,28 @@ class LoopbackFederation:
 
                 (data / "notes.txt").write_text("\n\n".join(docstring_corpus(modules)) + "\n")
                 key, node_id = self.server.register(name, self.root / "keys")
-                node_ids.add(node_id)
+                self.node_ids.add(node_id)
                 site = TimedSite(name, data, self.root / "sites" / name, key)
                 site.join(self.server)
                 self.sites[name] = site
-            self._wait_online(node_ids)
+            self._wait_online(self.node_ids)
         except BaseException:
             self.__exit__(None, None, None)
             raise
         return self
+
+    def rejoin(self, warm: bool) -> None:
+        """The sites again, with ClientApp processes forked warm (Pollinate) or started fresh
+        for every message (Flower's own SuperExec, as stock Flower runs them)."""
+        assert self.server is not None
+        if warm == self.warm:
+            return
+        for site in self.sites.values():
+            site.stop()
+        for site in self.sites.values():
+            site.join(self.server, warm=warm)
+        self.warm = warm
+        self._wait_online(self.node_ids)
 
     def _wait_online(self, node_ids: set[str], timeout: float = 300.0) -> None:
         assert self.server is not None
@@ -455,6 +472,7 @@ def run(mode: str, results_dir: Path) -> dict[str, Any]:
           LoopbackFederation(Path(tmp)) as federation):
         for case in PLANS[mode]:
             print(f"{case.model}, {case.mode}: {case.rounds} rounds", flush=True)
+            federation.rejoin(warm=case.mode == "resident")
             result = federation.run(case)
             result["load_average_after"] = load_average()
             cases.append(result)

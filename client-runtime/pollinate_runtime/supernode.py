@@ -7,23 +7,32 @@ has a setting. Between rounds every site is idle, so a round's message waits 1.5
 (3 s at worst) before a site sees it, the sites start up to 3 s apart, and each reply waits up
 to 0.5 s more: about 2 s of a round's fixed cost on three sites (bench/round_overhead.py).
 
-Here the idle pull repeats every `POLLINATE_SUPERNODE_POLL_SECONDS` (default 1 s: one signed
-request a second per site, a load the SuperLink serves easily for hundreds of sites) and the
+Here an idle site pulls again after 0.1 s right after it has handled a message (rounds run
+back to back: the next one usually arrives within a second of a site's reply), doubling the
+wait after every empty pull up to `POLLINATE_SUPERNODE_POLL_SECONDS` (default 1 s: one signed
+request a second per idle site, a load the SuperLink serves easily for hundreds of sites); the
 local reply waits every 0.05 s (they poll this process's own state, not the network). Only the
 module's `time` is replaced, so nothing else in Flower changes; `flwr` is pinned to 1.41, and
 `tests/unit/runtime/test_supernode.py` fails if the waits this relies on move.
+
+The SuperExec the SuperNode starts is Pollinate's (superexec.py), which forks each ClientApp
+process from a warm one; `POLLINATE_WARM_CLIENTAPP=0` keeps Flower's own.
 """
 
 from __future__ import annotations
 
 import os
+import subprocess
 import sys
 import time
 from types import ModuleType
 
+from .superexec import SUPEREXEC_COMMAND, Rerouted, superexec_command, warm_enabled
+
 POLL_ENV = "POLLINATE_SUPERNODE_POLL_SECONDS"
 DEFAULT_POLL_SECONDS = 1.0
 LOCAL_WAIT_SECONDS = 0.05
+FIRST_POLL_SECONDS = 0.1
 # The sleeps of Flower 1.41's SuperNode loop this pacing replaces.
 IDLE_PULL_SLEEP = 3
 LOCAL_WAIT_SLEEP = 0.5
@@ -38,12 +47,16 @@ class PacedTime:
             raise ValueError(f"{POLL_ENV}={poll_seconds!r}: expected a number of seconds > 0")
         self.poll_seconds = poll_seconds
         self.local_wait_seconds = local_wait_seconds
+        self.next_poll = poll_seconds
 
     def sleep(self, seconds: float) -> None:
         if seconds == IDLE_PULL_SLEEP:
-            seconds = self.poll_seconds
+            seconds = self.next_poll
+            self.next_poll = min(self.poll_seconds, 2 * self.next_poll)
         elif seconds == LOCAL_WAIT_SLEEP:
+            # Only a message being handled waits for a local reply: the next round is near.
             seconds = self.local_wait_seconds
+            self.next_poll = min(self.poll_seconds, FIRST_POLL_SECONDS)
         time.sleep(seconds)
 
     def __getattr__(self, name: str) -> object:
@@ -68,12 +81,24 @@ def pace(loop_module: ModuleType, poll_seconds: float) -> None:
     loop_module.time = PacedTime(poll_seconds)  # type: ignore[attr-defined]
 
 
+def warm_superexec(loop_module: ModuleType) -> None:
+    """Have Flower's SuperNode start Pollinate's SuperExec (superexec.py: ClientApp processes
+    forked warm) where it starts `flower-superexec`, with the same flags."""
+    if getattr(loop_module, "subprocess", None) is not subprocess:
+        raise RuntimeError(f"{loop_module.__name__} no longer starts the SuperExec through the "
+                           "subprocess module; check the pinned flwr version")
+    loop_module.subprocess = Rerouted(  # type: ignore[attr-defined]
+        SUPEREXEC_COMMAND, lambda args, kwargs: subprocess.Popen(superexec_command(args), **kwargs))
+
+
 def main() -> None:
     from flwr.supernode import start_client_internal
     from flwr.supernode.cli import flower_supernode
 
     try:
         pace(start_client_internal, poll_seconds_from(os.environ))
+        if warm_enabled(os.environ):
+            warm_superexec(start_client_internal)
     except ValueError as err:
         sys.exit(f"pollinate supernode: {err}")
     sys.argv[0] = "flower-supernode"

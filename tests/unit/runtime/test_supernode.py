@@ -31,6 +31,25 @@ def test_paced_time_shortens_only_the_idle_pull_and_the_local_waits(monkeypatch)
     assert paced.monotonic is time.monotonic  # everything else is the real module
 
 
+def test_an_idle_site_polls_fast_after_a_message_and_backs_off_to_the_poll_interval(monkeypatch):
+    slept: list[float] = []
+    monkeypatch.setattr(time, "sleep", slept.append)
+    paced = supernode.PacedTime(1.0)
+    for seconds in (3, 3, 0.5, 0.5, 3, 3, 3, 3, 3, 3):  # idle, a message, idle again
+        paced.sleep(seconds)
+    local = supernode.LOCAL_WAIT_SECONDS
+    assert slept == [1.0, 1.0, local, local, 0.1, 0.2, 0.4, 0.8, 1.0, 1.0]
+
+
+def test_a_poll_interval_below_the_fast_poll_is_kept(monkeypatch):
+    slept: list[float] = []
+    monkeypatch.setattr(time, "sleep", slept.append)
+    paced = supernode.PacedTime(0.05)
+    for seconds in (3, 0.5, 3, 3):
+        paced.sleep(seconds)
+    assert slept == [0.05, supernode.LOCAL_WAIT_SECONDS, 0.05, 0.05]
+
+
 def test_pace_refuses_a_loop_that_no_longer_uses_the_time_module():
     moved = types.ModuleType("moved")
     with pytest.raises(RuntimeError, match="pinned flwr"):

@@ -1,0 +1,123 @@
+"""Flower's SuperExec with warm ClientApp processes: `python -m pollinate_runtime.superexec
+<flower-superexec flags>` is `flower-superexec`, except that each `flwr-clientapp` it launches
+is forked from a process that has already imported Flower and Pollinate's ClientApp.
+
+Flower 1.41 starts a new `flwr-clientapp` process for every message (SubprocessExecutor runs
+the command by name) and nothing in it is settable. Starting Python and importing
+`flwr.supernode.runtime.run_clientapp` takes 1-1.6 s on the machines measured here
+(flower-1.41-probe.md), every round and at every site, before the message is even read. A
+fork of a warm interpreter starts in milliseconds.
+
+The warm process is multiprocessing's fork server: a fresh interpreter (started before the
+first message, so the first round gains too) that imports `WARM_MODULES` and nothing else,
+holds no threads and no connections, and forks once per message. The child then runs
+Flower's own `flwr-clientapp` entry point with the arguments Flower built, so the protocol,
+the token and the exit status are Flower's. Set `POLLINATE_WARM_CLIENTAPP=0` for a fresh
+process per message, as stock Flower does.
+"""
+
+from __future__ import annotations
+
+import multiprocessing
+import os
+import subprocess
+import sys
+from collections.abc import Callable, Sequence
+from typing import Any
+
+WARM_ENV = "POLLINATE_WARM_CLIENTAPP"
+CLIENTAPP_COMMAND = "flwr-clientapp"
+SUPEREXEC_COMMAND = "flower-superexec"
+# What a ClientApp process imports before it reads its message: Flower's entry point and
+# Pollinate's ClientApp (flwr and numpy only; torch stays in the site trainer).
+WARM_MODULES = ("flwr.supernode.cli.flwr_clientapp", "pollinate_runtime.client_app")
+
+Launch = Callable[[list[str], dict[str, Any]], Any]
+
+
+class Rerouted:
+    """A stand-in for a module's `subprocess`: `Popen` of one command goes to `launch`; any
+    other command, and every other attribute, is the real module's."""
+
+    def __init__(self, command: str, launch: Launch) -> None:
+        self.command = command
+        self.launch = launch
+
+    def Popen(self, args: Sequence[str], **kwargs: Any) -> Any:  # subprocess.Popen's name
+        args = list(args)
+        if args and args[0] == self.command:
+            return self.launch(args, kwargs)
+        return subprocess.Popen(args, **kwargs)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(subprocess, name)
+
+
+def warm_enabled(env: dict[str, str] | os._Environ[str]) -> bool:
+    raw = env.get(WARM_ENV, "1").strip().lower()
+    if raw in ("1", "true", "yes", "on", ""):
+        return True
+    if raw in ("0", "false", "no", "off"):
+        return False
+    raise ValueError(f"{WARM_ENV}={raw!r}: expected 1 (fork from a warm process) or 0 "
+                     "(a fresh process per message)")
+
+
+def run_clientapp(args: list[str], quiet: bool) -> None:
+    """The forked child: Flower's `flwr-clientapp` entry point with Flower's arguments."""
+    if quiet:  # what SubprocessExecutor's stdout/stderr=DEVNULL asks for
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, 1)
+        os.dup2(devnull, 2)
+    from flwr.supernode.cli import flwr_clientapp
+
+    sys.argv = [CLIENTAPP_COMMAND, *args[1:]]
+    flwr_clientapp()
+
+
+class WarmLauncher:
+    """Launches `flwr-clientapp` as a fork of the warm fork server."""
+
+    def __init__(self, modules: Sequence[str] = WARM_MODULES) -> None:
+        self.context = multiprocessing.get_context("forkserver")
+        self.context.set_forkserver_preload(list(modules))
+
+    def start(self) -> None:
+        """Start the fork server now, so the first message does not wait for its imports."""
+        from multiprocessing import forkserver
+
+        forkserver.ensure_running()
+
+    def __call__(self, args: list[str], kwargs: dict[str, Any]) -> Any:
+        quiet = kwargs.get("stdout") is subprocess.DEVNULL
+        process = self.context.Process(target=run_clientapp, args=(args, quiet), name=CLIENTAPP_COMMAND)
+        process.start()
+        return process
+
+
+def superexec_command(args: Sequence[str]) -> list[str]:
+    """This module's command line for the `flower-superexec` command line `args`."""
+    return [sys.executable, "-m", "pollinate_runtime.superexec", *list(args)[1:]]
+
+
+def main() -> None:
+    from flwr.supercore.cli import flower_superexec
+    from flwr.supercore.superexec.executor import subprocess_executor
+
+    try:
+        warm = warm_enabled(os.environ)
+    except ValueError as err:
+        sys.exit(f"pollinate superexec: {err}")
+    if warm:
+        if getattr(subprocess_executor, "subprocess", None) is not subprocess:
+            sys.exit("pollinate superexec: flwr's SubprocessExecutor no longer launches through "
+                     "the subprocess module; check the pinned flwr version")
+        launcher = WarmLauncher()
+        launcher.start()
+        subprocess_executor.subprocess = Rerouted(CLIENTAPP_COMMAND, launcher)  # type: ignore[attr-defined]
+    sys.argv[0] = SUPEREXEC_COMMAND
+    flower_superexec()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,77 @@
+"""Warm ClientApp processes: the SuperExec that the paced SuperNode starts forks each
+`flwr-clientapp` from a warm process, with Flower's own arguments, entry point and exit status."""
+
+from __future__ import annotations
+
+import inspect
+import subprocess
+import sys
+
+import pytest
+from flwr.supercore.constant import TASK_TYPE_TO_COMMAND
+from flwr.supercore.superexec.executor import subprocess_executor
+from flwr.supernode import start_client_internal
+from pollinate_runtime import superexec, supernode
+
+
+def test_flower_still_starts_the_superexec_and_clientapps_by_the_names_rerouted():
+    assert subprocess_executor.subprocess is subprocess
+    assert "subprocess.Popen(args" in inspect.getsource(subprocess_executor.SubprocessExecutor.launch)
+    assert superexec.CLIENTAPP_COMMAND in TASK_TYPE_TO_COMMAND.values()
+    assert start_client_internal.subprocess is subprocess
+    assert f'command = ["{superexec.SUPEREXEC_COMMAND}"]' in inspect.getsource(start_client_internal)
+
+
+def test_rerouted_sends_only_its_command_elsewhere(monkeypatch):
+    real: list[list[str]] = []
+    monkeypatch.setattr(subprocess, "Popen", lambda args, **kw: real.append(args) or "real")
+    routed = superexec.Rerouted("flwr-clientapp", lambda args, kw: ("warm", args, kw))
+    assert routed.Popen(("flwr-clientapp", "--token", "t"), stdout=None) == (
+        "warm", ["flwr-clientapp", "--token", "t"], {"stdout": None})
+    assert routed.Popen(["pip", "list"]) == "real" and real == [["pip", "list"]]
+    assert routed.DEVNULL is subprocess.DEVNULL  # every other attribute is the real module's
+
+
+def test_the_supernode_starts_pollinates_superexec_with_flowers_flags(monkeypatch):
+    started: list[list[str]] = []
+    monkeypatch.setattr(subprocess, "Popen", lambda args, **kw: started.append(args))
+    loop = type(sys)("loop")
+    loop.subprocess = subprocess
+    supernode.warm_superexec(loop)
+    loop.subprocess.Popen(["flower-superexec", "--insecure", "--runtime-api-address", "127.0.0.1:9"])
+    assert started == [[sys.executable, "-m", "pollinate_runtime.superexec", "--insecure",
+                        "--runtime-api-address", "127.0.0.1:9"]]
+
+
+def test_warm_superexec_refuses_a_loop_that_no_longer_uses_subprocess():
+    with pytest.raises(RuntimeError, match="pinned flwr"):
+        supernode.warm_superexec(type(sys)("moved"))
+
+
+@pytest.mark.parametrize(("raw", "warm"), [("1", True), ("", True), ("on", True), ("0", False),
+                                           ("false", False)])
+def test_warm_clientapps_can_be_turned_off(raw, warm):
+    assert superexec.warm_enabled({superexec.WARM_ENV: raw}) is warm
+    assert superexec.warm_enabled({}) is True
+
+
+def test_a_bad_warm_setting_is_refused_naming_the_variable():
+    with pytest.raises(ValueError, match=superexec.WARM_ENV):
+        superexec.warm_enabled({superexec.WARM_ENV: "maybe"})
+
+
+def test_a_warm_clientapp_runs_flowers_entry_point_with_flowers_arguments():
+    launcher = superexec.WarmLauncher()
+    launcher.start()
+    ok = launcher(["flwr-clientapp", "--help"], {"stdout": subprocess.DEVNULL})
+    bad = launcher(["flwr-clientapp", "--no-such-flag"], {"stdout": subprocess.DEVNULL})
+    ok.join(120)
+    bad.join(120)
+    assert ok.exitcode == 0  # argparse printed Flower's help and exited
+    assert bad.exitcode == 2  # Flower's own argument error
+
+
+def test_the_superexec_is_flower_superexec_with_its_flags():
+    out = subprocess.run([sys.executable, "-m", "pollinate_runtime.superexec", "--help"],
+                         capture_output=True, text=True, timeout=120, check=True).stdout
+    assert "--runtime-api-address" in out
