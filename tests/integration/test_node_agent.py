@@ -419,7 +419,9 @@ try:
     with urllib.request.urlopen(sys.argv[2], context=context, timeout=10) as r:
         print(r.status, r.read().decode())
 except urllib.error.HTTPError as e:
-    print(e.code)
+    print(e.code, e.read().decode(errors="replace"))
+except urllib.error.URLError as e:
+    print("unreachable", e.reason)
 """
 
 
@@ -489,18 +491,31 @@ def test_an_ingress_is_served_over_https_to_a_machine_outside_the_cluster(
     assert address == bed.ingress_address
 
     with OutsideHost(bed.network, {host: address}) as laptop:
-        def fetch(path: str) -> str:
-            argv = laptop.command([sys.executable, "-c", FETCH, str(ca.cert), f"https://{host}{path}"])
+        def fetch_url(url: str) -> str:
+            argv = laptop.command([sys.executable, "-c", FETCH, str(ca.cert), url])
             return subprocess.run(argv, capture_output=True, text=True, timeout=60).stdout.strip()
+
+        def fetch(path: str) -> str:
+            return fetch_url(f"https://{host}{path}")
+
+        def status_of(path: str) -> str:
+            return (fetch(path).split() or [""])[0]
 
         assert eventually(lambda: fetch("/v1/fleet/ping") == "200 echo /v1/fleet/ping" or None,
                           timeout=60, what="the backend through the ingress")
-        assert fetch("/v1/control/runs") == "404"  # not a path of the Ingress
+        # Not paths of the Ingress: the backend, which answers every path, never sees them.
+        assert status_of("/v1/control/list-runs") == "404"
+        assert status_of("/v1/runtime/get-nodes") == "404"
+        # Only TLS: plain HTTP to the HTTPS port gets an error and never the backend, and no
+        # plain HTTP port is open at all.
+        plain = fetch_url(f"http://{host}:443/v1/fleet/ping")
+        assert (plain.split() or [""])[0] in ("400", "404") and "echo" not in plain, plain
+        assert fetch_url(f"http://{host}/v1/fleet/ping").startswith("unreachable"), "port 80 is open"
 
         # The backend's certificate is verified: a name it does not carry is refused.
         kubectl.run("annotate", "--overwrite", "ingress", "echo",
                     "nginx.ingress.kubernetes.io/proxy-ssl-name=not-the-backend.example")
-        assert eventually(lambda: fetch("/v1/fleet/ping") in ("500", "502") or None, timeout=60,
+        assert eventually(lambda: status_of("/v1/fleet/ping") in ("500", "502") or None, timeout=60,
                           what="the ingress refusing a backend whose name does not match")
 
 
