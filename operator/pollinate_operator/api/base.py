@@ -21,6 +21,17 @@ class ApiModel(BaseModel):
     def to_wire(self) -> dict:
         return self.model_dump(by_alias=True, exclude_none=True, mode="json")
 
+    def merge_patch_over(self, stored: dict | None) -> dict:
+        """The JSON merge patch that makes `stored` say what this model says.
+
+        A merge patch leaves keys it does not mention alone, so a field of ours that is now
+        unset (a suspended round's runId) is sent as null, which deletes it; keys that are
+        not ours (kopf keeps its own in status) are not touched.
+        """
+        wire = self.to_wire()
+        ours = {f.alias or name for name, f in type(self).model_fields.items()}
+        return {**{k: None for k in (stored or {}) if k in ours and k not in wire}, **wire}
+
     @classmethod
     def from_stored(cls, raw: dict | None):
         """Read a stored status, ignoring keys that are not ours (kopf keeps its own there)."""

@@ -48,7 +48,7 @@ def reconcile_on_every_pass(plural: str, kind: str, reconcile: Reconcile, settin
             why = "; ".join(f"{c['type']}={c['status']} {c.get('reason', '')}: {c.get('message', '')}"
                             for c in wire.get("conditions", []) if c.get("message"))
             logger.info("phase %s -> %s%s", before, wire.get("phase"), f" ({why})" if why else "")
-        patch.status.update(wire)
+        patch.status.update(status.merge_patch_over(dict(body.get("status") or {})))
 
     handler.__name__ = handler.__qualname__ = kind  # kopf's handler id
     for register in (
