@@ -2,6 +2,11 @@
 the real Flower wire, but its trainer sends a malformed or poisoned update.
 
     python -m hostile_site --kind nan --server 127.0.0.1:9092 --ca ca.crt --key k --work-dir w
+
+Pollinate's ClientApp casts whatever the trainer returns to the transport dtype, so the
+RECORD_KINDS go one step further: their ClientApp process writes the Flower record itself
+(hostile_record/sitecustomize.py swaps the ClientApp's encoder), in a dtype the server does
+not accept, far larger than the adapter's layout allows, or scaled a million times.
 """
 
 from __future__ import annotations
@@ -14,14 +19,17 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+from flwr.app import Array, ArrayRecord
 from pollinate_runtime import messages as m
 from pollinate_runtime.cli import free_port
 from pollinate_runtime.site_trainer import TrainerServer
+from pollinate_runtime.wire import LAYOUT, PACKED_STYPE, TENSORS, to_record
 
-# A wrong dtype cannot leave Pollinate's ClientApp (it casts to the transport dtype); the
-# validator's dtype checks are unit-tested on raw ArrayRecords instead.
+RECORD_KINDS = ("float64", "int8", "oversized", "scaled-1e6")
 KINDS = ("nan", "inf", "wrong-shape", "wrong-name", "missing", "huge-norm", "empty", "stale-round",
-         "poison", "crash")
+         "poison", "crash", *RECORD_KINDS)
+HOSTILE_RECORD_ENV = "POLLINATE_HOSTILE_RECORD"
+OVERSIZED_EXTRA_BYTES = 32 << 20  # the tiny test adapter is a few kilobytes
 
 
 class HostileTrainer:
@@ -57,10 +65,37 @@ class HostileTrainer:
         elif self.kind == "poison":
             # Pull every coordinate far (but within the norm bound) in one direction.
             adapter = {k: v - 0.5 * np.sign(v + 1e-3) for k, v in adapter.items()}
+        # RECORD_KINDS: an honest adapter here; their ClientApp spoils the record it is sent in.
         answer: dict[str, Any] = {"adapter": adapter or None, "metrics": metrics}
         if self.kind == "stale-round":
             answer["round"] = int(request.get("round", 0)) - 1
         return answer
+
+
+def hostile_record(kind: str, adapter: dict[str, np.ndarray], dtype: str) -> ArrayRecord:
+    """The record a RECORD_KINDS ClientApp sends in place of `to_record(adapter, dtype)`: the
+    honest layout with values the server must refuse."""
+    honest = to_record(adapter, dtype)
+    if dtype == "float32":  # the initial adapter (query): answered honestly
+        return honest
+    values = np.concatenate([np.asarray(v, np.float32).reshape(-1) for v in adapter.values()])
+    if kind == "float64":
+        data, wire = values.astype(np.float64).tobytes(), "float64"
+    elif kind == "int8":
+        data, wire = np.clip(np.round(values * 100), -128, 127).astype(np.int8).tobytes(), "int8"
+    elif kind == "oversized":
+        data, wire = honest[TENSORS].data + bytes(OVERSIZED_EXTRA_BYTES), dtype
+    elif kind == "scaled-1e6":
+        # float32, which the server accepts whatever the run's transport dtype: float16 would
+        # overflow.
+        data, wire = (values * np.float32(1e6)).astype(np.float32).tobytes(), "float32"
+    else:
+        raise ValueError(f"{kind!r} is not one of {RECORD_KINDS}")
+    itemsize = np.dtype(wire).itemsize
+    return ArrayRecord({
+        LAYOUT: honest[LAYOUT],
+        TENSORS: Array(dtype=wire, shape=(len(data) // itemsize,), stype=PACKED_STYPE, data=data),
+    })
 
 
 def main() -> int:
@@ -80,6 +115,12 @@ def main() -> int:
     bin_dir = str(Path(sys.executable).parent)
     env = {**os.environ, "FLWR_HOME": str(work / "flwr"),
            "PATH": f"{bin_dir}{os.pathsep}{os.environ['PATH']}"}
+    if args.kind in RECORD_KINDS:
+        # The SuperNode's ClientApp processes inherit this environment.
+        here = Path(__file__).parent
+        env[HOSTILE_RECORD_ENV] = args.kind
+        env["PYTHONPATH"] = os.pathsep.join(
+            [str(here / "hostile_record"), str(here), env.get("PYTHONPATH", "")])
     command = [str(Path(sys.executable).parent / "flower-supernode"), "--superlink", args.server,
                "--root-certificates", args.ca, "--auth-supernode-private-key", args.key,
                "--node-config", f'site="{args.site}" trainer-socket="{socket_path}"',
