@@ -397,3 +397,48 @@ def test_s3_outage_longer_than_the_deadline_raises_naming_endpoint_and_key(s3_en
     message = str(caught.value)
     assert f"127.0.0.1:{port}" in message
     assert f"s3://{s3_env.bucket}/{prefix}/runs/notes-v1/progress.json" in message
+
+
+# ---- pollinate-client eval ------------------------------------------------------------------
+
+
+def test_pollinate_client_eval_scores_a_published_version_from_s3(
+        store, s3_env, prefix, tiny_model_dir: Path, tmp_path: Path) -> None:
+    """A version trained on a site's text, published to S3, scored by `pollinate-client eval
+    --adapter-version` on that text: the adapter's perplexity, as computed here, below the base
+    model's."""
+    import math
+    import os
+    import subprocess
+    import sys
+
+    from pollinate_runtime.train.data import load_eval_blocks, load_site_data
+    from pollinate_runtime.train.local import LocalTrainingConfig, evaluate, train_round
+    from pollinate_runtime.train.model import adapter_state, load_model
+    from tiny_lm import CPU, SITE_MODULES, TINY_LORA, docstring_corpus
+
+    data = tmp_path / "notes.txt"
+    data.write_text("\n\n".join(docstring_corpus(SITE_MODULES)) + "\n")
+    loaded = load_model(str(tiny_model_dir), TINY_LORA, CPU)
+    base_loss, _ = evaluate(loaded.model, load_eval_blocks(data, loaded.tokenizer, 64))
+    train_round(loaded.model, None, load_site_data(data, loaded.tokenizer, seq_len=64),
+                LocalTrainingConfig(max_steps=30, batch_size=8, learning_rate=1e-2, seed=1,
+                                    transport_dtype="float32"))
+    adapter_loss, adapter_ppl = evaluate(loaded.model, load_eval_blocks(data, loaded.tokenizer, 64))
+    version = store.publish_adapter(
+        adapter_state(loaded.model, "float32"),
+        lora_adapter_config(str(tiny_model_dir), rank=4, alpha=8.0, dropout=0.0,
+                            target_modules=["q_proj", "v_proj"]),
+        training_round="eval-test", round=1, sites={"site-a": 100}).version
+
+    done = subprocess.run(
+        [str(Path(sys.executable).parent / "pollinate-client"), "eval", "--s3-bucket", s3_env.bucket,
+         "--s3-prefix", prefix, "--s3-endpoint", s3_env.endpoint, "--adapter-version", f"v{version}",
+         "--data", str(data), "--device", "cpu", "--sequence-length", "64"],
+        capture_output=True, text=True, timeout=600, env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    assert done.returncode == 0, done.stderr
+    printed = json.loads(done.stdout.strip().splitlines()[-1])
+    assert printed["base_perplexity"] == pytest.approx(math.exp(base_loss), rel=1e-4)
+    assert printed["adapter_loss"] == pytest.approx(adapter_loss, rel=1e-4)
+    assert printed["adapter_perplexity"] == pytest.approx(adapter_ppl, rel=1e-4)
+    assert printed["adapter_perplexity"] < printed["base_perplexity"]
