@@ -19,9 +19,11 @@ from pathlib import Path
 import pytest
 import yaml
 from flower_processes import Site
+from pod_security import restricted_violations
 from pollinate_testbed import Ports, Testbed
 from pollinate_testbed.outside import OutsideHost
 from pollinate_testbed.testing import Kubectl, eventually
+from secret_search import leaks, secret_forms
 
 pytestmark = [pytest.mark.slow, pytest.mark.e2e, pytest.mark.timeout(3600)]
 
@@ -150,6 +152,146 @@ def test_a_laptop_joins_from_outside_with_tls_and_its_site_key(demo, tmp_path: P
     finally:
         laptop.stop()
         machine.stop()
+
+
+# A POST as a Flower client sends it: prints the status and the start of the body, or why no
+# HTTP answer came. A fourth argument skips the name check (a pod's address is in no
+# certificate); the Federation's CA must still sign whatever answers.
+PROBE = """
+import http.client, ssl, sys, urllib.parse
+ca, url = sys.argv[1], urllib.parse.urlsplit(sys.argv[2])
+try:
+    if url.scheme == "https":
+        context = ssl.create_default_context(cafile=ca)
+        context.check_hostname = len(sys.argv) < 4
+        conn = http.client.HTTPSConnection(url.hostname, url.port or 443, context=context, timeout=10)
+    else:
+        conn = http.client.HTTPConnection(url.hostname, url.port or 80, timeout=10)
+    conn.request("POST", url.path, body=b"", headers={"Content-Type": "application/protobuf"})
+    response = conn.getresponse()
+    print(response.status, response.read(200).decode(errors="replace").replace(chr(10), " "))
+except (OSError, http.client.HTTPException) as err:
+    print("no-answer", type(err).__name__, err)
+"""
+FLEET, CONTROL, RUNTIME = "/v1/fleet/get-run", "/v1/control/list-runs", "/v1/runtime/acquire-task"
+
+
+def test_the_ingress_passes_only_flowers_fleet_api_and_only_over_tls(demo, tmp_path: Path) -> None:
+    """Flower serves its fleet, control and runtime APIs on one port. Through the operator's
+    Ingress, from outside the cluster, only the fleet path reaches the server: the control
+    and runtime paths, which the server itself answers, get the ingress controller's 404;
+    plain HTTP reaches nothing."""
+    bed, _ = demo
+    k = Kubectl(bed, "demo")
+    ca = tmp_path / "ca.crt"
+    ca.write_bytes(base64.b64decode(k.json("get", "secret", "clinical-notes-server-tls")["data"]["ca.crt"]))
+    host = k.json("get", "federation", "clinical-notes")["status"]["endpoint"].rsplit(":", 1)[0]
+    lb = k.json("get", "ingress", "clinical-notes-server")["status"]["loadBalancer"]
+    address = lb["ingress"][0]["ip"]
+    selector = "app.kubernetes.io/instance=clinical-notes,app.kubernetes.io/component=server"
+    (server_pod,) = [p for p in k.json("get", "pods", "-l", selector)["items"]
+                     if p["status"].get("phase") == "Running"]
+    server = f"{server_pod['status']['podIP']}:9092"
+
+    def direct(path: str, scheme: str = "https") -> str:
+        argv = [sys.executable, "-c", PROBE, str(ca), f"{scheme}://{server}{path}", "pod-address"]
+        return subprocess.run(argv, capture_output=True, text=True, timeout=60).stdout.strip()
+
+    with OutsideHost(bed.network, {host: address}) as laptop:
+        def outside(url: str) -> str:
+            argv = laptop.command([sys.executable, "-c", PROBE, str(ca), url])
+            return subprocess.run(argv, capture_output=True, text=True, timeout=60).stdout.strip()
+
+        answers = {path: (outside(f"https://{host}{path}"), direct(path))
+                   for path in (FLEET, CONTROL, RUNTIME)}
+        plain_https_port = outside(f"http://{host}:443{FLEET}")
+        plain_http_port = outside(f"http://{host}{FLEET}")
+    plain_server = direct(FLEET, scheme="http")
+
+    def status(answer: str) -> str:
+        return (answer.split() or [""])[0]
+
+    through, at_server = answers[FLEET]
+    # The fleet path reaches Flower: the same answer as the server gives (it refuses an
+    # unauthenticated, empty request), not the controller's 404.
+    assert status(through) == status(at_server) and status(through) not in ("404", "no-answer"), answers
+    for path in (CONTROL, RUNTIME):
+        through, at_server = answers[path]
+        assert status(at_server) not in ("404", "no-answer"), (path, at_server)  # Flower serves it
+        assert status(through) == "404", (path, through)  # the Ingress does not
+    assert status(plain_https_port) in ("400", "404"), plain_https_port
+    assert status(plain_https_port) != status(answers[FLEET][0]), plain_https_port
+    assert status(plain_http_port) == "no-answer", plain_http_port  # no plain HTTP port at all
+    assert status(plain_server) == "no-answer", plain_server  # the server speaks only TLS
+
+
+def test_the_operators_pods_are_admitted_under_the_restricted_pod_security_standard(demo) -> None:
+    """The pods that really run (the operator, the Flower server, a client Job's): their
+    specs meet the restricted standard, and with the demo namespace enforcing it (the API
+    server's own PodSecurity admission) a new TrainingRound's client pod is still admitted."""
+    bed, _ = demo
+    cluster = Kubectl(bed)
+    k = Kubectl(bed, "demo")
+    enforce = "pod-security.kubernetes.io/enforce"
+    # The API server's check of the pods already running: no warning for any of them.
+    for ns in ("demo", "pollinate-system"):
+        dry_run = cluster.run("label", "--dry-run=server", "--overwrite", "namespace", ns,
+                              f"{enforce}=restricted")
+        assert "violate" not in dry_run.stderr, dry_run.stderr
+    tr = yaml.safe_load((ROOT / "examples/traininground.yaml").read_text())
+    tr["metadata"]["name"] = "notes-psa"
+    psa_pods = "pollinate.dev/traininground=notes-psa"
+    tr["spec"].update({"rounds": 1, "sites": ["hospital-a"], "minSites": 1})
+    cluster.run("label", "--overwrite", "namespace", "demo", f"{enforce}=restricted")
+    try:
+        bare = k.run("run", "bare", "--image=busybox", "--restart=Never", "--command", "--", "true",
+                     check=False)
+        assert bare.returncode != 0 and "violates PodSecurity" in bare.stderr, bare.stderr  # enforced
+        k.apply(yaml.safe_dump(tr))
+        client = eventually(lambda: k.json("get", "pods", "-l", psa_pods)["items"], timeout=120,
+                            what="the client pod admitted under restricted")
+    finally:
+        k.run("delete", "traininground", "notes-psa", "--wait=false", check=False)
+        cluster.run("label", "namespace", "demo", f"{enforce}-", check=False)
+    pods = [*client, *(p for ns in ("demo", "pollinate-system")
+                       for p in cluster.json("get", "pods", "-n", ns)["items"])]
+    components = {p["metadata"]["labels"].get("app.kubernetes.io/component") for p in pods}
+    assert {"server", "site-client", "operator"} <= components, components
+    problems = [problem for pod in pods for problem in restricted_violations(pod)]
+    assert not problems, "\n".join(problems)
+    eventually(lambda: not k.json("get", "jobs", "-l", psa_pods)["items"],
+               timeout=120, what="notes-psa's Job gone")
+
+
+def test_no_secret_shows_in_any_pods_log_events_or_status_after_real_runs(demo) -> None:
+    """After the demo's real run: the operator's and the Flower server's logs, every container
+    log the node agent kept for the demo's pods (the finished client Jobs' included), all
+    Events and all statuses hold no private key of the Federation and not the S3 secret key."""
+    bed, _ = demo
+    cluster = Kubectl(bed)
+    k = Kubectl(bed, "demo")
+    values: dict[str, set[str]] = {}
+    for secret in k.json("get", "secrets", "-l", "pollinate.dev/federation=clinical-notes")["items"]:
+        for key, data in secret["data"].items():
+            if key in ("site.key", "ca.key", "tls.key"):
+                values[f"{secret['metadata']['name']}/{key}"] = secret_forms(base64.b64decode(data))
+    assert len(values) == 6, sorted(values)  # CA, server, four sites
+    values["s3-credentials"] = secret_forms(bed.s3().secret_key.encode())
+    places: dict[str, str] = {}
+    for ns, what in (("demo", "deployment/clinical-notes-server"),
+                     ("pollinate-system", "deployment/pollinate")):
+        out = cluster.run("logs", "-n", ns, what, "--all-containers")
+        assert out.stdout.strip(), f"{what} logged nothing"
+        places[f"kubectl logs {what}"] = out.stdout
+    kept = [f for f in (bed.agent_dir / "logs").rglob("*.log")
+            if f.relative_to(bed.agent_dir / "logs").parts[0].startswith(("demo_", "pollinate-system_"))]
+    assert any("notes-v1-hospital-a" in str(f) for f in kept), kept  # a client's log is among them
+    places |= {f"container log {f.relative_to(bed.agent_dir)}": f.read_text(errors="replace") for f in kept}
+    places["Events"] = cluster.run("get", "events", "-A", "-o", "yaml").stdout
+    places["Federations and TrainingRounds"] = cluster.run(
+        "get", "federations,trainingrounds", "-A", "-o", "yaml").stdout
+    found = leaks(values, places)
+    assert not found, "secrets outside their Secrets:\n" + "\n".join(found)
 
 
 def test_a_deleted_server_pod_comes_back_and_the_run_resumes_from_its_checkpoint(demo) -> None:
