@@ -9,6 +9,7 @@ the keys from their Secrets, as `pollinate-client join` on a laptop would."""
 from __future__ import annotations
 
 import base64
+import datetime as dt
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -19,6 +20,8 @@ import pytest
 import yaml
 from flower_processes import FlowerServer, Site, free_port
 from operator_process import OperatorProcess
+from pollinate_operator import pki
+from pollinate_runtime.store import FederationStore, ObjectStore
 from pollinate_testbed import Testbed
 from pollinate_testbed.testing import Kubectl, eventually
 from tiny_lm import docstring_corpus
@@ -142,6 +145,11 @@ def test_operator_runs_a_training_round_on_a_real_flower_server(
         assert done["adapterVersion"].startswith("v")
         assert [m["round"] for m in done["metrics"]] == [0, 1, 2]
         assert done["metrics"][-1]["perplexity"] > 0
+        # What the server measured per round reaches the status, not only perplexity.
+        for entry in done["metrics"][1:]:
+            assert entry["participants"] == 3, entry
+            assert entry["bytesSent"] > 0 and entry["bytesReceived"] > 0 and entry["seconds"] > 0, entry
+            assert entry["trainLoss"] > 0, entry
         assert done["lastPerplexity"] == done["metrics"][-1]["perplexity"]
         assert done["completionTime"]
         reasons = {e["reason"] for e in kubectl.json(
@@ -151,18 +159,32 @@ def test_operator_runs_a_training_round_on_a_real_flower_server(
         eventually(lambda: not kubectl.json("get", "jobs")["items"], what="client Jobs deleted")
         out = kubectl.run("get", "trainingrounds").stdout
         assert "Succeeded" in out and "2/2" in out
+        assert done["runSubmissions"] == 1 and "resumedFromRound" not in done
 
-        # Deleting a TrainingRound stops its Flower run (its S3 data stays).
+        # The Federation shows the newest adapter version in S3: the one this run published.
+        fed = eventually(lambda: (st := kubectl.json("get", "federation", "clinical-notes")["status"])
+                         .get("latestAdapterVersion") and st, timeout=60, what="latestAdapterVersion")
+        assert fed["latestAdapterVersion"] == done["adapterVersion"]
+        row = kubectl.run("get", "federation", "clinical-notes").stdout.splitlines()[1].split()
+        assert row[4] == done["adapterVersion"]  # NAME PHASE ENDPOINT SITES LATEST-ADAPTER AGE
+
+        # Deleting a TrainingRound stops its Flower run and removes its Jobs; its S3 data stays.
         tr["metadata"]["name"] = "notes-v2"
         tr["spec"]["rounds"] = 50
         kubectl.apply(yaml.safe_dump(tr))
-        def submitted() -> str | None:
-            st = kubectl.json("get", "traininground", "notes-v2").get("status", {})
-            if not st.get("runId"):
-                print("notes-v2 status:", st.get("phase"), st.get("conditions"))
-            return st.get("runId")
 
-        run_id = int(eventually(submitted, timeout=90, interval=5, what="notes-v2 submitted"))
+        def v2_status() -> dict:
+            return kubectl.json("get", "traininground", "notes-v2").get("status", {})
+
+        run_id = int(eventually(lambda: v2_status().get("runId"), timeout=90, interval=2,
+                                what="notes-v2 submitted"))
+        eventually(lambda: v2_status().get("round", 0) >= 1, timeout=300, what="notes-v2 round 1")
+        v2_jobs = ["get", "jobs", "-l", "pollinate.dev/traininground=notes-v2"]
+        assert len(kubectl.json(*v2_jobs)["items"]) == 3
+        store = FederationStore(ObjectStore(testbed.s3_client(), testbed.s3().bucket,
+                                            f"operator-flower/{kubectl.namespace}"))
+        kept = store.objects.list("checkpoints/notes-v2/") + store.objects.list("runs/notes-v2/")
+        assert "runs/notes-v2/progress.json" in kept and "checkpoints/notes-v2/latest.json" in kept
         kubectl.run("delete", "traininground", "notes-v2", "--timeout=60s")
 
         def stopped() -> bool:
@@ -171,6 +193,102 @@ def test_operator_runs_a_training_round_on_a_real_flower_server(
             return bool(state and state.finished and state.sub_status == "stopped")
 
         eventually(stopped, timeout=60, what="Flower run stopped")
+        eventually(lambda: not kubectl.json(*v2_jobs)["items"], what="notes-v2 Jobs removed")
+        assert set(kept) <= set(store.objects.list("checkpoints/notes-v2/")
+                                + store.objects.list("runs/notes-v2/")), "S3 data of notes-v2 deleted"
+        assert store.read_progress("notes-v2").round >= 1
+
+
+def test_a_suspended_round_resumes_after_its_last_checkpoint_without_redoing_rounds(
+        testbed: Testbed, driven_operator: OperatorProcess, kubectl: Kubectl, flower_port: int,
+        tiny_model_dir: Path, tmp_path: Path) -> None:
+    with flower_hub(testbed, kubectl, flower_port, tiny_model_dir, tmp_path) as hub:
+        rounds = 4
+        kubectl.apply(yaml.safe_dump(training_round(rounds=rounds)))
+
+        def status() -> dict:
+            return kubectl.json("get", "traininground", "notes-v1").get("status", {})
+
+        first = eventually(lambda: (st := status()).get("round", 0) >= 1 and st, timeout=300,
+                           what="round 1 done")
+        kubectl.run("patch", "traininground", "notes-v1", "--type=merge", "-p", '{"spec":{"suspend":true}}')
+        eventually(lambda: status().get("phase") == "Suspended", what="Suspended")
+        eventually(lambda: not kubectl.json("get", "jobs")["items"], what="client Jobs deleted")
+
+        def first_run_stopped() -> bool:
+            with hub.server.control() as control:
+                state = control.get_run(int(first["runId"]))
+            return bool(state and state.finished and state.sub_status == "stopped")
+
+        eventually(first_run_stopped, timeout=60, what="the first Flower run stopped")
+        store = FederationStore(ObjectStore(testbed.s3_client(), testbed.s3().bucket,
+                                            f"operator-flower/{kubectl.namespace}"))
+
+        def settled_checkpoint() -> int | None:
+            before = store.latest_checkpoint_pointer("notes-v1")
+            time.sleep(5)  # a server app still finishing a checkpoint would move the pointer
+            after = store.latest_checkpoint_pointer("notes-v1")
+            return after.round if after and before and after.round == before.round else None
+
+        k = eventually(settled_checkpoint, timeout=60, what="checkpoint pointer settled")
+        assert 1 <= k < rounds, f"the run went to round {k} before it was suspended"
+        progress_round = store.read_progress("notes-v1").round
+        resumed_at = dt.datetime.now(dt.UTC)
+        kubectl.run("patch", "traininground", "notes-v1", "--type=merge", "-p", '{"spec":{"suspend":false}}')
+
+        done = eventually(lambda: (st := status()).get("phase") in ("Succeeded", "Failed") and st,
+                          timeout=600, what="TrainingRound finished after the resume")
+        assert done["phase"] == "Succeeded", done.get("conditions")
+        assert done["runSubmissions"] == 2
+        assert done["resumedFromRound"] == progress_round
+        assert done["runId"] != first["runId"]
+        assert [m["round"] for m in done["metrics"]] == list(range(rounds + 1))
+        # Rounds up to k were not redone: their checkpoints predate the resume, the others follow it.
+        listing = testbed.s3_client().list_objects_v2(
+            Bucket=testbed.s3().bucket, Prefix=f"operator-flower/{kubectl.namespace}/checkpoints/notes-v1/")
+        written = {int(o["Key"].split("/round-")[1].split("/")[0]): o["LastModified"]
+                   for o in listing["Contents"] if o["Key"].endswith("/manifest.json")}
+        assert sorted(written) == list(range(1, rounds + 1))
+        assert all(written[j] < resumed_at for j in range(1, k + 1)), (k, resumed_at, written)
+        assert all(written[j] >= resumed_at - dt.timedelta(seconds=1) for j in range(k + 1, rounds + 1))
+        with hub.server.control() as control:
+            runs = {str(r.run_id): r for r in control.list_runs()
+                    if r.override_config.get("training-round") == "notes-v1"}
+        assert set(runs) == {first["runId"], done["runId"]}
+        reasons = {e["reason"] for e in kubectl.json(
+            "get", "events", "--field-selector", "involvedObject.name=notes-v1")["items"]}
+        assert {"Suspended", "Resumed", "RunCompleted"} <= reasons
+
+
+def test_a_site_removed_from_the_federation_is_unregistered_from_the_server(
+        testbed: Testbed, driven_operator: OperatorProcess, kubectl: Kubectl, flower_port: int,
+        tiny_model_dir: Path, tmp_path: Path) -> None:
+    with flower_hub(testbed, kubectl, flower_port, tiny_model_dir, tmp_path) as hub:
+        def public_key(site: str) -> bytes:
+            data = kubectl.json("get", "secret", f"clinical-notes-site-{site}")["data"]["site.pub"]
+            return pki.public_key_pem(base64.b64decode(data))
+
+        def registered() -> dict[bytes, str]:
+            with hub.server.control() as control:
+                return {n.public_key_pem: n.node_id for n in control.nodes() if n.status != "unregistered"}
+
+        keys = {site: public_key(site) for site in DOMAINS}
+        assert set(keys.values()) <= set(registered())
+        sites = kubectl.json("get", "federation", "clinical-notes")["spec"]["sites"]
+        index = [s["name"] for s in sites].index("clinic-c")
+        kubectl.run("patch", "federation", "clinical-notes", "--type=json",
+                    "-p", f'[{{"op": "remove", "path": "/spec/sites/{index}"}}]')
+
+        eventually(lambda: keys["clinic-c"] not in registered(), timeout=60,
+                   what="clinic-c's key unregistered from the SuperLink")
+        assert {keys["hospital-a"], keys["hospital-b"]} <= set(registered())
+        # Its key is forgotten only once the server no longer accepts it.
+        eventually(lambda: kubectl.run("get", "secret", "clinical-notes-site-clinic-c", check=False)
+                   .returncode != 0, what="clinic-c's key Secret deleted")
+        st = eventually(lambda: (st := kubectl.json("get", "federation", "clinical-notes")["status"])
+                        .get("sitesSummary") == "2/2" and st, what="Federation of two sites")
+        assert st["phase"] == "Ready"
+        assert [s["name"] for s in st["sites"]] == ["hospital-a", "hospital-b"]
 
 
 # Seconds after each operator start at which it is killed: from mid-start-up (about 2 s here)
