@@ -399,7 +399,9 @@ def notes(cases: list[dict[str, Any]], heads: list[Headline]) -> list[str]:
         "that is Pollinate's own with the site trainer moved into it: every message imports torch, "
         "transformers and peft, loads the model and tokenises the site's data, then does the same "
         "work. That is what a ClientApp that trains must do under stock Flower 1.41, which starts a "
-        "new ClientApp process per message (flower-1.41-probe.md). The server loop is Pollinate's in "
+        "new ClientApp process per message (flower-1.41-probe.md); for this arm the sites are "
+        "restarted with Flower's own SuperExec (POLLINATE_WARM_CLIENTAPP=0), so each message also "
+        "pays a fresh interpreter, as under stock Flower. The server loop is Pollinate's in "
         "both cases (it polls every 0.1 s); Flower's Strategy.start would add up to 3 s per round "
         "(its send_and_receive sleeps 3 s between pulls). Its compute counts only the work after "
         "loading, so its fixed cost is the resident one plus process start, imports and loading.",
@@ -439,15 +441,15 @@ def notes(cases: list[dict[str, Any]], heads: list[Headline]) -> list[str]:
             else:
                 out.append(
                     f"missed: {h.case}: {h.measured}. The parts above say where: getting the round "
-                    "to the sites and their replies back, not the sites' compute. Flower 1.41 starts a "
-                    "new ClientApp process for each message (about 1-2 s of process start, imports, "
-                    "FAB check and Runtime API calls before Pollinate's thin app hands the message to "
-                    "the resident trainer; flower-1.41-probe.md), and each object of a message (an "
-                    "adapter is two Arrays) is a signed request. The SuperNode's own fixed waits (3 s "
-                    "after an empty pull, 0.5 s reply polls) are shortened by Pollinate's paced "
-                    "SuperNode (pollinate_runtime/supernode.py: 1 s and 0.05 s), which both arms use. "
-                    "On a machine with a load average above its cores (recorded per case) each of "
-                    "these steps takes longer.")
+                    "to the sites and their replies back, not the sites' compute. Both Flower 1.41 "
+                    "waits that dominated it are worked around on the resident arm: the SuperNode's "
+                    "fixed waits (3 s after an empty pull, 0.5 s reply polls; pollinate_runtime/"
+                    "supernode.py polls 0.1 s after a message, backing off to 1 s, and 0.05 s) and a "
+                    "new interpreter per message (pollinate_runtime/superexec.py forks the ClientApp "
+                    "from a warm process). What is left is Flower's per-message work (Runtime API "
+                    "calls, FAB check, a signed request per object of a message), the server's "
+                    "aggregation and checkpoint to S3. On a machine with a load average above its "
+                    "cores (recorded per case) each of these steps takes longer.")
     return out
 
 

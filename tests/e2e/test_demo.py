@@ -323,3 +323,5 @@ def test_a_deleted_server_pod_comes_back_and_the_run_resumes_from_its_checkpoint
     assert new_pods and old_pod not in new_pods
     events = k.json("get", "events", "--field-selector", "involvedObject.name=notes-v3")["items"]
     assert "RunResubmitted" in {e["reason"] for e in events}, [e["reason"] for e in events]
+    # The status says so too: a second submission, continuing after a checkpointed round.
+    assert st.get("runSubmissions", 0) >= 2 and st.get("resumedFromRound", 0) >= 1, st
