@@ -100,3 +100,43 @@ def test_eval_without_an_adapter_says_what_to_give(site_text_dir: Path) -> None:
         capture_output=True, text=True, timeout=300)
     assert done.returncode == 2
     assert "give --adapter-dir, or --s3-bucket, --s3-prefix and --adapter-version" in done.stderr
+
+
+def test_a_lower_rank_site_trains_the_leading_slice_of_the_global_adapter(
+        tiny_model_dir: Path, site_text_dir: Path, tmp_path: Path) -> None:
+    """sites[].rank: a rank-2 site in a rank-4 Federation takes the global adapter's leading two
+    rank rows/columns, trains at rank 2 and sends an update the server accepts as rank 2. It also
+    scores the general held-out text (--general-eval) each round, for forgetting."""
+    from pollinate_runtime.train.local import evaluate
+    from pollinate_runtime.wire import AdapterSpec, to_record, validate_update
+
+    general = tmp_path / "general.txt"
+    general.write_text("\n\n".join(["The general text every site also scores, to see forgetting."] * 40))
+    config = RunConfig.from_flower(run_config(tiny_model_dir))
+    config_low = RunConfig(base_model=str(tiny_model_dir), lora_rank=4, lora_alpha=8.0, lora_dropout=0.0,
+                           local_max_steps=5, batch_size=4, sequence_length=64, learning_rate=1e-2,
+                           transport_dtype="float32", site_ranks={"low": 2}).to_flower()
+    full = SiteTrainer(SiteOptions(site="full", data=site_text_dir, device="cpu"))
+    global_adapter = full.handle({"kind": "train", "config": run_config(tiny_model_dir), "round": 1,
+                                  "adapter": None})["adapter"]
+    low = SiteTrainer(SiteOptions(site="low", data=site_text_dir, device="cpu", general_eval=general))
+    answer = low.handle({"kind": "train", "config": config_low, "round": 2, "adapter": global_adapter})
+
+    assert answer["metrics"][m.SITE_RANK] == 2.0
+    for name, value in answer["adapter"].items():
+        full_shape = global_adapter[name].shape
+        expected = (2, full_shape[1]) if "lora_A" in name else (full_shape[0], 2)
+        assert value.shape == expected, name
+    # It started from the global adapter's leading slice: evaluating that slice before
+    # training gives the eval loss the site reported for the global adapter.
+    sliced = {n: (v[:2, :] if "lora_A" in n else v[:, :2]) for n, v in global_adapter.items()}
+    load_adapter_state(low._loaded.model, sliced)
+    before, _ = evaluate(low._loaded.model, low._data.eval)
+    assert before == pytest.approx(answer["metrics"][m.EVAL_LOSS], rel=1e-5)
+    general_loss, _ = evaluate(low._loaded.model, low._general)
+    assert general_loss == pytest.approx(answer["metrics"][m.GENERAL_LOSS], rel=1e-5)
+
+    spec = AdapterSpec.from_template(global_adapter)
+    accepted = validate_update(to_record(answer["adapter"], config.transport_dtype), spec,
+                               max_norm=config.max_update_norm, expected_round=2, reported_round=2)
+    assert {n: v.shape for n, v in accepted.items()} == {n: v.shape for n, v in answer["adapter"].items()}

@@ -79,3 +79,32 @@ def test_a_path_that_is_neither_folder_nor_gguf_is_refused(tmp_path: Path):
     weights.write_bytes(b"")
     with pytest.raises(ModelSourceError, match=re.escape("is neither a folder with config.json nor a .gguf")):
         resolve_model_source(str(weights))
+
+
+def test_a_hub_id_in_the_offline_cache_resolves_to_its_snapshot_and_loads(
+        tiny_model_dir: Path, tmp_path: Path, monkeypatch):
+    """A site whose Hugging Face cache was pre-filled (the hub's own layout: a snapshot per
+    commit, refs/<branch> naming it) loads the model by its id, offline."""
+    import shutil
+
+    from huggingface_hub import constants
+    from pollinate_runtime.train.device import choose_device
+    from pollinate_runtime.train.model import LoraSettings, load_model
+
+    hub = tmp_path / "hub"
+    repo = hub / "models--pollinate-tests--tiny-llama"
+    commit = "0123456789abcdef0123456789abcdef01234567"
+    shutil.copytree(tiny_model_dir, repo / "snapshots" / commit)
+    (repo / "refs").mkdir()
+    (repo / "refs" / "main").write_text(commit)
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(hub))
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+
+    folder = resolve_model_source("pollinate-tests/tiny-llama", revision="main")
+    assert folder == repo / "snapshots" / commit
+    assert resolve_model_source("pollinate-tests/tiny-llama", revision=commit) == folder
+    loaded = load_model("pollinate-tests/tiny-llama", LoraSettings(rank=2, alpha=4.0, dropout=0.0),
+                        choose_device("cpu", "none"), revision="main")
+    assert any("lora_A" in name for name, _ in loaded.model.named_parameters())
+    with pytest.raises(ModelSourceError, match="is not in the local Hugging Face cache"):
+        resolve_model_source("pollinate-tests/tiny-llama", revision="v2")
