@@ -21,10 +21,10 @@ import tomllib
 from pathlib import Path
 
 import pytest
+from locked_versions import LOCK, locked
 from packaging.utils import canonicalize_name
 
 ROOT = Path(__file__).resolve().parents[2]
-LOCK = ROOT / "requirements" / "dev.lock"
 LAPTOP_EXTRA = "train"  # client-runtime/pyproject.toml: "a laptop installs pollinate-runtime[train]"
 OPERATOR_ONLY = ("kopf", "kubernetes")
 TRAINING_STACK = ("torch", "transformers", "peft")
@@ -36,15 +36,6 @@ def cached_uv() -> Path:
     assert version, "tools/env.sh no longer sets uv_version"
     cache = Path(os.environ.get("POLLINATE_CACHE", Path.home() / ".cache/pollinate"))
     return cache / f"uv-{version.group(1)}" / "bin" / "uv"
-
-
-def locked() -> dict[str, str]:
-    pins = {}
-    for line in LOCK.read_text().splitlines():
-        if "==" in line and not line.startswith("#"):
-            name, version = line.split("==")
-            pins[canonicalize_name(name)] = version.strip()
-    return pins
 
 
 class Laptop:

@@ -25,6 +25,7 @@ from pathlib import Path
 
 import pytest
 import yaml
+from locked_versions import locked
 from packaging.markers import default_environment
 from packaging.requirements import Requirement
 from packaging.utils import canonicalize_name
@@ -36,7 +37,6 @@ from pollinate_runtime import cli
 
 ROOT = Path(__file__).resolve().parents[2]
 IMAGES = ROOT / "images"
-LOCK = ROOT / "requirements" / "dev.lock"
 VENV_BIN = Path(sys.executable).parent
 UV = Path(os.environ.get("POLLINATE_CACHE", Path.home() / ".cache/pollinate")) / "uv-0.12.24/bin/uv"
 # Packages that make an image a training image; the operator and server images never have them.
@@ -96,16 +96,6 @@ def parse_dockerfile(name: str) -> Dockerfile:
 
 
 # ---- what those requirements install ------------------------------------------------------
-@cache
-def locked() -> dict[str, str]:
-    pins = {}
-    for line in LOCK.read_text().splitlines():
-        if "==" in line and not line.startswith("#"):
-            name, version = line.split("==")
-            pins[canonicalize_name(name)] = version.strip()
-    return pins
-
-
 def image_packages(requirements: tuple[str, ...]) -> dict[str, metadata.Distribution]:
     """The distributions `requirements` pull in, by canonical name (the image's package set)."""
     environment = default_environment()

@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 
 import numpy as np
 import pytest
+from flwr.supercore.task_identity import TaskIdentity
 
 PREFIX = "base_model.model.model.layers"
 
@@ -34,3 +35,13 @@ def lora_adapter(
 @pytest.fixture
 def make_adapter() -> Callable[..., dict[str, np.ndarray]]:
     return lora_adapter
+
+
+@pytest.fixture
+def task_identity() -> Iterator[None]:
+    """What Flower sets in a ServerApp process before any Message is made (tests of the round
+    loop make Messages outside one)."""
+    TaskIdentity.run_id = TaskIdentity.task_id = 1
+    TaskIdentity.node_id = 0
+    yield
+    TaskIdentity.run_id = TaskIdentity.task_id = TaskIdentity.node_id = None  # type: ignore[assignment]

@@ -3,15 +3,14 @@ grid (pure logic; the real SuperLink is in tests/integration/test_engine.py)."""
 
 from __future__ import annotations
 
-from collections.abc import Iterator
-
 import pytest
 from flwr.app import ConfigRecord, Error, Message, RecordDict
 from flwr.common.constant import ErrorCode
-from flwr.supercore.task_identity import TaskIdentity
 from pollinate_runtime import messages as m
 from pollinate_runtime.rounds import FederatedRun
 from pollinate_runtime.run_config import RunConfig
+
+pytestmark = pytest.mark.usefixtures("task_identity")
 
 
 class Clock:
@@ -63,13 +62,6 @@ class FakeGrid:
         return replies
 
 
-@pytest.fixture(autouse=True)
-def task_identity() -> Iterator[None]:
-    # What Flower sets in a ServerApp process before any Message is made.
-    TaskIdentity.run_id = TaskIdentity.task_id = 1
-    TaskIdentity.node_id = 0
-    yield
-    TaskIdentity.run_id = TaskIdentity.task_id = TaskIdentity.node_id = None  # type: ignore[assignment]
 
 
 def exchange(grid: FakeGrid, clock: Clock, timeout: float = 30.0, **config) -> tuple:

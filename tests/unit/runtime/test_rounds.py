@@ -7,18 +7,18 @@ from __future__ import annotations
 
 import math
 from collections import Counter
-from collections.abc import Iterator
 
 import numpy as np
 import pytest
 from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
-from flwr.supercore.task_identity import TaskIdentity
 from pollinate_runtime import messages as m
 from pollinate_runtime import rounds
 from pollinate_runtime.rounds import FederatedRun, RunFailed
 from pollinate_runtime.run_config import RunConfig
 from pollinate_runtime.store import FederationStore, ObjectStore
 from pollinate_runtime.wire import from_record, to_record
+
+pytestmark = pytest.mark.usefixtures("task_identity")
 
 
 def lora_adapter(seed: int = 0, scale: float = 0.1) -> dict[str, np.ndarray]:
@@ -134,13 +134,6 @@ class SitesGrid:
         return reply
 
 
-@pytest.fixture(autouse=True)
-def task_identity() -> Iterator[None]:
-    # What Flower sets in a ServerApp process before any Message is made.
-    TaskIdentity.run_id = TaskIdentity.task_id = 1
-    TaskIdentity.node_id = 0
-    yield
-    TaskIdentity.run_id = TaskIdentity.task_id = TaskIdentity.node_id = None  # type: ignore[assignment]
 
 
 @pytest.fixture(autouse=True)
