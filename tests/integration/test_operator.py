@@ -12,6 +12,7 @@ from pathlib import Path
 
 import pytest
 import yaml
+from operator_process import OperatorProcess
 from pollinate_testbed.testing import Kubectl, eventually
 
 pytestmark = pytest.mark.cluster
@@ -302,3 +303,33 @@ def test_a_deleted_child_wakes_its_owner_without_waiting_for_the_resync(
     finally:
         slow.stop()
         operator.start()
+
+
+def test_a_second_operator_neither_freezes_the_first_nor_duplicates_children(
+        operator, kubectl: Kubectl, tmp_path: Path) -> None:
+    """One replica is the supported mode, but a second one happens (a rolling update's old pod,
+    a developer's laptop). kopf pauses every operator that sees a peer of the same priority
+    (operators.md); ours pick random priorities and do not require the peering objects, so
+    neither pauses, and their server-side applies of the same children converge."""
+    second = OperatorProcess(kubectl.bed, tmp_path / "second-operator.log")
+    second.start()
+    try:
+        s3_secret(kubectl)
+        kubectl.apply(federation())
+        kubectl.apply(training_round())
+        eventually(lambda: status(kubectl, "federation", "clinical-notes").get("phase") == "Ready",
+                   timeout=120, what="Federation Ready with two operators")
+        eventually(lambda: len(kubectl.json("get", "jobs")["items"]) == 3, timeout=180,
+                   what="three client Jobs with two operators")
+        assert len(kubectl.json("get", "deployments")["items"]) == 1
+        assert len(kubectl.json("get", "jobs")["items"]) == 3
+        secrets = kubectl.json("get", "secrets", "-l", "pollinate.dev/federation=clinical-notes")["items"]
+        assert len(secrets) == len({s["metadata"]["name"] for s in secrets}) == 6
+    finally:
+        second.stop()
+    for log in (operator.logs(), second.logs()):
+        assert "Pausing" not in log
+    # The first one still reconciles on its own afterwards.
+    kubectl.run("delete", "deployment", "clinical-notes-server")
+    eventually(lambda: kubectl.run("get", "deployment", "clinical-notes-server", check=False).returncode == 0,
+               timeout=120, what="server Deployment recreated by the remaining operator")
