@@ -23,6 +23,7 @@ import os
 import subprocess
 import sys
 from collections.abc import Callable, Sequence
+from types import ModuleType
 from typing import Any
 
 WARM_ENV = "POLLINATE_WARM_CLIENTAPP"
@@ -100,21 +101,28 @@ def superexec_command(args: Sequence[str]) -> list[str]:
     return [sys.executable, "-m", "pollinate_runtime.superexec", *list(args)[1:]]
 
 
+def prepare(executor_module: ModuleType, env: dict[str, str] | os._Environ[str]) -> WarmLauncher | None:
+    """Route the executor module's `flwr-clientapp` launches to a started warm launcher, unless
+    `env` turns it off."""
+    if not warm_enabled(env):
+        return None
+    if getattr(executor_module, "subprocess", None) is not subprocess:
+        raise RuntimeError(f"{executor_module.__name__} no longer launches through the subprocess "
+                           "module; check the pinned flwr version")
+    launcher = WarmLauncher()
+    launcher.start()
+    executor_module.subprocess = Rerouted(CLIENTAPP_COMMAND, launcher)  # type: ignore[attr-defined]
+    return launcher
+
+
 def main() -> None:
     from flwr.supercore.cli import flower_superexec
     from flwr.supercore.superexec.executor import subprocess_executor
 
     try:
-        warm = warm_enabled(os.environ)
-    except ValueError as err:
+        prepare(subprocess_executor, os.environ)
+    except (ValueError, RuntimeError) as err:
         sys.exit(f"pollinate superexec: {err}")
-    if warm:
-        if getattr(subprocess_executor, "subprocess", None) is not subprocess:
-            sys.exit("pollinate superexec: flwr's SubprocessExecutor no longer launches through "
-                     "the subprocess module; check the pinned flwr version")
-        launcher = WarmLauncher()
-        launcher.start()
-        subprocess_executor.subprocess = Rerouted(CLIENTAPP_COMMAND, launcher)  # type: ignore[attr-defined]
     sys.argv[0] = SUPEREXEC_COMMAND
     flower_superexec()
 

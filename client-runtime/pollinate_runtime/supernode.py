@@ -91,14 +91,19 @@ def warm_superexec(loop_module: ModuleType) -> None:
         SUPEREXEC_COMMAND, lambda args, kwargs: subprocess.Popen(superexec_command(args), **kwargs))
 
 
+def prepare(loop_module: ModuleType, env: dict[str, str] | os._Environ[str]) -> None:
+    """Everything this module changes in Flower's SuperNode loop, as `env` asks."""
+    pace(loop_module, poll_seconds_from(env))
+    if warm_enabled(env):
+        warm_superexec(loop_module)
+
+
 def main() -> None:
     from flwr.supernode import start_client_internal
     from flwr.supernode.cli import flower_supernode
 
     try:
-        pace(start_client_internal, poll_seconds_from(os.environ))
-        if warm_enabled(os.environ):
-            warm_superexec(start_client_internal)
+        prepare(start_client_internal, os.environ)
     except ValueError as err:
         sys.exit(f"pollinate supernode: {err}")
     sys.argv[0] = "flower-supernode"

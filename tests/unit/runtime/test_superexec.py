@@ -6,6 +6,8 @@ from __future__ import annotations
 import inspect
 import subprocess
 import sys
+import time
+import types
 
 import pytest
 from flwr.supercore.constant import TASK_TYPE_TO_COMMAND
@@ -75,3 +77,33 @@ def test_the_superexec_is_flower_superexec_with_its_flags():
     out = subprocess.run([sys.executable, "-m", "pollinate_runtime.superexec", "--help"],
                          capture_output=True, text=True, timeout=120, check=True).stdout
     assert "--runtime-api-address" in out
+
+
+def stand_in(name: str) -> types.ModuleType:
+    module = types.ModuleType(name)
+    module.subprocess = subprocess  # type: ignore[attr-defined]
+    return module
+
+
+def test_the_paced_supernode_reroutes_its_superexec_unless_turned_off():
+    warm, cold = stand_in("warm"), stand_in("cold")
+    warm.time = cold.time = time  # type: ignore[attr-defined]
+    supernode.prepare(warm, {})
+    supernode.prepare(cold, {superexec.WARM_ENV: "0"})
+    assert isinstance(warm.subprocess, superexec.Rerouted)
+    assert warm.subprocess.command == superexec.SUPEREXEC_COMMAND
+    assert cold.subprocess is subprocess
+    assert isinstance(warm.time, supernode.PacedTime) and isinstance(cold.time, supernode.PacedTime)
+
+
+def test_the_superexec_routes_clientapps_to_a_started_warm_launcher_unless_turned_off():
+    warm, cold = stand_in("warm"), stand_in("cold")
+    launcher = superexec.prepare(warm, {})
+    assert superexec.prepare(cold, {superexec.WARM_ENV: "0"}) is None
+    assert cold.subprocess is subprocess
+    assert isinstance(warm.subprocess, superexec.Rerouted)
+    assert warm.subprocess.command == superexec.CLIENTAPP_COMMAND
+    assert warm.subprocess.launch is launcher
+    process = warm.subprocess.Popen(["flwr-clientapp", "--help"], stdout=subprocess.DEVNULL)
+    process.join(120)
+    assert process.exitcode == 0
