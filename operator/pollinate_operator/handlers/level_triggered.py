@@ -27,6 +27,48 @@ WAKE_AT_MOST_EVERY_SECONDS = 1.0
 Reconcile = Callable[[str, str, kopf.Body, Settings, logging.Logger], ApiModel]
 
 
+Getter = Callable[[str, str, str], dict | None]
+
+
+def live_body(plural: str, namespace: str, name: str, get: Getter = kube.get_custom) -> kopf.Body | None:
+    """The object as the API server has it now; None if it is gone or being deleted.
+
+    kopf's cached body can outlive the object: after a watch reconnect it does not notice
+    objects deleted meanwhile, and keeps firing their timers. A pass acting on such a ghost
+    submitted a new Flower run every few seconds for a TrainingRound that no longer existed
+    (its status writes failed, so each pass found the old run gone): seen in CI. A fresh read
+    per pass costs one GET and also gives the pass the latest status.
+    """
+    fresh = get(plural, namespace, name)
+    if fresh is None or (fresh.get("metadata") or {}).get("deletionTimestamp"):
+        return None
+    return kopf.Body(fresh)
+
+
+def run_pass(plural: str, kind: str, reconcile: Reconcile, settings: Settings, name: str,
+             namespace: str, patch: kopf.Patch, memo: kopf.Memo, logger: logging.Logger,
+             get: Getter = kube.get_custom) -> None:
+    """One reconcile pass of one object, its status written through kopf's `patch`."""
+    # The timer and the event handlers may fire together; passes must not interleave.
+    lock = memo.setdefault("lock", threading.Lock())
+    with lock:
+        body = live_body(plural, namespace, name, get)
+        if body is None:
+            # Gone, or being deleted: the deletion handler owns it now, and a status patch
+            # here would race kopf's removal of its finalizer.
+            logger.debug("%s %s/%s is gone or being deleted: no pass", kind, namespace, name)
+            return
+        with observe_reconcile(kind):
+            status = reconcile(name, namespace, body, settings, logger)
+    wire = status.to_wire()
+    before = (body.get("status") or {}).get("phase")
+    if wire.get("phase") != before:
+        why = "; ".join(f"{c['type']}={c['status']} {c.get('reason', '')}: {c.get('message', '')}"
+                        for c in wire.get("conditions", []) if c.get("message"))
+        logger.info("phase %s -> %s%s", before, wire.get("phase"), f" ({why})" if why else "")
+    patch.status.update(status.merge_patch_over(dict(body.get("status") or {})))
+
+
 def reconcile_on_every_pass(plural: str, kind: str, reconcile: Reconcile, settings: Settings) -> None:
     """Run `reconcile` on create, on a spec change, when the operator starts, and on a timer
     (level-triggered: a deleted child or a finished round is seen even if no event says so),
@@ -35,20 +77,8 @@ def reconcile_on_every_pass(plural: str, kind: str, reconcile: Reconcile, settin
     def handler(name: str, namespace: str, body: kopf.Body, patch: kopf.Patch,
                 memo: kopf.Memo, logger: logging.Logger, **_) -> None:
         if body.meta.get("deletionTimestamp"):
-            # Being deleted: the deletion handler owns it now, and a status patch here would
-            # race kopf's removal of its finalizer.
-            return
-        # The timer and the event handlers may fire together; passes must not interleave.
-        lock = memo.setdefault("lock", threading.Lock())
-        with lock, observe_reconcile(kind):
-            status = reconcile(name, namespace, body, settings, logger)
-        wire = status.to_wire()
-        before = (body.get("status") or {}).get("phase")
-        if wire.get("phase") != before:
-            why = "; ".join(f"{c['type']}={c['status']} {c.get('reason', '')}: {c.get('message', '')}"
-                            for c in wire.get("conditions", []) if c.get("message"))
-            logger.info("phase %s -> %s%s", before, wire.get("phase"), f" ({why})" if why else "")
-        patch.status.update(status.merge_patch_over(dict(body.get("status") or {})))
+            return  # the cached body already says so: no need to ask
+        run_pass(plural, kind, reconcile, settings, name, namespace, patch, memo, logger)
 
     handler.__name__ = handler.__qualname__ = kind  # kopf's handler id
     for register in (
