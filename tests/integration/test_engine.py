@@ -287,10 +287,12 @@ def test_site_killed_mid_round_is_left_out_at_the_timeout(
     name = unique("dropout")
     victim = sites["site-c"]
     seen = len(victim.output())  # the log also holds earlier runs' rounds
-    # Enough rounds for the victim to be back: Flower refuses its key until its dead
-    # connection's heartbeats lapse (about a minute), and `join` retries every 10 s.
-    run_id = server.start_run(run_config(testbed, tiny_model_dir, name, rounds=8, min_sites=2,
-                                         round_timeout_seconds=60))
+    # Flower refuses the victim's key until its dead connection's heartbeats lapse (about a
+    # minute) and `join` retries every 10 s: with a 30 s round timeout, round 1 closes before
+    # the victim can be back (a site back in time is sent the round again: the next test),
+    # and 20 rounds of 200 local steps last well past its return.
+    run_id = server.start_run(run_config(testbed, tiny_model_dir, name, rounds=20, min_sites=2,
+                                         local_max_steps=200, round_timeout_seconds=30))
     deadline = time.monotonic() + 300
     while time.monotonic() < deadline and "round 1: training" not in victim.output()[seen:]:
         time.sleep(0.2)
