@@ -16,7 +16,7 @@ module's `time` is replaced, so nothing else in Flower changes; `flwr` is pinned
 `tests/unit/runtime/test_supernode.py` fails if the waits this relies on move.
 
 The SuperExec the SuperNode starts is Pollinate's (superexec.py), which forks each ClientApp
-process from a warm one; `POLLINATE_WARM_CLIENTAPP=0` keeps Flower's own.
+process from a warm one when `POLLINATE_WARM_CLIENTAPP=1` (opt-in for now).
 """
 
 from __future__ import annotations

@@ -50,11 +50,11 @@ def test_warm_superexec_refuses_a_loop_that_no_longer_uses_subprocess():
         supernode.warm_superexec(type(sys)("moved"))
 
 
-@pytest.mark.parametrize(("raw", "warm"), [("1", True), ("", True), ("on", True), ("0", False),
+@pytest.mark.parametrize(("raw", "warm"), [("1", True), ("", False), ("on", True), ("0", False),
                                            ("false", False)])
 def test_warm_clientapps_can_be_turned_off(raw, warm):
     assert superexec.warm_enabled({superexec.WARM_ENV: raw}) is warm
-    assert superexec.warm_enabled({}) is True
+    assert superexec.warm_enabled({}) is False  # opt-in for now
 
 
 def test_a_bad_warm_setting_is_refused_naming_the_variable():
@@ -88,8 +88,8 @@ def stand_in(name: str) -> types.ModuleType:
 def test_the_paced_supernode_reroutes_its_superexec_unless_turned_off():
     warm, cold = stand_in("warm"), stand_in("cold")
     warm.time = cold.time = time  # type: ignore[attr-defined]
-    supernode.prepare(warm, {})
-    supernode.prepare(cold, {superexec.WARM_ENV: "0"})
+    supernode.prepare(warm, {superexec.WARM_ENV: "1"})
+    supernode.prepare(cold, {})
     assert isinstance(warm.subprocess, superexec.Rerouted)
     assert warm.subprocess.command == superexec.SUPEREXEC_COMMAND
     assert cold.subprocess is subprocess
@@ -98,7 +98,7 @@ def test_the_paced_supernode_reroutes_its_superexec_unless_turned_off():
 
 def test_the_superexec_routes_clientapps_to_a_started_warm_launcher_unless_turned_off():
     warm, cold = stand_in("warm"), stand_in("cold")
-    launcher = superexec.prepare(warm, {})
+    launcher = superexec.prepare(warm, {superexec.WARM_ENV: "1"})
     assert superexec.prepare(cold, {superexec.WARM_ENV: "0"}) is None
     assert cold.subprocess is subprocess
     assert isinstance(warm.subprocess, superexec.Rerouted)
