@@ -83,6 +83,16 @@ def run_config(testbed: Testbed, model: Path, name: str, **changes) -> RunConfig
     return RunConfig(**values)
 
 
+def wait_online(server: FlowerServer, node_ids: set, what: str) -> None:
+    """Until the server counts every one of `node_ids` online."""
+    def all_online() -> bool:
+        with server.control() as control:
+            online = {n.node_id for n in control.nodes() if n.status == "online"}
+        return node_ids <= online
+
+    eventually(all_online, timeout=120, what=what)
+
+
 def store(testbed: Testbed) -> FederationStore:
     s3 = testbed.s3()
     os.environ.setdefault("AWS_ACCESS_KEY_ID", s3.access_key)
@@ -184,12 +194,7 @@ def test_malformed_updates_are_rejected_attributed_and_never_abort_a_round(
                 stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
                 env={**os.environ, "PYTHONPATH": str(Path(__file__).parents[1] / "support")}))
     try:
-        def all_online() -> bool:
-            with server.control() as control:
-                online = {n.node_id for n in control.nodes() if n.status == "online"}
-            return node_ids <= online
-
-        eventually(all_online, timeout=120, what="hostile sites online")
+        wait_online(server, node_ids, "hostile sites online")
         name = unique("hostile")
         # Twelve sites, each message a fresh ClientApp process: on two busy cores a round
         # takes minutes, not the 120 s the other tests allow.
@@ -350,12 +355,7 @@ def test_sites_lost_for_good_below_min_sites_fail_the_run_naming_min_sites_and_t
         extra[site_name] = Site(site_name, data, tmp_path / site_name, key)
         extra[site_name].join(server)
     try:
-        def all_online() -> bool:
-            with server.control() as control:
-                online = {n.node_id for n in control.nodes() if n.status == "online"}
-            return node_ids <= online
-
-        eventually(all_online, timeout=120, what="site-d and site-e online")
+        wait_online(server, node_ids, "site-d and site-e online")
         name = unique("lost")
         run_id = server.start_run(run_config(testbed, tiny_model_dir, name, rounds=3, min_sites=4,
                                              round_timeout_seconds=120))
