@@ -57,7 +57,7 @@ VENV_BIN = Path(sys.executable).parent
 #   events create: kopf.event in handlers/traininground.py, and kopf's own.
 NAMESPACED_RULES: dict[tuple[str, ...], set[str]] = {
     ("pollinate.dev", "federations"): {"get", "list", "watch", "patch"},
-    ("pollinate.dev", "trainingrounds"): {"list", "watch", "patch"},
+    ("pollinate.dev", "trainingrounds"): {"get", "list", "watch", "patch"},
     ("pollinate.dev", "federations/status"): {"patch"},
     ("pollinate.dev", "trainingrounds/status"): {"patch"},
     ("pollinate.dev", "federations/finalizers"): {"update"},

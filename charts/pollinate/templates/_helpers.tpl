@@ -48,13 +48,14 @@ tests/integration/test_charts.py asserts this exact set and runs the operator un
 */}}
 {{- define "pollinate.namespacedRules" -}}
 # kopf lists and watches both kinds and patches its finalizer and progress annotations onto
-# them; the TrainingRound handler also reads its Federation (kube.get_custom).
+# them; every pass reads its object fresh (handlers/level_triggered.live_body) and the
+# TrainingRound handler also reads its Federation (kube.get_custom).
 - apiGroups: [pollinate.dev]
   resources: [federations]
   verbs: [get, list, watch, patch]
 - apiGroups: [pollinate.dev]
   resources: [trainingrounds]
-  verbs: [list, watch, patch]
+  verbs: [get, list, watch, patch]
 # Handlers return their status; kopf writes it through the status subresource.
 - apiGroups: [pollinate.dev]
   resources: [federations/status, trainingrounds/status]
