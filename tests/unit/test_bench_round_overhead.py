@@ -82,10 +82,14 @@ def test_headlines_judge_both_targets_and_compare_a_fresh_process_per_round():
                 **ro.analyse(PROGRESS, ro.rounds_finished(SERVER_LOG), MESSAGES)}
     stock = {"model": "tiny", "model_label": "tiny", "mode": "stock", "rounds": [],
              "summary": {**resident["summary"], "fixed_median_seconds": 9.0, "wall_median_seconds": 11.0}}
-    heads = ro.headlines([resident, stock])
-    assert [h.met for h in heads] == [False, True, None]  # 2.25 s > 2 s; 3.6% < 5%
+    cold = {"model": "tiny", "model_label": "tiny", "mode": "resident-cold", "rounds": [],
+            "summary": {**resident["summary"], "fixed_median_seconds": 3.375,
+                        "share_of_60s_round": 0.0532}}
+    heads = ro.headlines([resident, cold, stock])
+    assert [h.met for h in heads] == [False, True, False, None]  # 2.25 s > 2 s; 3.6% < 5%; 3.4 s > 2 s
     assert heads[1].ratio == "3.6%"
-    assert heads[2].ratio == "4.0x"
+    assert heads[2].ratio == "1.50x" and "5.3%" in heads[2].measured
+    assert heads[3].ratio == "4.0x"
     notes = ro.notes([resident, stock], heads)
     assert any(n.startswith("missed: ") and "3 s after an empty pull" in n for n in notes)
     assert any("2.25 s = " in n for n in notes)
