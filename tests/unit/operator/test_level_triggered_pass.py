@@ -56,3 +56,31 @@ def test_a_pass_reads_the_latest_status_and_patches_over_it():
     # A field the live status has and the pass unset is deleted (null in the merge patch).
     _, patch = pass_with(obj({"phase": "Running", "runId": "41"}), Status(phase="Suspended"))
     assert patch.status == {"phase": "Suspended", "runId": None}
+
+
+def chart_namespaced_rules() -> list[dict]:
+    """The chart's namespaced RBAC rules, read from their one definition (no helm needed)."""
+    import re
+    from pathlib import Path
+
+    import yaml
+
+    helpers = Path(__file__).resolve().parents[3] / "charts/pollinate/templates/_helpers.tpl"
+    block = re.search(r'define "pollinate.namespacedRules" -}}\n(.*?)\{\{- end', helpers.read_text(), re.S)
+    assert block, "charts/pollinate/templates/_helpers.tpl lost pollinate.namespacedRules"
+    return yaml.safe_load(block.group(1))
+
+
+def test_the_charts_rbac_lets_every_pass_read_its_object_fresh() -> None:
+    # Each pass GETs its object (live_body). The chart once granted TrainingRounds only list,
+    # watch and patch: under it every TrainingRound pass was forbidden and no run ever started
+    # (CI, the demo). The integration test that runs the operator under the chart finds this
+    # in minutes; this finds it in milliseconds.
+    from pollinate_operator.handlers.level_triggered import GROUP, PLURALS
+
+    granted = {(group, resource, verb) for rule in chart_namespaced_rules()
+               for group in rule["apiGroups"] for resource in rule["resources"] for verb in rule["verbs"]}
+    for plural in PLURALS.values():
+        for verb in ("get", "list", "watch", "patch"):
+            assert (GROUP, plural, verb) in granted, f"the chart does not let the operator {verb} {plural}"
+        assert (GROUP, f"{plural}/status", "patch") in granted
