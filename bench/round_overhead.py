@@ -457,6 +457,13 @@ def notes(cases: list[dict[str, Any]], heads: list[Headline]) -> list[str]:
             if "60 s" in h.case:
                 out.append(f"missed: {h.case}: {h.ratio} (target {h.target}); see the fixed "
                            "cost's parts above.")
+            elif "fresh ClientApp interpreter" in h.case:
+                out.append(
+                    f"missed: {h.case}: {h.measured}. Against the warm arm, this arm pays a new "
+                    "Python interpreter and Flower's imports for every message (Flower's "
+                    "SubprocessExecutor), at each site, before the message is read; "
+                    "POLLINATE_WARM_CLIENTAPP=1 forks the ClientApp from a warm process instead "
+                    "(opt-in: README, known gaps).")
             else:
                 out.append(
                     f"missed: {h.case}: {h.measured}. The parts above say where: getting the round "

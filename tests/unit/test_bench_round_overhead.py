@@ -90,6 +90,7 @@ def test_headlines_judge_both_targets_and_compare_a_fresh_process_per_round():
     assert heads[1].ratio == "3.6%"
     assert heads[2].ratio == "1.50x" and "5.3%" in heads[2].measured
     assert heads[3].ratio == "4.0x"
-    notes = ro.notes([resident, stock], heads)
+    notes = ro.notes([resident, cold, stock], heads)
+    assert any(n.startswith("missed: ") and "new Python interpreter" in n for n in notes)
     assert any(n.startswith("missed: ") and "3 s after an empty pull" in n for n in notes)
     assert any("2.25 s = " in n for n in notes)
