@@ -149,3 +149,21 @@ def test_the_readme_takes_the_summary_between_its_markers():
     out = splice_readme(readme, "# Benchmark results\n\nnew table\n")
     assert out == f"intro\n{README_BEGIN}\nnew table\n{README_END}\nafter\n"
     assert README_BEGIN in (REPO / "README.md").read_text()
+
+
+def test_aggregation_memory_is_independent_of_the_sites_once_the_fold_batch_is_full():
+    # The weighted mean holds up to a batch of updates: its peak grows from 10 to 50 sites and
+    # must then stay flat; growth between the two largest site counts is a miss.
+    sys.path.insert(0, str(REPO / "bench"))
+    from aggregation import memory_spreads
+
+    def rows(peaks: dict[int, float]) -> list[dict]:
+        return [{"params": 1, "strategy": "fedavg", "system": "pollinate", "sites": s, "peak_mib": m}
+                for s, m in peaks.items()]
+
+    (bounded,) = memory_spreads(rows({10: 900.0, 50: 1220.0, 100: 1225.0}), "fedavg", "pollinate")
+    assert bounded.independent and bounded.describe().startswith("10 -> 50 -> 100 sites")
+    (growing,) = memory_spreads(rows({10: 900.0, 50: 1220.0, 100: 2400.0}), "fedavg", "pollinate")
+    assert not growing.independent
+    (two,) = memory_spreads(rows({10: 55.0, 50: 53.0}), "fedavg", "pollinate")
+    assert two.independent and two.describe().startswith("10 -> 50 sites")

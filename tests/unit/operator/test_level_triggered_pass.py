@@ -5,10 +5,13 @@ submitted a Flower run every few seconds (seen in CI)."""
 from __future__ import annotations
 
 import logging
+import re
+from pathlib import Path
 
 import kopf
+import yaml
 from pollinate_operator.api.base import ApiModel
-from pollinate_operator.handlers.level_triggered import run_pass
+from pollinate_operator.handlers.level_triggered import GROUP, PLURALS, run_pass
 from pollinate_operator.settings import Settings
 
 LOG = logging.getLogger("test")
@@ -60,11 +63,6 @@ def test_a_pass_reads_the_latest_status_and_patches_over_it():
 
 def chart_namespaced_rules() -> list[dict]:
     """The chart's namespaced RBAC rules, read from their one definition (no helm needed)."""
-    import re
-    from pathlib import Path
-
-    import yaml
-
     helpers = Path(__file__).resolve().parents[3] / "charts/pollinate/templates/_helpers.tpl"
     block = re.search(r'define "pollinate.namespacedRules" -}}\n(.*?)\{\{- end', helpers.read_text(), re.S)
     assert block, "charts/pollinate/templates/_helpers.tpl lost pollinate.namespacedRules"
@@ -76,8 +74,6 @@ def test_the_charts_rbac_lets_every_pass_read_its_object_fresh() -> None:
     # watch and patch: under it every TrainingRound pass was forbidden and no run ever started
     # (CI, the demo). The integration test that runs the operator under the chart finds this
     # in minutes; this finds it in milliseconds.
-    from pollinate_operator.handlers.level_triggered import GROUP, PLURALS
-
     granted = {(group, resource, verb) for rule in chart_namespaced_rules()
                for group in rule["apiGroups"] for resource in rule["resources"] for verb in rule["verbs"]}
     for plural in PLURALS.values():
