@@ -12,8 +12,12 @@ def _env(name: str, default: str) -> str:
 
 @dataclass(frozen=True)
 class Settings:
-    # How often every resource is re-compared with the cluster (level-triggered reconcile).
+    # How often a resource working towards something (a server starting, a run under way) is
+    # re-compared with the cluster, its Flower server and S3 (level-triggered reconcile)...
     resync_seconds: float = 10.0
+    # ... and one that has settled (a Ready Federation, a finished TrainingRound), which
+    # events wake at once anyway (handlers/level_triggered.timer_pass_due).
+    settled_resync_seconds: float = 60.0
     # Flower's single HTTP port (fleet, control and runtime APIs) on the server pod.
     flower_port: int = 9092
     # Labels of the ingress controller's pods, admitted by the server's NetworkPolicy.
@@ -36,6 +40,7 @@ class Settings:
     def from_env(cls) -> Settings:
         return cls(
             resync_seconds=float(_env("RESYNC_SECONDS", "10")),
+            settled_resync_seconds=float(_env("SETTLED_RESYNC_SECONDS", "60")),
             flower_address_override=os.environ.get("POLLINATE_FLOWER_ADDRESS") or None,
             metrics_port=int(_env("METRICS_PORT", "8080")),
             namespaced=bool(os.environ.get("POLLINATE_WATCH_NAMESPACES")),

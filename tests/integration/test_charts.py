@@ -51,7 +51,8 @@ VENV_BIN = Path(sys.executable).parent
 #     site keys: read, listed by label, server-side applied, removed sites deleted) and the
 #     S3 credentials read by clients/storage.py;
 #   services, deployments, ingresses, networkpolicies create/patch: server-side apply of the
-#     server's objects (manifests/server.py); apply of a new object needs "create";
+#     server's objects (manifests/server.py); apply of a new object needs "create"; and
+#     list/watch: handlers/level_triggered.wake_owners_of (a changed child is applied again);
 #   deployments/status get: kube.deployment_ready_replicas;
 #   jobs list/create/patch/delete, pods list: handlers/traininground.py (client Jobs);
 #   events create: kopf.event in handlers/traininground.py, and kopf's own.
@@ -63,14 +64,14 @@ NAMESPACED_RULES: dict[tuple[str, ...], set[str]] = {
     ("pollinate.dev", "federations/finalizers"): {"update"},
     ("pollinate.dev", "trainingrounds/finalizers"): {"update"},
     ("", "secrets"): {"get", "list", "create", "patch", "delete"},
-    ("", "services"): {"create", "patch"},
+    ("", "services"): {"list", "watch", "create", "patch"},
     ("", "pods"): {"list"},
     ("", "events"): {"create"},
     ("apps", "deployments"): {"list", "watch", "create", "patch"},
     ("apps", "deployments/status"): {"get"},
     ("batch", "jobs"): {"list", "watch", "create", "patch", "delete"},
-    ("networking.k8s.io", "ingresses"): {"create", "patch"},
-    ("networking.k8s.io", "networkpolicies"): {"create", "patch"},
+    ("networking.k8s.io", "ingresses"): {"list", "watch", "create", "patch"},
+    ("networking.k8s.io", "networkpolicies"): {"list", "watch", "create", "patch"},
 }
 # Only when serving every namespace: kopf's CRD watch and its (optional) cluster peering,
 # whose one object it may patch is the operator's (handlers/__init__.py: peering.name).
@@ -205,7 +206,8 @@ def test_hub_defaults_render_one_recreated_hardened_operator(helm: Helm) -> None
     assert container["livenessProbe"]["httpGet"] == {"path": "/healthz", "port": "healthz"}
     assert ports == {"metrics": 8080, "healthz": 8081}
     env = {e["name"]: e["value"] for e in container["env"]}
-    assert env == {"POLLINATE_RESYNC_SECONDS": "10", "POLLINATE_METRICS_PORT": "8080"}
+    assert env == {"POLLINATE_RESYNC_SECONDS": "10", "POLLINATE_SETTLED_RESYNC_SECONDS": "60",
+                   "POLLINATE_METRICS_PORT": "8080"}
     assert container["resources"]["requests"] == {"cpu": "100m", "memory": "256Mi"}
 
     service = one(objects, "Service")

@@ -71,10 +71,11 @@ tests/integration/test_charts.py asserts this exact set and runs the operator un
 - apiGroups: [""]
   resources: [secrets]
   verbs: [get, list, create, patch, delete]
-# The Flower server's Service.
+# The Flower server's Service; watched (as are the Ingress and the NetworkPolicy) so that a
+# changed or deleted one is applied again at once, instead of being re-sent on every pass.
 - apiGroups: [""]
   resources: [services]
-  verbs: [create, patch]
+  verbs: [list, watch, create, patch]
 # Client pods, to tell an unschedulable site (no free GPU) from a slow one.
 - apiGroups: [""]
   resources: [pods]
@@ -99,7 +100,7 @@ tests/integration/test_charts.py asserts this exact set and runs the operator un
 # The server's Ingress (the fleet path only) and the NetworkPolicy around it.
 - apiGroups: [networking.k8s.io]
   resources: [ingresses, networkpolicies]
-  verbs: [create, patch]
+  verbs: [list, watch, create, patch]
 {{- end -}}
 
 {{/*

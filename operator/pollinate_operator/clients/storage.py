@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import functools
 import logging
+from typing import Any
 
 import botocore.exceptions
 from pollinate_runtime.store import FederationStore, ObjectStore, RetryPolicy, StoreError, s3_client
@@ -18,17 +20,24 @@ log = logging.getLogger(__name__)
 _NO_RETRY = RetryPolicy(deadline_seconds=0.0)
 
 
+@functools.lru_cache(maxsize=256)
+def _client(endpoint: str | None, region: str | None, access_key: str, secret_key: str) -> Any:
+    """One boto3 client per endpoint and credentials, shared by every pass (boto3 clients are
+    thread-safe). Building one parses botocore's service model: at 300 objects and a 10 s
+    resync that alone took a sixth of the operator's CPU, and its garbage its memory peak.
+    Rotated credentials are a new key, hence a new client."""
+    return s3_client(endpoint, region=region, access_key=access_key, secret_key=secret_key,
+                     connect_timeout=2.0, read_timeout=5.0)
+
+
 def federation_store(fed: FederationSpec, federation: str, namespace: str) -> FederationStore | None:
     s3 = fed.storage.s3
     creds = kube.read_secret(namespace, s3.credentials_secret)
     if creds is None:
         return None
-    client = s3_client(
-        s3.endpoint, region=s3.region,
-        access_key=creds.data.get("AWS_ACCESS_KEY_ID", b"").decode(),
-        secret_key=creds.data.get("AWS_SECRET_ACCESS_KEY", b"").decode(),
-        connect_timeout=2.0, read_timeout=5.0,
-    )
+    client = _client(s3.endpoint, s3.region,
+                     creds.data.get("AWS_ACCESS_KEY_ID", b"").decode(),
+                     creds.data.get("AWS_SECRET_ACCESS_KEY", b"").decode())
     prefix = s3.prefix if s3.prefix is not None else federation
     return FederationStore(ObjectStore(client, s3.bucket, prefix, retry=_NO_RETRY))
 

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import functools
 import logging
+from typing import NamedTuple
 
 import kopf
 
@@ -22,8 +24,15 @@ def _owned(obj: dict, body: kopf.Body) -> dict:
     return obj
 
 
+@functools.lru_cache(maxsize=4096)
 def _public_pem(openssh: bytes) -> bytes:
+    # Pure, and asked for every site on every pass.
     return pki.public_key_pem(openssh)
+
+
+class ServerTLS(NamedTuple):
+    ca_pem: bytes
+    cert_pem: bytes  # empty if a user's Secret lacks it
 
 
 def flower_address(name: str, namespace: str, settings: Settings) -> str:
@@ -31,15 +40,15 @@ def flower_address(name: str, namespace: str, settings: Settings) -> str:
 
 
 def _ensure_tls(name: str, namespace: str, spec: FederationSpec, body: kopf.Body,
-                logger: logging.Logger) -> bytes:
-    """Make the CA and server certificate exist and cover the server; return the CA cert."""
+                logger: logging.Logger) -> ServerTLS:
+    """Make the CA and server certificate exist and cover the server; return both certificates."""
     if spec.server.tls.secret_name:
         given = kube.read_secret(namespace, spec.server.tls.secret_name)
         if given is None or "ca.crt" not in given.data:
             raise kopf.TemporaryError(
                 f"spec.server.tls.secretName {spec.server.tls.secret_name!r}: Secret missing or "
                 "without ca.crt, tls.crt and tls.key", delay=30)
-        return given.data["ca.crt"]
+        return ServerTLS(given.data["ca.crt"], given.data.get("tls.crt", b""))
     ca_secret = kube.read_secret(namespace, names.ca_secret(name))
     tls_secret = kube.read_secret(namespace, names.server_tls_secret(name))
     observed = plan.TLSObserved(
@@ -64,7 +73,9 @@ def _ensure_tls(name: str, namespace: str, spec: FederationSpec, body: kopf.Body
         cert = pki.new_server_certificate(ca, dns)
         kube.apply(_owned(secrets.server_tls_secret(name, namespace, ca, cert, rotation), body))
         logger.info("issued the server certificate for %s", ", ".join(dns))
-    return ca.cert_pem
+        return ServerTLS(ca.cert_pem, cert.cert_pem)
+    assert tls_secret is not None
+    return ServerTLS(ca.cert_pem, tls_secret.data.get("tls.crt", b""))
 
 
 def _ensure_site_keys(name: str, namespace: str, spec: FederationSpec, ca_pem: bytes,
@@ -72,9 +83,9 @@ def _ensure_site_keys(name: str, namespace: str, spec: FederationSpec, ca_pem: b
     """Every site has a key Secret carrying the current CA; return site -> public key PEM."""
     selector = f"{names.FEDERATION_LABEL}={name},{names.SITE_LABEL}"
     keys: dict[str, bytes] = {}
-    for site in kube.list_secret_labels(namespace, selector, names.SITE_LABEL):
-        stored = kube.read_secret(namespace, names.site_secret(name, site))
-        if stored is None or "site.pub" not in stored.data:
+    for stored in kube.list_secrets(namespace, selector):
+        site = stored.labels[names.SITE_LABEL]
+        if "site.pub" not in stored.data:
             continue
         if stored.data.get("ca.crt") != ca_pem and spec.site(site):  # CA rotated
             key = pki.SiteKey(stored.data["site.key"], stored.data["site.pub"])
@@ -92,13 +103,13 @@ def reconcile(name: str, namespace: str, body: kopf.Body, settings: Settings,
               logger: logging.Logger) -> FederationStatus:
     spec = FederationSpec.model_validate(dict(body["spec"]))
     previous = FederationStatus.from_stored(dict(body.get("status") or {}))
-    ca_pem = _ensure_tls(name, namespace, spec, body, logger)
+    tls = _ensure_tls(name, namespace, spec, body, logger)
+    ca_pem = tls.ca_pem
     site_keys = _ensure_site_keys(name, namespace, spec, ca_pem, body)
 
-    tls_secret = kube.read_secret(namespace, server.tls_secret_name(name, spec))
-    cert_fingerprint = pki.fingerprint(tls_secret.data.get("tls.crt", b"")) if tls_secret else ""
+    cert_fingerprint = pki.fingerprint(tls.cert_pem) if tls.cert_pem else ""
     for obj in server.server_objects(name, namespace, spec, settings, cert_fingerprint):
-        kube.apply(_owned(obj, body))
+        kube.apply_if_changed(_owned(obj, body))
 
     ready = kube.deployment_ready_replicas(namespace, names.server(name))
     flower_nodes = None
@@ -142,5 +153,10 @@ def reconcile(name: str, namespace: str, body: kopf.Body, settings: Settings,
 
 
 def register(settings: Settings) -> None:
-    reconcile_on_every_pass("federations", "federation", reconcile, settings)
+    reconcile_on_every_pass("federations", "federation", reconcile, settings, settled_phases=("Ready",))
+    # Every kind applied through kube.apply_if_changed is watched: a change forgets what was
+    # applied, and wakes the Federation to apply it again.
     wake_owners_of("apps", "v1", "deployments")
+    wake_owners_of("", "v1", "services")
+    wake_owners_of("networking.k8s.io", "v1", "ingresses")
+    wake_owners_of("networking.k8s.io", "v1", "networkpolicies")

@@ -21,7 +21,7 @@ from ..metrics import count_training_round
 from ..reconcile import traininground as plan
 from ..settings import Settings
 from .federation import flower_address
-from .level_triggered import reconcile_on_every_pass, wake_owners_of
+from .level_triggered import reconcile_on_every_pass, wake, wake_owners_of
 
 
 def _parse_time(value: str | None) -> dt.datetime | None:
@@ -171,6 +171,9 @@ def reconcile(name: str, namespace: str, body: kopf.Body, settings: Settings,
         kube.delete("batch/v1", "Job", namespace, names.client_job(name, site_name))
     for event in decision.events:
         kopf.event(body, type=event.type, reason=event.reason, message=event.message)
+    if status.adapter_version and status.adapter_version != previous.adapter_version:
+        # The Federation shows the latest version; a Ready one polls only now and then.
+        wake("federations", namespace, spec.federation)
     count_training_round(namespace, previous, status, plan.TERMINAL)
     return status
 
@@ -201,7 +204,8 @@ def stop_run_on_delete(name: str, namespace: str, body: kopf.Body, settings: Set
 
 
 def register(settings: Settings) -> None:
-    reconcile_on_every_pass("trainingrounds", "traininground", reconcile, settings)
+    reconcile_on_every_pass("trainingrounds", "traininground", reconcile, settings,
+                            settled_phases=(*plan.TERMINAL, "Suspended"))
     wake_owners_of("batch", "v1", "jobs")
 
     @kopf.on.delete("pollinate.dev", "v1alpha1", "trainingrounds", optional=True)
