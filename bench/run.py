@@ -16,7 +16,10 @@ import argparse
 import importlib
 import json
 import sys
+import time
 import traceback
+from datetime import UTC, datetime
+from pathlib import Path
 from typing import Any
 
 from common import REPO, headlines_of, parse_mode
@@ -29,6 +32,10 @@ BENCHMARKS = (
     "learning_quality",
 )
 
+
+# The whole run's timing (the issue's "make bench in under an hour"), beside the results.
+RUN_RECORD = "run.json"
+HOUR = 3600.0
 
 README_BEGIN = "<!-- bench summary: begin (python bench/run.py --readme) -->"
 README_END = "<!-- bench summary: end -->"
@@ -57,8 +64,30 @@ def _cell(text: str) -> str:
     return text.replace("|", "\\|")
 
 
-def summary_markdown(results: list[dict[str, Any]], failures: dict[str, str], command: str) -> str:
+def run_line(record: dict[str, Any]) -> str:
+    """One sentence on the last whole run: its command, how long, and which part took what."""
+    parts = ", ".join(f"{name} {seconds / 60:.1f} min" for name, seconds in record["seconds"].items())
+    failed = f"; failed: {', '.join(record['failures'])}" if record.get("failures") else ""
+    within = "within" if record["wall_seconds"] < HOUR else "over"
+    return (f"The last whole run, `{record['command']}`, took {record['wall_seconds'] / 60:.1f} min "
+            f"({within} the hour), finished {record['finished']}: {parts}{failed}.")
+
+
+def write_run_record(results_dir: Path, command: str, mode: str, seconds: dict[str, float],
+                     failures: dict[str, str], wall: float) -> dict[str, Any]:
+    record = {"command": command, "mode": mode,
+              "finished": datetime.now(UTC).isoformat(timespec="seconds"),
+              "wall_seconds": round(wall, 1), "seconds": {k: round(v, 1) for k, v in seconds.items()},
+              "failures": failures}
+    (results_dir / RUN_RECORD).write_text(json.dumps(record, indent=1) + "\n")
+    return record
+
+
+def summary_markdown(results: list[dict[str, Any]], failures: dict[str, str], command: str,
+                     run: dict[str, Any] | None = None) -> str:
     lines = ["# Benchmark results", "", f"Made by `{command}`.", ""]
+    if run:
+        lines += [run_line(run), ""]
     if results:
         machine = results[0]["machine"]
         lines += [f"Machine: {machine['cpu']}, {machine['cores']} cores, {machine['memory_gib']} GiB; "
@@ -87,26 +116,37 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_mode(__doc__.splitlines()[0], argv, extra=_options)
     results, failures = [], {}
     names = args.only or BENCHMARKS
+    run = None
+    args.results_dir.mkdir(parents=True, exist_ok=True)
     if args.from_results:
         for name in names:
             path = args.results_dir / f"{name}.json"
             if path.exists():
                 results.append(json.loads(path.read_text()))
         command = "each benchmark's own command (second table), from its JSON in bench/results/"
+        record = args.results_dir / RUN_RECORD
+        run = json.loads(record.read_text()) if record.exists() else None
     else:
+        seconds: dict[str, float] = {}
+        started = time.monotonic()
         for name in names:
             print(f"\n=== {name} ({args.mode}) ===", flush=True)
+            began = time.monotonic()
             try:
                 results.append(importlib.import_module(name).run(args.mode, args.results_dir))
             except Exception as err:  # one broken benchmark must not hide the others' results
                 traceback.print_exc()
                 failures[name] = f"{type(err).__name__}: {err}"[:300]
+            seconds[name] = time.monotonic() - began
         command = "python bench/run.py" + ("" if args.mode == "full" else f" --{args.mode}")
         if args.only:
             command += " --only " + " ".join(args.only)
+        wall = time.monotonic() - started
+        print(f"\n{len(names)} benchmarks in {wall / 60:.1f} min", flush=True)
+        if not args.only:  # only a whole run says how long the whole takes
+            run = write_run_record(args.results_dir, command, args.mode, seconds, failures, wall)
     summary = args.results_dir / "summary.md"
-    summary.parent.mkdir(parents=True, exist_ok=True)
-    text = summary_markdown(results, failures, command)
+    text = summary_markdown(results, failures, command, run)
     summary.write_text(text)
     shown = summary.relative_to(REPO) if summary.is_relative_to(REPO) else summary
     print(f"\nwrote {shown}")

@@ -300,6 +300,14 @@ def test_a_deleted_child_wakes_its_owner_without_waiting_for_the_resync(
                                              check=False)).returncode == 0
                    and json.loads(r.stdout)["metadata"]["uid"] != uid,
                    timeout=120, what="Deployment recreated by a wake-up (resync an hour away)")
+        # A Service is not re-sent on every pass (kube.AppliedCache): only its watch can tell
+        # the operator to apply it again.
+        uid = kubectl.json("get", "service", "clinical-notes-server")["metadata"]["uid"]
+        kubectl.run("delete", "service", "clinical-notes-server")
+        eventually(lambda: (r := kubectl.run("get", "service", "clinical-notes-server", "-o", "json",
+                                             check=False)).returncode == 0
+                   and json.loads(r.stdout)["metadata"]["uid"] != uid,
+                   timeout=120, what="Service recreated by a wake-up (resync an hour away)")
     finally:
         slow.stop()
         operator.start()

@@ -167,3 +167,18 @@ def test_aggregation_memory_is_independent_of_the_sites_once_the_fold_batch_is_f
     assert not growing.independent
     (two,) = memory_spreads(rows({10: 55.0, 50: 53.0}), "fedavg", "pollinate")
     assert two.independent and two.describe().startswith("10 -> 50 sites")
+
+
+def test_a_whole_run_records_how_long_it_took_and_the_summary_says_so(tmp_path: Path):
+    sys.path.insert(0, str(REPO / "bench"))
+    from run import RUN_RECORD, run_line, summary_markdown, write_run_record
+
+    record = write_run_record(tmp_path, "python bench/run.py", "full",
+                              {"aggregation": 500.0, "learning_quality": 2900.0}, {}, 3400.0)
+    assert json.loads((tmp_path / RUN_RECORD).read_text()) == record
+    line = run_line(record)
+    assert "`python bench/run.py`, took 56.7 min (within the hour)" in line
+    assert "aggregation 8.3 min, learning_quality 48.3 min" in line
+    over = run_line({**record, "wall_seconds": 3700.0, "failures": {"wire_bytes": "boom"}})
+    assert "(over the hour)" in over and "failed: wire_bytes" in over
+    assert line in summary_markdown([], {}, "python bench/run.py", record)

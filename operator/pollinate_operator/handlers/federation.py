@@ -105,11 +105,12 @@ def reconcile(name: str, namespace: str, body: kopf.Body, settings: Settings,
     previous = FederationStatus.from_stored(dict(body.get("status") or {}))
     tls = _ensure_tls(name, namespace, spec, body, logger)
     ca_pem = tls.ca_pem
-    site_keys = _ensure_site_keys(name, namespace, spec, ca_pem, body)
-
+    # The server first: its pod starts (image pull, SuperLink start) while the site keys are
+    # made, which it does not need.
     cert_fingerprint = pki.fingerprint(tls.cert_pem) if tls.cert_pem else ""
     for obj in server.server_objects(name, namespace, spec, settings, cert_fingerprint):
         kube.apply_if_changed(_owned(obj, body))
+    site_keys = _ensure_site_keys(name, namespace, spec, ca_pem, body)
 
     ready = kube.deployment_ready_replicas(namespace, names.server(name))
     flower_nodes = None

@@ -133,11 +133,53 @@ def owner_to_wake(child: Mapping[str, Any]) -> tuple[str, str, str] | None:
     return None
 
 
+Owner = tuple[str, str, str]  # (plural, namespace, name)
+
+
+class WakeLimiter:
+    """At most one wake per owner per `every` seconds, without losing the last change: a
+    change inside the window is woken at the window's end, once however many came. (Dropping
+    it instead left a Job deleted just after a sibling changed for the 10 s timer to find:
+    the p99 of a recreate at scale.)"""
+
+    def __init__(self, every: float = WAKE_AT_MOST_EVERY_SECONDS) -> None:
+        self.every = every
+        self._last: dict[Owner, float] = {}
+        self._scheduled: set[Owner] = set()
+        self._lock = threading.Lock()
+
+    def admit(self, owner: Owner, now: float) -> float | None:
+        """Seconds until `owner` may be woken (0: now; the caller then wakes it), or None when
+        a wake is already scheduled and will see this change too."""
+        with self._lock:
+            if owner in self._scheduled:
+                return None
+            wait = self._last.get(owner, float("-inf")) + self.every - now
+            if wait > 0:
+                self._scheduled.add(owner)
+                return wait
+            self._last[owner] = now
+            return 0.0
+
+    def fired(self, owner: Owner, now: float) -> None:
+        """A scheduled wake is being sent now."""
+        with self._lock:
+            self._scheduled.discard(owner)
+            self._last[owner] = now
+
+
 def wake_owners_of(group: str, version: str, plural: str) -> None:
-    """When one of our children of this kind changes (deleted, its pods progress), wake its
-    owner's pass through an annotation; at most once a second per owner."""
-    last_woken: dict[tuple[str, str, str], float] = {}
-    lock = threading.Lock()
+    """When one of our children of this kind changes (deleted, its pods progress), forget what
+    was applied to it and wake its owner's pass through an annotation (WakeLimiter: at most
+    once a second per owner, the last change never dropped)."""
+    limiter = WakeLimiter()
+
+    def wake_later(owner: Owner) -> None:
+        limiter.fired(owner, time.monotonic())
+        try:
+            wake(*owner)
+        except Exception as err:  # a timer thread has no caller to raise to; the resync remains
+            logging.getLogger(__name__).warning("could not wake %s %s/%s: %s", *owner, err)
 
     def child_changed(event: Mapping[str, Any], body: kopf.Body, logger: logging.Logger, **_) -> None:
         if event.get("type") is None:  # kopf's initial listing: the owners' resume pass covers it
@@ -146,11 +188,14 @@ def wake_owners_of(group: str, version: str, plural: str) -> None:
         owner = owner_to_wake(body)
         if owner is None:
             return
-        now = time.monotonic()
-        with lock:
-            if now - last_woken.get(owner, float("-inf")) < WAKE_AT_MOST_EVERY_SECONDS:
-                return
-            last_woken[owner] = now
+        wait = limiter.admit(owner, time.monotonic())
+        if wait is None:
+            return
+        if wait > 0:
+            timer = threading.Timer(wait, wake_later, args=(owner,))
+            timer.daemon = True
+            timer.start()
+            return
         wake(*owner)
 
     child_changed.__name__ = child_changed.__qualname__ = f"{plural}-changed"

@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from pollinate_operator.handlers.level_triggered import owner_to_wake
+import pytest
+from pollinate_operator.handlers.level_triggered import WakeLimiter, owner_to_wake
 
 
 def child(*refs: dict) -> dict:
@@ -29,3 +30,41 @@ def test_children_of_others_or_without_a_controller_wake_nothing() -> None:
     assert owner_to_wake(child(cron_job)) is None
     assert owner_to_wake(child({"apiVersion": "pollinate.dev/v1alpha1", "kind": "TrainingRound",
                                 "name": "notes-v1", "controller": False})) is None
+
+
+OWNER = ("trainingrounds", "research", "notes-v1")
+OTHER = ("trainingrounds", "research", "notes-v2")
+
+
+def test_the_first_change_wakes_its_owner_at_once() -> None:
+    limiter = WakeLimiter(every=1.0)
+    assert limiter.admit(OWNER, now=100.0) == 0.0
+
+
+def test_a_change_inside_the_window_is_woken_at_its_end_not_dropped() -> None:
+    limiter = WakeLimiter(every=1.0)
+    limiter.admit(OWNER, now=100.0)
+    assert limiter.admit(OWNER, now=100.25) == pytest.approx(0.75)
+
+
+def test_further_changes_ride_on_the_scheduled_wake() -> None:
+    limiter = WakeLimiter(every=1.0)
+    limiter.admit(OWNER, now=100.0)
+    limiter.admit(OWNER, now=100.25)
+    assert limiter.admit(OWNER, now=100.5) is None
+    limiter.fired(OWNER, now=101.0)
+    # After the scheduled wake, the window starts again from it.
+    assert limiter.admit(OWNER, now=101.5) == pytest.approx(0.5)
+    assert limiter.admit(OWNER, now=102.5) is None  # still scheduled: not fired yet
+
+
+def test_owners_are_limited_separately() -> None:
+    limiter = WakeLimiter(every=1.0)
+    limiter.admit(OWNER, now=100.0)
+    assert limiter.admit(OTHER, now=100.1) == 0.0
+
+
+def test_a_change_after_the_window_wakes_at_once() -> None:
+    limiter = WakeLimiter(every=1.0)
+    limiter.admit(OWNER, now=100.0)
+    assert limiter.admit(OWNER, now=101.2) == 0.0
