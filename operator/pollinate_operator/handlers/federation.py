@@ -154,7 +154,7 @@ def reconcile(name: str, namespace: str, body: kopf.Body, settings: Settings,
 
 
 def register(settings: Settings) -> None:
-    reconcile_on_every_pass("federations", "federation", reconcile, settings, settled_phases=("Ready",))
+    reconcile_on_every_pass("federations", "federation", reconcile, settings, settled=plan.settled)
     # Every kind applied through kube.apply_if_changed is watched: a change forgets what was
     # applied, and wakes the Federation to apply it again.
     wake_owners_of("apps", "v1", "deployments")

@@ -6,7 +6,7 @@ import datetime as dt
 import logging
 import threading
 import time
-from collections.abc import Callable, Collection, Mapping
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import kopf
@@ -70,8 +70,7 @@ def run_pass(plural: str, kind: str, reconcile: Reconcile, settings: Settings, n
     patch.status.update(status.merge_patch_over(dict(body.get("status") or {})))
 
 
-def timer_pass_due(phase: str | None, settled_phases: Collection[str], since_last: float | None,
-                   settings: Settings) -> bool:
+def timer_pass_due(settled: bool, since_last: float | None, settings: Settings) -> bool:
     """Whether a timer tick runs a pass: every `resync_seconds` while the object works towards
     something (a server starting, a run under way), every `settled_resync_seconds` once it has
     settled. A settled object is woken at once by what can unsettle it (its spec, its
@@ -79,13 +78,14 @@ def timer_pass_due(phase: str | None, settled_phases: Collection[str], since_las
     and at 300 objects a 10 s net kept the operator busy on passes that changed nothing."""
     if since_last is None:
         return True
-    interval = settings.settled_resync_seconds if phase in settled_phases else settings.resync_seconds
+    interval = settings.settled_resync_seconds if settled else settings.resync_seconds
     # Ticks come every resync_seconds, each a little late: due within half a tick counts.
     return since_last >= interval - settings.resync_seconds / 2
 
 
 def reconcile_on_every_pass(plural: str, kind: str, reconcile: Reconcile, settings: Settings,
-                            settled_phases: Collection[str] = ()) -> None:
+                            settled: Callable[[Mapping[str, Any]], bool] = lambda status: False,
+                            ) -> None:
     """Run `reconcile` on create, on a spec change, when the operator starts, when a child
     changes, and on a timer (level-triggered: a finished round or a lost registration is seen
     even if no event says so), one pass at a time per object, and store the status it returns."""
@@ -99,9 +99,8 @@ def reconcile_on_every_pass(plural: str, kind: str, reconcile: Reconcile, settin
     def timer(name: str, namespace: str, body: kopf.Body, patch: kopf.Patch,
               memo: kopf.Memo, logger: logging.Logger, **_) -> None:
         last = memo.get("last_pass")
-        phase = (body.get("status") or {}).get("phase")
-        if timer_pass_due(phase, settled_phases, None if last is None else time.monotonic() - last,
-                          settings):
+        if timer_pass_due(settled(body.get("status") or {}),
+                          None if last is None else time.monotonic() - last, settings):
             handler(name=name, namespace=namespace, body=body, patch=patch, memo=memo, logger=logger)
 
     handler.__name__ = handler.__qualname__ = kind  # kopf's handler id

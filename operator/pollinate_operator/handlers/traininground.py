@@ -204,8 +204,7 @@ def stop_run_on_delete(name: str, namespace: str, body: kopf.Body, settings: Set
 
 
 def register(settings: Settings) -> None:
-    reconcile_on_every_pass("trainingrounds", "traininground", reconcile, settings,
-                            settled_phases=(*plan.TERMINAL, "Suspended"))
+    reconcile_on_every_pass("trainingrounds", "traininground", reconcile, settings, settled=plan.settled)
     wake_owners_of("batch", "v1", "jobs")
 
     @kopf.on.delete("pollinate.dev", "v1alpha1", "trainingrounds", optional=True)

@@ -7,7 +7,9 @@ child or a lost registration is repaired by the next pass (level-triggered).
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass, field
+from typing import Any
 
 from ..api.conditions import Condition, set_condition
 from ..api.federation import FederationSpec, FederationStatus, SiteIdentity
@@ -108,6 +110,13 @@ def latest_adapter_version(observed: FederationObserved) -> str | None:
     return f"v{max(versions)}" if versions else None
 
 
+def settled(status: Mapping[str, Any]) -> bool:
+    """Ready, with nothing left to confirm: only the settled resync looks at it again."""
+    progressing = any(c.get("type") == "Progressing" and c.get("status") == "True"
+                      for c in status.get("conditions") or [])
+    return status.get("phase") == "Ready" and not progressing
+
+
 def federation_status(
     name: str, namespace: str, spec: FederationSpec, observed: FederationObserved,
     registered: dict[str, str], internal_endpoint: str, external_endpoint: str | None,
@@ -130,7 +139,15 @@ def federation_status(
         phase = "Ready"
         conditions = set_condition(conditions, "Ready", True, "ServerReady",
                                    "the server is serving and every site can join", gen, now)
-        conditions = set_condition(conditions, "Progressing", False, "Reconciled", "", gen, now)
+        if auth and observed.flower_nodes is None:
+            # A restarted server forgets the keys; until it answers, the last pass's word is all
+            # there is, and the Federation is checked again soon (not settled).
+            conditions = set_condition(
+                conditions, "Progressing", True, "ServerUnreachable",
+                "the server did not answer which site keys it holds; showing what it last said",
+                gen, now)
+        else:
+            conditions = set_condition(conditions, "Progressing", False, "Reconciled", "", gen, now)
         conditions = set_condition(conditions, "Degraded", False, "AsExpected", "", gen, now)
     else:
         was_ready = observed.previous.phase == "Ready"

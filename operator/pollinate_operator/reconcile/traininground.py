@@ -9,7 +9,9 @@ the status always describes what is, not what happened to be seen once.
 from __future__ import annotations
 
 import datetime as dt
+from collections.abc import Mapping
 from dataclasses import dataclass, field
+from typing import Any
 
 from ..api.conditions import Condition, set_condition
 from ..api.federation import FederationSpec
@@ -24,6 +26,11 @@ from ..manifests import names
 from ..manifests.run import participating_sites
 
 TERMINAL: tuple[Phase, ...] = ("Succeeded", "Failed")
+
+
+def settled(status: Mapping[str, Any]) -> bool:
+    """Finished, or suspended until its spec changes: only the settled resync looks at it."""
+    return status.get("phase") in (*TERMINAL, "Suspended")
 
 
 @dataclass(frozen=True)

@@ -12,6 +12,7 @@ from pollinate_operator.reconcile.federation import (
     nodes_to_unregister,
     plan_tls,
     registered_sites,
+    settled,
     sites_needing_keys,
     sites_to_register,
     stale_sites,
@@ -107,6 +108,15 @@ def test_status_is_ready_when_serving_and_all_sites_registered(fed_spec: Federat
     assert {c.type: c.status for c in status.conditions} == {
         "Ready": "True", "Progressing": "False", "Degraded": "False"}
     assert status.sites[0].key_secret == "clinical-notes-site-hospital-a"
+
+
+def test_ready_on_the_last_word_of_a_server_that_did_not_answer_says_so(fed_spec: FederationSpec) -> None:
+    registered = {s: str(i) for i, s in enumerate(KEYS)}
+    status = federation_status("f", "ns", fed_spec, observed(flower_nodes=None), registered, "in", None)
+    assert status.phase == "Ready"
+    progressing = next(c for c in status.conditions if c.type == "Progressing")
+    assert progressing.status == "True" and progressing.reason == "ServerUnreachable"
+    assert not settled(status.to_wire())
 
 
 def test_status_is_pending_while_registering(fed_spec: FederationSpec) -> None:

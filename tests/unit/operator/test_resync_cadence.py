@@ -1,39 +1,39 @@
-"""When a timer tick runs a pass (handlers/level_triggered.timer_pass_due)."""
+"""When a timer tick runs a pass (handlers/level_triggered.timer_pass_due), and which objects
+count as settled (reconcile.*.settled)."""
 
 from __future__ import annotations
 
 import pytest
 from pollinate_operator.handlers.level_triggered import timer_pass_due
+from pollinate_operator.reconcile import federation, traininground
 from pollinate_operator.settings import Settings
 
 SETTINGS = Settings(resync_seconds=10, settled_resync_seconds=60)
-SETTLED = ("Ready",)
 
 
-def due(phase: str | None, since_last: float | None) -> bool:
-    return timer_pass_due(phase, SETTLED, since_last, SETTINGS)
+def due(settled: bool, since_last: float | None) -> bool:
+    return timer_pass_due(settled, since_last, SETTINGS)
 
 
 def test_the_first_tick_after_a_start_always_runs() -> None:
-    assert due("Ready", None)
-    assert due("Pending", None)
+    assert due(True, None)
+    assert due(False, None)
 
 
-@pytest.mark.parametrize("phase", ["Pending", "Degraded", None])
-def test_an_object_working_towards_something_is_checked_every_tick(phase: str | None) -> None:
-    assert due(phase, 10.0)
-    assert due(phase, 9.2)  # a tick that came a little early after an event-driven pass
+def test_an_object_working_towards_something_is_checked_every_tick() -> None:
+    assert due(False, 10.0)
+    assert due(False, 9.2)  # a tick that came a little early after an event-driven pass
 
 
 def test_a_settled_object_is_checked_every_settled_interval() -> None:
-    assert not due("Ready", 10.0)
-    assert not due("Ready", 50.0)
-    assert due("Ready", 57.0)  # the tick nearest the minute, even if it came a little early
-    assert due("Ready", 70.0)
+    assert not due(True, 10.0)
+    assert not due(True, 50.0)
+    assert due(True, 57.0)  # the tick nearest the minute, even if it came a little early
+    assert due(True, 70.0)
 
 
 def test_a_pass_that_just_ran_for_an_event_pushes_the_next_tick_back() -> None:
-    assert not due("Pending", 2.0)
+    assert not due(False, 2.0)
 
 
 def test_the_settled_interval_comes_from_the_environment(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -41,3 +41,32 @@ def test_the_settled_interval_comes_from_the_environment(monkeypatch: pytest.Mon
     assert Settings.from_env().settled_resync_seconds == 120
     monkeypatch.delenv("POLLINATE_SETTLED_RESYNC_SECONDS")
     assert Settings.from_env().settled_resync_seconds == 60
+
+
+def condition(kind: str, status: str) -> dict:
+    return {"type": kind, "status": status}
+
+
+def test_a_ready_federation_with_nothing_to_confirm_is_settled() -> None:
+    assert federation.settled({"phase": "Ready", "conditions": [condition("Ready", "True"),
+                                                                 condition("Progressing", "False")]})
+
+
+@pytest.mark.parametrize("status", [
+    {},
+    {"phase": "Pending"},
+    {"phase": "Degraded"},
+    # Ready on the last word of a server that did not answer (it may have restarted and
+    # forgotten the keys): checked again at the active cadence.
+    {"phase": "Ready", "conditions": [condition("Progressing", "True")]},
+])
+def test_a_federation_still_working_or_unconfirmed_is_not_settled(status: dict) -> None:
+    assert not federation.settled(status)
+
+
+@pytest.mark.parametrize(("phase", "expected"), [
+    ("Succeeded", True), ("Failed", True), ("Suspended", True),
+    ("Pending", False), ("Running", False), (None, False),
+])
+def test_a_training_round_is_settled_when_finished_or_suspended(phase: str | None, expected: bool) -> None:
+    assert traininground.settled({"phase": phase} if phase else {}) is expected
