@@ -122,7 +122,10 @@ def wake(plural: str, namespace: str, name: str) -> None:
     kube.annotate_custom(plural, namespace, name, {WAKE_ANNOTATION: stamp})
 
 
-def owner_to_wake(child: Mapping[str, Any]) -> tuple[str, str, str] | None:
+Owner = tuple[str, str, str]  # (plural, namespace, name)
+
+
+def owner_to_wake(child: Mapping[str, Any]) -> Owner | None:
     """(plural, namespace, name) of the Pollinate object that controls `child`, if any."""
     meta = child.get("metadata") or {}
     for ref in meta.get("ownerReferences") or []:
@@ -130,9 +133,6 @@ def owner_to_wake(child: Mapping[str, Any]) -> tuple[str, str, str] | None:
                 and ref.get("kind") in PLURALS:
             return PLURALS[ref["kind"]], meta.get("namespace", ""), ref["name"]
     return None
-
-
-Owner = tuple[str, str, str]  # (plural, namespace, name)
 
 
 class WakeLimiter:
