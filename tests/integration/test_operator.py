@@ -294,20 +294,15 @@ def test_a_deleted_child_wakes_its_owner_without_waiting_for_the_resync(
     slow.start()
     try:
         time.sleep(15)  # started, and its resume pass over the existing objects done
-        uid = kubectl.json("get", "deployment", "clinical-notes-server")["metadata"]["uid"]
-        kubectl.run("delete", "deployment", "clinical-notes-server")
-        eventually(lambda: (r := kubectl.run("get", "deployment", "clinical-notes-server", "-o", "json",
-                                             check=False)).returncode == 0
-                   and json.loads(r.stdout)["metadata"]["uid"] != uid,
-                   timeout=120, what="Deployment recreated by a wake-up (resync an hour away)")
-        # A Service is not re-sent on every pass (kube.AppliedCache): only its watch can tell
-        # the operator to apply it again.
-        uid = kubectl.json("get", "service", "clinical-notes-server")["metadata"]["uid"]
-        kubectl.run("delete", "service", "clinical-notes-server")
-        eventually(lambda: (r := kubectl.run("get", "service", "clinical-notes-server", "-o", "json",
-                                             check=False)).returncode == 0
-                   and json.loads(r.stdout)["metadata"]["uid"] != uid,
-                   timeout=120, what="Service recreated by a wake-up (resync an hour away)")
+        # The Deployment's status wakes its Federation too; a Service is not re-sent on every
+        # pass (kube.AppliedCache), so only its own watch can get it applied again.
+        for kind in ("deployment", "service"):
+            uid = kubectl.json("get", kind, "clinical-notes-server")["metadata"]["uid"]
+            kubectl.run("delete", kind, "clinical-notes-server")
+            eventually(lambda k=kind, old=uid: (r := kubectl.run(
+                "get", k, "clinical-notes-server", "-o", "json", check=False)).returncode == 0
+                and json.loads(r.stdout)["metadata"]["uid"] != old,
+                timeout=120, what=f"{kind} recreated by a wake-up (resync an hour away)")
     finally:
         slow.stop()
         operator.start()
