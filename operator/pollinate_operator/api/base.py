@@ -26,11 +26,15 @@ class ApiModel(BaseModel):
 
         A merge patch leaves keys it does not mention alone, so a field of ours that is now
         unset (a suspended round's runId) is sent as null, which deletes it; keys that are
-        not ours (kopf keeps its own in status) are not touched.
+        not ours (kopf keeps its own in status) are not touched. Keys that already say the
+        same are left out too: a pass that changed nothing sends no patch at all (kopf skips
+        an empty one), where it used to cost the API server a no-op write per pass.
         """
         wire = self.to_wire()
+        stored = stored or {}
         ours = {f.alias or name for name, f in type(self).model_fields.items()}
-        return {**{k: None for k in (stored or {}) if k in ours and k not in wire}, **wire}
+        full = {**{k: None for k in stored if k in ours and k not in wire}, **wire}
+        return {k: v for k, v in full.items() if k not in stored or stored[k] != v}
 
     @classmethod
     def from_stored(cls, raw: dict | None):

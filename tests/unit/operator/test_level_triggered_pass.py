@@ -55,7 +55,7 @@ def test_an_object_being_deleted_gets_no_pass():
 def test_a_pass_reads_the_latest_status_and_patches_over_it():
     seen, patch = pass_with(obj({"phase": "Running", "runId": "41"}))
     assert seen == [{"phase": "Running", "runId": "41"}]
-    assert patch.status == {"phase": "Running", "runId": "42"}
+    assert patch.status == {"runId": "42"}  # only what differs from the live status
     # A field the live status has and the pass unset is deleted (null in the merge patch).
     _, patch = pass_with(obj({"phase": "Running", "runId": "41"}), Status(phase="Suspended"))
     assert patch.status == {"phase": "Suspended", "runId": None}

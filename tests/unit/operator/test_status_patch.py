@@ -31,6 +31,13 @@ def test_a_field_that_became_unset_is_deleted_and_kopfs_keys_are_kept() -> None:
                                          "sites": [], "metrics": [], "conditions": []}
 
 
+def test_a_status_that_says_what_is_stored_patches_nothing() -> None:
+    status = TrainingRoundStatus(phase="Running", round=2, run_id="7")
+    assert status.merge_patch_over(status.to_wire()) == {}
+    stored = {**status.to_wire(), "kopf": {"progress": {}}}
+    assert TrainingRoundStatus(phase="Running", round=3, run_id="7").merge_patch_over(stored) == {"round": 3}
+
+
 def test_nothing_is_deleted_that_was_not_stored() -> None:
     patch = TrainingRoundStatus(phase="Running").merge_patch_over(None)
     assert None not in patch.values()
