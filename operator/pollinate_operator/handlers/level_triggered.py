@@ -83,6 +83,20 @@ def timer_pass_due(settled: bool, since_last: float | None, settings: Settings) 
     return since_last >= interval - settings.resync_seconds / 2
 
 
+def on_tick(handler: Callable[..., None], settled: Callable[[Mapping[str, Any]], bool],
+            settings: Settings) -> Callable[..., None]:
+    """The timer's handler: `handler`, when timer_pass_due says this tick is due."""
+
+    def tick(name: str, namespace: str, body: kopf.Body, patch: kopf.Patch,
+             memo: kopf.Memo, logger: logging.Logger, **_) -> None:
+        last = memo.get("last_pass")
+        if timer_pass_due(settled(body.get("status") or {}),
+                          None if last is None else time.monotonic() - last, settings):
+            handler(name=name, namespace=namespace, body=body, patch=patch, memo=memo, logger=logger)
+
+    return tick
+
+
 def reconcile_on_every_pass(plural: str, kind: str, reconcile: Reconcile, settings: Settings,
                             settled: Callable[[Mapping[str, Any]], bool] = lambda status: False,
                             ) -> None:
@@ -96,16 +110,9 @@ def reconcile_on_every_pass(plural: str, kind: str, reconcile: Reconcile, settin
             return  # the cached body already says so: no need to ask
         run_pass(plural, kind, reconcile, settings, name, namespace, patch, memo, logger)
 
-    def timer(name: str, namespace: str, body: kopf.Body, patch: kopf.Patch,
-              memo: kopf.Memo, logger: logging.Logger, **_) -> None:
-        last = memo.get("last_pass")
-        if timer_pass_due(settled(body.get("status") or {}),
-                          None if last is None else time.monotonic() - last, settings):
-            handler(name=name, namespace=namespace, body=body, patch=patch, memo=memo, logger=logger)
-
     handler.__name__ = handler.__qualname__ = kind  # kopf's handler id
     kopf.timer(GROUP, VERSION, plural, id=kind, interval=settings.resync_seconds,
-               initial_delay=settings.resync_seconds)(timer)
+               initial_delay=settings.resync_seconds)(on_tick(handler, settled, settings))
     for register in (
         kopf.on.update(GROUP, VERSION, plural, field="spec"),
         kopf.on.update(GROUP, VERSION, plural, field=("metadata", "annotations", WAKE_ANNOTATION),

@@ -3,8 +3,11 @@ count as settled (reconcile.*.settled)."""
 
 from __future__ import annotations
 
+import time
+
+import kopf
 import pytest
-from pollinate_operator.handlers.level_triggered import timer_pass_due
+from pollinate_operator.handlers.level_triggered import on_tick, timer_pass_due
 from pollinate_operator.reconcile import federation, traininground
 from pollinate_operator.settings import Settings
 
@@ -70,3 +73,23 @@ def test_a_federation_still_working_or_unconfirmed_is_not_settled(status: dict) 
 ])
 def test_a_training_round_is_settled_when_finished_or_suspended(phase: str | None, expected: bool) -> None:
     assert traininground.settled({"phase": phase} if phase else {}) is expected
+
+
+def ticks(status: dict, seconds_since_last_pass: float | None) -> int:
+    """How many passes one timer tick runs for an object with this stored status."""
+    passes: list[str] = []
+    tick = on_tick(lambda **kw: passes.append(kw["name"]), federation.settled, SETTINGS)
+    memo = kopf.Memo()
+    if seconds_since_last_pass is not None:
+        memo["last_pass"] = time.monotonic() - seconds_since_last_pass
+    tick(name="clinical-notes", namespace="research", body=kopf.Body({"status": status}),
+         patch=kopf.Patch(), memo=memo, logger=None)
+    return len(passes)
+
+
+def test_the_timer_skips_a_settled_object_between_settled_passes() -> None:
+    ready = {"phase": "Ready", "conditions": [condition("Progressing", "False")]}
+    assert ticks(ready, None) == 1  # first tick after the operator started
+    assert ticks(ready, 10.0) == 0
+    assert ticks(ready, 61.0) == 1
+    assert ticks({"phase": "Pending"}, 10.0) == 1
