@@ -137,3 +137,23 @@ def test_reconcile_metrics_are_read_per_kind_from_prometheus_text():
     assert scale.reconcile_metrics(text) == {
         "federation": {"passes": 4.0, "seconds": 2.0, "mean_pass_seconds": 0.5},
         "traininground": {"errors": 1.0}}
+
+
+def test_every_reconcile_latency_is_judged_bursts_and_one_at_a_time_alike():
+    plan = scale.PLANS["quick"]
+    direct = {"objects": 180, "apply_seconds": 1.0, "objects_per_second": 180.0,
+              "request_seconds": {"p50": 0.04, "p99": 0.1}, "pods_scheduled_seconds": 18.0}
+    fast, slow = scale.distribution([0.5, 0.6]), scale.distribution([0.5, 9.0])
+    op = {"federations": {"create_to_server_deployment": fast},
+          "training_rounds": {"create_to_every_job": slow},
+          "recreate": {"all": fast},
+          "one_at_a_time": {"federation_create_to_deployment": fast,
+                            "training_round_create_to_every_job": fast, "recreate": slow}}
+    judged = {h.case: h.met for h in scale.headlines(plan, direct, op) if h.case.startswith("reconcile")}
+    assert len(judged) == 6
+    assert [met for case, met in judged.items() if "sent at once" in case] == [True, False]
+    assert [met for case, met in judged.items() if "one at a time" in case] == [True, True, False]
+    # A run that stopped before the probes says so, and meets nothing it did not measure.
+    partial = scale.headlines(plan, direct, {**op, "one_at_a_time": {}})
+    missing = [h for h in partial if "one at a time" in h.case]
+    assert len(missing) == 3 and all(h.measured == "not measured" and h.met is False for h in missing)
