@@ -23,18 +23,15 @@ import subprocess
 import sys
 import threading
 import time
-from collections import deque
-from collections.abc import Iterable
 from pathlib import Path
 from typing import Any, TextIO
 
 from . import __version__
+from .site_session import SITE_SECRET, Rejoin, Retry, run_supernode
 from .site_trainer import SiteOptions, SiteTrainer, TrainerServer
 from .supernode import DEFAULT_POLL_SECONDS, POLL_ENV
 
 log = logging.getLogger("pollinate.client")
-
-SITE_SECRET = "the site Secret <federation>-site-<site>"
 
 
 class JoinError(RuntimeError):
@@ -99,6 +96,10 @@ def check_inputs(args: argparse.Namespace) -> tuple[str, int, Path | None]:
     if args.poll_seconds is not None and not 0 < args.poll_seconds <= 60:
         raise JoinError(f"--poll-seconds {args.poll_seconds:g}: expected seconds in (0, 60], how "
                         "often an idle site asks the server for work")
+    for flag, seconds in (("--rejoin-seconds", args.rejoin_seconds),
+                          ("--reconnect-seconds", args.reconnect_seconds)):
+        if not seconds >= 0:  # also NaN
+            raise JoinError(f"{flag} {seconds:g}: expected seconds, 0 or more")
     check_file("--data", Path(args.data), "this site's private training data (a .jsonl or .txt "
                "file, or a folder of them)")
     ca = Path(args.ca) if args.ca else None
@@ -186,36 +187,6 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
-
-
-# ---- SuperNode output ----------------------------------------------------------------------
-ACTIVATION_REFUSED = (
-    "the server rejected this site's key: it is not registered with the Federation (or was "
-    f"revoked). Check that --key is site.key from {SITE_SECRET} and that the site is in the "
-    "Federation's spec.sites")
-REVOKED = (
-    "the server ended this site's session: its key is no longer registered (the site was "
-    "removed from the Federation's spec.sites or its key was revoked). Ask the Federation's "
-    f"operator; a new key comes in {SITE_SECRET}")
-KNOWN_FAILURES = [
-    (re.compile(r"No SuperNode found with the given public key|code: 2004|Failed to activate SuperNode"),
-     ACTIVATION_REFUSED),
-    (re.compile(r"All SuperNodes must be registered"),
-     f"the server requires a registered site key: pass --key with site.key from {SITE_SECRET}"),
-    (re.compile(r"Unable to parse the private key"),
-     "Flower could not read --key: expected an OpenSSH EC private key (site.key)"),
-    (re.compile(r"CERTIFICATE_VERIFY_FAILED|SSL/TLS handshake error"),
-     "certificate problem: TLS with the server failed; check --ca (the Federation's ca.crt) "
-     "and the server name in --server"),
-]
-
-
-def explain_supernode_exit(output_tail: Iterable[str]) -> str | None:
-    text = "\n".join(output_tail)
-    for pattern, message in KNOWN_FAILURES:
-        if pattern.search(text):
-            return message
-    return None
 
 
 class Reporter:
@@ -327,8 +298,8 @@ def supernode_env(work: Path) -> dict[str, str]:
 
 
 def run_site(args: argparse.Namespace, command: list[str], env: dict[str, str]) -> int:
-    """Run the SuperNode until this site is stopped (0) or the server will not have it
-    (JoinError naming why)."""
+    """Run SuperNodes until this site is stopped (0) or the server will not have it (JoinError
+    naming why): a lost server or a refused activation starts another (site_session.Rejoin)."""
     stopping = threading.Event()
     current: list[subprocess.Popen] = []
 
@@ -340,59 +311,24 @@ def run_site(args: argparse.Namespace, command: list[str], env: dict[str, str]) 
 
     signal.signal(signal.SIGTERM, stop)
     signal.signal(signal.SIGINT, stop)
-    # A site that crashed and came straight back finds its old node still online at the
-    # server until its heartbeats lapse (about a minute), and activation is refused until
-    # then: keep trying for `--rejoin-seconds` before calling the key rejected.
-    deadline = time.monotonic() + args.rejoin_seconds
+    rejoin = Rejoin(args.rejoin_seconds, args.reconnect_seconds)
     while True:
-        code, tail = run_supernode(command, env, args.verbose, current)
+        ended = run_supernode(command, env, args.verbose, current, log)
         if stopping.is_set():
             log.info("site %s left the federation", args.site)
             return 0
-        # Flower's SuperNode ends itself with a graceful exit (code 0) when the server answers
-        # its heartbeat with 401, which is what unregistering its key does. Nobody here asked
-        # it to stop, so the server did.
-        reason = REVOKED if code == 0 else explain_supernode_exit(tail)
-        if reason == ACTIVATION_REFUSED and time.monotonic() < deadline:
-            log.info("the server refused to activate this site yet (its previous connection may "
-                     "still count as online); retrying in 10 s")
-            stopping.wait(10)
+        decision = rejoin.after(ended, time.monotonic())
+        if isinstance(decision, Retry):
+            log.info("%s", decision.why)
+            stopping.wait(decision.seconds)
+            if stopping.is_set():
+                log.info("site %s left the federation", args.site)
+                return 0
             continue
-        raise JoinError(f"{reason} (the SuperNode exited with code {code})" if reason else
-                        f"the SuperNode exited with code {code}: see the log above (run with "
-                        "--verbose for all of it)")
-
-
-def run_supernode(command: list[str], env: dict[str, str], verbose: bool,
-                  current: list[subprocess.Popen]) -> tuple[int, list[str]]:
-    """Run Flower's SuperNode until it exits; return its exit code and last lines."""
-    # Same process group as this one: whoever stops the site stops its SuperNode too.
-    proc = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
-    current.append(proc)
-    tail: deque[str] = deque(maxlen=50)
-    exited = threading.Event()
-    relay = threading.Thread(target=relay_output, args=(proc.stdout, tail, verbose, exited), daemon=True)
-    relay.start()
-    code = proc.wait()
-    exited.set()
-    # The SuperNode's own flower-superexec shares its stdout and exits once the SuperNode's
-    # pid is gone, which an unreaped (zombie) SuperNode is not: reading to the end of the
-    # output before reaping would wait forever. Reaped now, the pipe closes within a second.
-    relay.join(timeout=15)
-    return code, list(tail)
-
-
-def relay_output(lines: Iterable[str], tail: deque[str], verbose: bool,
-                 supernode_exited: threading.Event) -> None:
-    for line in lines:
-        line = line.rstrip()
-        if supernode_exited.is_set() and "Connection attempt failed" in line:
-            # The orphaned SuperExec calling its gone SuperNode until it notices: kept out of
-            # the tail too, where it would push out the line that says why the SuperNode exited.
-            continue
-        tail.append(line)
-        if verbose or "ERROR" in line or "WARN" in line:
-            log.info("supernode: %s", line)
+        raise JoinError(f"{decision.message} (the SuperNode exited with code {ended.code})"
+                        if decision.message else
+                        f"the SuperNode exited with code {ended.code}: see the log above (run "
+                        "with --verbose for all of it)")
 
 
 def evaluate(args: argparse.Namespace) -> int:
@@ -463,6 +399,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="how long to retry when the server refuses to activate this site (its "
                         "previous connection counts as online until its heartbeats lapse, "
                         "about 1-2 minutes; an unknown key is refused the same way)")
+    j.add_argument("--reconnect-seconds", type=float, default=0,
+                   help="how long to keep reconnecting to a server that stopped answering, after "
+                        "Flower's own retries (about 1-2 minutes); 0, the default, until stopped")
     j.add_argument("--insecure", action="store_true", help="no TLS (local tests only)")
     j.add_argument("--verbose", action="store_true")
     e = sub.add_parser("eval", help="score an adapter version on local data")

@@ -21,11 +21,15 @@ process from a warm one when `POLLINATE_WARM_CLIENTAPP=1` (opt-in for now).
 
 from __future__ import annotations
 
+import atexit
 import os
 import subprocess
 import sys
 import time
+import traceback
+from collections.abc import Callable
 from types import ModuleType
+from typing import NoReturn
 
 from .superexec import SUPEREXEC_COMMAND, Rerouted, superexec_command, warm_enabled
 
@@ -98,6 +102,30 @@ def prepare(loop_module: ModuleType, env: dict[str, str] | os._Environ[str]) -> 
         warm_superexec(loop_module)
 
 
+def exit_when_done(entry: Callable[[], object]) -> NoReturn:
+    """Run `entry` and end the process with its outcome, whatever threads it leaves running.
+
+    Flower 1.41's SuperNode leaves its runtime API's uvicorn thread (not a daemon) running
+    when it gives up reconnecting: the interpreter would wait for that thread forever and
+    `pollinate-client join` would never learn that the server is gone."""
+    code = 0
+    try:
+        entry()
+    except SystemExit as stop:  # as the interpreter treats it: None is 0, a message is 1
+        if stop.code is None or isinstance(stop.code, int):
+            code = stop.code or 0
+        else:
+            print(stop.code, file=sys.stderr)
+            code = 1
+    except BaseException:
+        traceback.print_exc()
+        code = 1
+    atexit._run_exitfuncs()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
+
+
 def main() -> None:
     from flwr.supernode import start_client_internal
     from flwr.supernode.cli import flower_supernode
@@ -107,7 +135,7 @@ def main() -> None:
     except ValueError as err:
         sys.exit(f"pollinate supernode: {err}")
     sys.argv[0] = "flower-supernode"
-    flower_supernode()
+    exit_when_done(flower_supernode)
 
 
 if __name__ == "__main__":

@@ -24,8 +24,8 @@ from flower_processes import BIN, FlowerServer, Site
 from pollinate_operator import pki
 from pollinate_operator.api.federation import FederationSpec
 from pollinate_operator.manifests import server as server_manifests
-from pollinate_runtime.cli import ACTIVATION_REFUSED, REVOKED
 from pollinate_runtime.run_config import RunConfig
+from pollinate_runtime.site_session import ACTIVATION_REFUSED, REVOKED
 from pollinate_runtime.store import FederationStore, RunProgress
 from pollinate_testbed import Testbed
 from pollinate_testbed.testing import eventually

@@ -114,16 +114,7 @@ def test_server_that_does_not_speak_tls_is_named(site_files, tmp_path: Path, pla
     assert "--server" in error
 
 
-def test_the_reason_a_supernode_exited_survives_its_superexecs_retries() -> None:
-    import threading
-    from collections import deque
-
-    from pollinate_runtime import cli
-
-    exited = threading.Event()
-    exited.set()
-    lines = ["ERROR: Failed to activate SuperNode", "Exit Code: 305",
-             *["WARNING: Connection attempt failed, retrying in 1.0 seconds"] * 200]
-    tail: deque[str] = deque(maxlen=50)
-    cli.relay_output(iter(lines), tail, verbose=False, supernode_exited=exited)
-    assert cli.explain_supernode_exit(tail) == cli.ACTIVATION_REFUSED
+@pytest.mark.parametrize("flag", ["rejoin-seconds", "reconnect-seconds"])
+def test_negative_retry_windows_name_the_flag(site_files, tmp_path: Path, flag: str) -> None:
+    error = join(site_files, tmp_path, **{flag: "-5"})
+    assert f"--{flag} -5: expected seconds, 0 or more" in error

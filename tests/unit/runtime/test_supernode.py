@@ -66,3 +66,30 @@ def test_the_paced_supernode_is_flower_supernode_with_its_flags():
     out = subprocess.run([sys.executable, "-m", "pollinate_runtime.supernode", "--help"],
                          capture_output=True, text=True, timeout=120, check=True).stdout
     assert "--superlink" in out and "--auth-supernode-private-key" in out
+
+
+EXIT_PROBE = """
+import threading, time, sys
+from pollinate_runtime.supernode import exit_when_done
+
+def entry():
+    # What Flower's SuperNode leaves behind when it gives up: a thread that is not a daemon.
+    threading.Thread(target=time.sleep, args=(3600,), daemon=False).start()
+    print("giving up", flush=True)
+    {end}
+
+exit_when_done(entry)
+"""
+
+
+@pytest.mark.parametrize(("end", "code", "stderr"), [
+    ("return", 0, ""),
+    ("raise ConnectionRefusedError(111, 'Connection refused')", 1, "ConnectionRefusedError"),
+    ("sys.exit(3)", 3, ""),
+    ("sys.exit('pollinate supernode: bad flag')", 1, "bad flag"),
+])
+def test_the_supernode_ends_with_its_outcome_whatever_threads_it_leaves(end, code, stderr):
+    result = subprocess.run([sys.executable, "-c", EXIT_PROBE.format(end=end)],
+                            capture_output=True, text=True, timeout=60)
+    assert result.returncode == code, result
+    assert result.stdout == "giving up\n" and stderr in result.stderr
