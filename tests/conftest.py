@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import time
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
@@ -77,3 +78,23 @@ def tiny_model_dir() -> Path:
     from tiny_lm import cached_tiny_llama
 
     return cached_tiny_llama()
+
+
+BUDGET_ENV = "POLLINATE_TEST_BUDGET_SECONDS"
+_started = pytest.StashKey[float]()
+
+
+def pytest_sessionstart(session: pytest.Session) -> None:
+    session.config.stash[_started] = time.monotonic()
+
+
+@pytest.hookimpl(trylast=True)
+def pytest_runtest_teardown(item: pytest.Item, nextitem: pytest.Item | None) -> None:
+    """With a time budget (CI sets one below its hard limit), stop between tests once it is
+    spent: pytest then prints why each failed test failed, which a run killed from outside
+    never does."""
+    budget = float(os.environ.get(BUDGET_ENV) or 0)
+    spent = time.monotonic() - item.config.stash[_started]
+    if budget and nextitem is not None and spent > budget:
+        item.session.shouldstop = (f"{BUDGET_ENV}={budget:g} s spent ({spent:.0f} s): the tests "
+                                   "after this one did not run")
