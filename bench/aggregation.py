@@ -289,6 +289,11 @@ def why_notes(rows: list[dict[str, Any]], bandwidth: Bandwidth) -> list[str]:
     return notes
 
 
+
+def judge(result: dict[str, Any]) -> list[Headline]:
+    """The headlines of a stored result, judged by this code (run.py --from-results)."""
+    return headlines(result["cases"], Bandwidth(**result["bandwidth"]))
+
 def run(mode: str, results_dir: Path) -> dict[str, Any]:
     plan = PLANS[mode]
     started, load_before = time.monotonic(), load_average()

@@ -1,7 +1,8 @@
 """What every benchmark shares: the machine it ran on, timing, result files, tables, headlines.
 
 A benchmark module exposes `NAME`, `run(mode, results_dir) -> dict` (it writes its own JSON
-through `write_result`) and a `main()` for running it on its own; `bench/run.py` lists the
+through `write_result`), `judge(result) -> headlines` (the verdicts from that JSON alone) and a
+`main()` for running it on its own; `bench/run.py` lists the
 modules. Modes: `tiny` (seconds, for tests), `quick` (minutes) and `full`.
 """
 

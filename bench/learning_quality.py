@@ -357,6 +357,11 @@ def torch_threads() -> int:
     return max(1, min(cores, cores - int(os.getloadavg()[0])))
 
 
+
+def judge(result: dict[str, Any]) -> list[Headline]:
+    """The headlines of a stored result, judged by this code (run.py --from-results)."""
+    return headlines(result["perplexity"], result["model"]["name"])
+
 def run(mode: str, results_dir: Path) -> dict[str, Any]:
     plan = PLANS[mode]
     started, load_before = time.monotonic(), load_average()

@@ -938,6 +938,11 @@ def report(plan: Plan, direct: dict[str, Any], op: dict[str, Any], heads: list[H
     print_notes(notes_)
 
 
+
+def judge(result: dict[str, Any]) -> list[Headline]:
+    """The headlines of a stored result, judged by this code (run.py --from-results)."""
+    return headlines(Plan(**result["plan"]), result["direct"], result["operator"])
+
 def run(mode: str, results_dir: Path) -> dict[str, Any]:
     started, load_before = time.monotonic(), load_average()
     plan = PLANS[mode]

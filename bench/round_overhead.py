@@ -493,6 +493,11 @@ def report(cases: list[dict[str, Any]], heads: list[Headline], notes_: list[str]
     print_notes(notes_)
 
 
+
+def judge(result: dict[str, Any]) -> list[Headline]:
+    """The headlines of a stored result, judged by this code (run.py --from-results)."""
+    return headlines(result["cases"])
+
 def run(mode: str, results_dir: Path) -> dict[str, Any]:
     started, load_before = time.monotonic(), load_average()
     cases = []

@@ -7,7 +7,9 @@
     ... --readme                            # also put the summary into README.md
 
 A benchmark is a module in bench/ with NAME, run(mode, results_dir) -> result dict (its JSON,
-with "headlines"), and main(); adding one is adding its name to BENCHMARKS.
+with "headlines"), judge(result) -> its headlines from that dict, and main(); adding one is
+adding its name to BENCHMARKS. `--from-results` judges the stored measurements again with the
+code as it is now (targets and verdicts change with the code; measurements only with a run).
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ import json
 import sys
 import time
 import traceback
+from dataclasses import asdict
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -83,6 +86,12 @@ def write_run_record(results_dir: Path, command: str, mode: str, seconds: dict[s
     return record
 
 
+def rejudged(name: str, result: dict[str, Any]) -> dict[str, Any]:
+    """`result` with its headlines judged by the benchmark's current code."""
+    heads = importlib.import_module(name).judge(result)
+    return {**result, "headlines": [asdict(h) for h in heads]}
+
+
 def summary_markdown(results: list[dict[str, Any]], failures: dict[str, str], command: str,
                      run: dict[str, Any] | None = None) -> str:
     lines = ["# Benchmark results", "", f"Made by `{command}`.", ""]
@@ -122,7 +131,7 @@ def main(argv: list[str] | None = None) -> int:
         for name in names:
             path = args.results_dir / f"{name}.json"
             if path.exists():
-                results.append(json.loads(path.read_text()))
+                results.append(rejudged(name, json.loads(path.read_text())))
         command = "each benchmark's own command (second table), from its JSON in bench/results/"
         record = args.results_dir / RUN_RECORD
         run = json.loads(record.read_text()) if record.exists() else None

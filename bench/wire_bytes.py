@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import math
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any
 
@@ -262,6 +262,12 @@ def report(rows: list[dict[str, Any]], heads: list[Headline], notes_: list[str])
                 [[h.case, h.measured, h.against, h.ratio, h.target, h.verdict] for h in heads])
     print_notes(notes_)
 
+
+
+def judge(result: dict[str, Any]) -> list[Headline]:
+    """The headlines of a stored result, judged by this code (run.py --from-results)."""
+    shape = {f.name: result["model"][f.name] for f in fields(BaseModel)}
+    return headlines(result["rounds"], BaseModel(**shape))
 
 def run(mode: str, results_dir: Path) -> dict[str, Any]:
     started, load_before = time.monotonic(), load_average()

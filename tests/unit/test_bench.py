@@ -141,6 +141,27 @@ def test_the_summary_can_be_rebuilt_from_the_results_without_running_anything(tm
     assert "| wire_bytes | toy r=2" in summary and "from its JSON" in summary
 
 
+def test_the_stored_results_are_judged_again_by_the_code_as_it_is(tmp_path: Path):
+    # The repository's own result files: their stored verdicts are what the judging code says
+    # of their measurements now (a changed target or verdict shows here, not only after a run).
+    sys.path.insert(0, str(REPO / "bench"))
+    import run
+
+    for name in run.BENCHMARKS:
+        stored = json.loads((REPO / "bench" / "results" / f"{name}.json").read_text())
+        assert run.rejudged(name, stored)["headlines"] == stored["headlines"], name
+    # A verdict stored by older code is replaced, not repeated.
+    stale = json.loads((REPO / "bench" / "results" / "round_overhead.json").read_text())
+    stale["headlines"] = [{**h, "verdict": "stale"} for h in stale["headlines"]]
+    (tmp_path / "round_overhead.json").write_text(json.dumps(stale))
+    proc = subprocess.run([sys.executable, str(REPO / "bench" / "run.py"), "--from-results",
+                           "--only", "round_overhead", "--results-dir", str(tmp_path)],
+                          cwd=REPO, capture_output=True, text=True, timeout=60, check=False)
+    assert proc.returncode == 0, proc.stderr
+    summary = (tmp_path / "summary.md").read_text()
+    assert "stale" not in summary and "| round_overhead |" in summary
+
+
 def test_the_readme_takes_the_summary_between_its_markers():
     sys.path.insert(0, str(REPO / "bench"))
     from run import README_BEGIN, README_END, splice_readme
