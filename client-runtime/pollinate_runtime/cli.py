@@ -312,23 +312,20 @@ def run_site(args: argparse.Namespace, command: list[str], env: dict[str, str]) 
     signal.signal(signal.SIGTERM, stop)
     signal.signal(signal.SIGINT, stop)
     rejoin = Rejoin(args.rejoin_seconds, args.reconnect_seconds)
-    while True:
+    while not stopping.is_set():
         ended = run_supernode(command, env, args.verbose, current, log)
         if stopping.is_set():
-            log.info("site %s left the federation", args.site)
-            return 0
+            break
         decision = rejoin.after(ended, time.monotonic())
-        if isinstance(decision, Retry):
-            log.info("%s", decision.why)
-            stopping.wait(decision.seconds)
-            if stopping.is_set():
-                log.info("site %s left the federation", args.site)
-                return 0
-            continue
-        raise JoinError(f"{decision.message} (the SuperNode exited with code {ended.code})"
-                        if decision.message else
-                        f"the SuperNode exited with code {ended.code}: see the log above (run "
-                        "with --verbose for all of it)")
+        if not isinstance(decision, Retry):
+            raise JoinError(f"{decision.message} (the SuperNode exited with code {ended.code})"
+                            if decision.message else
+                            f"the SuperNode exited with code {ended.code}: see the log above "
+                            "(run with --verbose for all of it)")
+        log.info("%s", decision.why)
+        stopping.wait(decision.seconds)
+    log.info("site %s left the federation", args.site)
+    return 0
 
 
 def evaluate(args: argparse.Namespace) -> int:

@@ -18,6 +18,7 @@ from pathlib import Path
 
 import pytest
 import yaml
+from example_objects import example
 from flower_processes import Site
 from pod_security import restricted_violations
 from pollinate_testbed import Ports, Testbed
@@ -131,7 +132,7 @@ def test_a_laptop_joins_from_outside_with_tls_and_its_site_key(demo, tmp_path: P
     laptop = Site("alice-laptop", data, tmp_path / "work", key)
     laptop.join(Endpoint(endpoint, ca), on=machine.command)  # type: ignore[arg-type]
     try:
-        tr = yaml.safe_load((ROOT / "examples/traininground.yaml").read_text())
+        tr = example("traininground")
         tr["metadata"]["name"] = "notes-v2"
         tr["spec"].update({"rounds": 1, "sites": ["hospital-a", "alice-laptop"], "minSites": 2,
                            "initialAdapterVersion": "v1"})
@@ -238,7 +239,7 @@ def test_the_operators_pods_are_admitted_under_the_restricted_pod_security_stand
         dry_run = cluster.run("label", "--dry-run=server", "--overwrite", "namespace", ns,
                               f"{enforce}=restricted")
         assert "violate" not in dry_run.stderr, dry_run.stderr
-    tr = yaml.safe_load((ROOT / "examples/traininground.yaml").read_text())
+    tr = example("traininground")
     tr["metadata"]["name"] = "notes-psa"
     psa_pods = "pollinate.dev/traininground=notes-psa"
     tr["spec"].update({"rounds": 1, "sites": ["hospital-a"], "minSites": 1})
@@ -297,7 +298,7 @@ def test_no_secret_shows_in_any_pods_log_events_or_status_after_real_runs(demo) 
 def test_a_deleted_server_pod_comes_back_and_the_run_resumes_from_its_checkpoint(demo) -> None:
     bed, _ = demo
     k = Kubectl(bed, "demo")
-    tr = yaml.safe_load((ROOT / "examples/traininground.yaml").read_text())
+    tr = example("traininground")
     tr["metadata"]["name"] = "notes-v3"
     tr["spec"]["rounds"] = 3
     k.apply(yaml.safe_dump(tr))

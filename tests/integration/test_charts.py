@@ -24,6 +24,7 @@ from pathlib import Path
 
 import pytest
 import yaml
+from example_objects import create_s3_secret, example, example_federation, example_round
 from pollinate_operator import pki
 from pollinate_operator.api.federation import Site
 from pollinate_operator.manifests import clients
@@ -673,15 +674,8 @@ def test_operator_reconciles_under_nothing_but_the_namespaced_rbac(
                                     stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
 
         k = Kubectl(testbed, watched)
-        s3 = testbed.s3()
-        k.run("create", "secret", "generic", "s3-credentials",
-              f"--from-literal=AWS_ACCESS_KEY_ID={s3.access_key}",
-              f"--from-literal=AWS_SECRET_ACCESS_KEY={s3.secret_key}")
-        federation = yaml.safe_load((ROOT / "examples/federation.yaml").read_text())
-        # No Flower server really runs on simulated nodes: authentication off lets the
-        # Federation become Ready and the TrainingRound create its Jobs.
-        federation["spec"]["server"]["nodeAuthentication"] = False
-        k.apply(yaml.safe_dump(federation))
+        create_s3_secret(k)
+        k.apply(example_federation())
 
         def federation_status() -> dict:
             return k.json("get", "federation", "clinical-notes").get("status", {})
@@ -695,15 +689,15 @@ def test_operator_reconciles_under_nothing_but_the_namespaced_rbac(
         assert_forbidden_beyond_its_rules(testbed, kubeconfig, namespace, watched,
                                           f"system:serviceaccount:{namespace}:{name}")
 
-        k.apply((ROOT / "examples/traininground.yaml").read_text())
+        k.apply(example_round())
         eventually(lambda: k.run("get", "job", "notes-v1-hospital-a", check=False).returncode == 0,
                    timeout=90, what="client Job created")
         eventually(lambda: k.json("get", "traininground", "notes-v1").get("status", {}).get("phase"),
                    timeout=60, what="TrainingRound status written")
 
         # A site leaves: its key Secret is deleted.
-        federation["spec"]["sites"] = [s for s in federation["spec"]["sites"] if s["name"] != "alice-laptop"]
-        k.apply(yaml.safe_dump(federation))
+        sites = example("federation")["spec"]["sites"]
+        k.apply(example_federation(sites=[s for s in sites if s["name"] != "alice-laptop"]))
         eventually(lambda: k.run("get", "secret", "clinical-notes-site-alice-laptop", check=False).returncode,
                    timeout=60, what="removed site's key deleted")
 

@@ -7,6 +7,7 @@ from pathlib import Path
 
 import pytest
 import yaml
+from example_objects import example
 from pollinate_testbed import Testbed
 from pollinate_testbed.testing import Kubectl
 
@@ -17,8 +18,8 @@ INVALID = sorted((ROOT / "tests/data/invalid").glob("*.yaml"))
 
 
 def test_examples_are_accepted_as_they_are(crds: None, kubectl: Kubectl) -> None:
-    for example in ("federation.yaml", "traininground.yaml"):
-        kubectl.run("apply", "--dry-run=server", "-f", str(ROOT / "examples" / example))
+    for name in ("federation.yaml", "traininground.yaml"):
+        kubectl.run("apply", "--dry-run=server", "-f", str(ROOT / "examples" / name))
 
 
 def test_defaults_are_filled_in_by_the_api_server(crds: None, kubectl: Kubectl) -> None:
@@ -63,7 +64,7 @@ def test_printer_columns(crds: None, kubectl: Kubectl) -> None:
     header = kubectl.run("get", "trainingrounds").stdout.splitlines()[0].split()
     assert header[:5] == ["NAME", "FEDERATION", "PHASE", "ROUND", "SITES"]
     assert {"PERPLEXITY", "ADAPTER", "AGE"} <= set(header)
-    fed = yaml.safe_load((ROOT / "examples/federation.yaml").read_text())
+    fed = example("federation")
     kubectl.apply(yaml.safe_dump(fed))
     header = kubectl.run("get", "federations").stdout.splitlines()[0].split()
     assert header == ["NAME", "PHASE", "ENDPOINT", "SITES", "LATEST", "ADAPTER", "AGE"]

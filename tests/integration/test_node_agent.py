@@ -25,6 +25,7 @@ from dataclasses import asdict
 from pathlib import Path
 
 import pytest
+from example_objects import create_s3_secret
 from pollinate_testbed import Ports, Testbed, pki
 from pollinate_testbed.execute_mode import IN_CLUSTER_S3_ENDPOINT
 from pollinate_testbed.outside import OutsideHost
@@ -381,9 +382,7 @@ def test_pod_with_service_account_token_can_get_api(bed: Testbed, kubectl: Kubec
 def test_pod_reaches_s3_through_the_s3_service(bed: Testbed, kubectl: Kubectl) -> None:
     s3 = bed.s3()
     key = f"from-pod/{kubectl.namespace}.txt"
-    kubectl.run("create", "secret", "generic", "s3-credentials",
-                f"--from-literal=AWS_ACCESS_KEY_ID={s3.access_key}",
-                f"--from-literal=AWS_SECRET_ACCESS_KEY={s3.secret_key}")
+    create_s3_secret(kubectl)
     kubectl.apply(one_shot_pod("s3-writer", textwrap.dedent(f"""
         import boto3
         s3 = boto3.client("s3", endpoint_url="{IN_CLUSTER_S3_ENDPOINT}", region_name="{s3.region}")

@@ -12,37 +12,13 @@ from pathlib import Path
 
 import pytest
 import yaml
+from example_objects import create_s3_secret, example_federation, example_round
 from operator_process import OperatorProcess
 from pollinate_testbed.testing import Kubectl, eventually
 
 pytestmark = pytest.mark.cluster
 
 ROOT = Path(__file__).resolve().parents[2]
-
-
-def federation(name: str = "clinical-notes", *, auth: bool = False, sites: list[dict] | None = None) -> str:
-    """The example Federation; node authentication off, because no Flower server really runs
-    on simulated nodes (the end-to-end tests cover authentication with real processes)."""
-    body = yaml.safe_load((ROOT / "examples/federation.yaml").read_text())
-    body["metadata"]["name"] = name
-    body["spec"]["server"]["nodeAuthentication"] = auth
-    if sites is not None:
-        body["spec"]["sites"] = sites
-    return yaml.safe_dump(body)
-
-
-def training_round(name: str = "notes-v1", **spec_changes) -> str:
-    body = yaml.safe_load((ROOT / "examples/traininground.yaml").read_text())
-    body["metadata"]["name"] = name
-    body["spec"].update(spec_changes)
-    return yaml.safe_dump(body)
-
-
-def s3_secret(kubectl: Kubectl) -> None:
-    s3 = kubectl.bed.s3()
-    kubectl.run("create", "secret", "generic", "s3-credentials",
-                f"--from-literal=AWS_ACCESS_KEY_ID={s3.access_key}",
-                f"--from-literal=AWS_SECRET_ACCESS_KEY={s3.secret_key}")
 
 
 def status(kubectl: Kubectl, kind: str, name: str) -> dict:
@@ -59,16 +35,16 @@ def events(kubectl: Kubectl, name: str) -> list[dict]:
 
 @pytest.fixture
 def ready_federation(operator, kubectl: Kubectl) -> str:
-    s3_secret(kubectl)
-    kubectl.apply(federation())
+    create_s3_secret(kubectl)
+    kubectl.apply(example_federation())
     eventually(lambda: status(kubectl, "federation", "clinical-notes").get("phase") == "Ready",
                timeout=60, what="Federation Ready")
     return "clinical-notes"
 
 
 def test_federation_creates_its_server_secrets_and_policy(operator, kubectl: Kubectl) -> None:
-    s3_secret(kubectl)
-    kubectl.apply(federation(auth=True))
+    create_s3_secret(kubectl)
+    kubectl.apply(example_federation(auth=True))
     eventually(lambda: kubectl.run("get", "deployment", "clinical-notes-server", check=False).returncode == 0,
                what="server Deployment")
     dep = kubectl.json("get", "deployment", "clinical-notes-server")
@@ -112,7 +88,7 @@ def test_federation_creates_its_server_secrets_and_policy(operator, kubectl: Kub
 
 
 def test_client_jobs_land_on_their_sites_gpu_nodes(ready_federation: str, kubectl: Kubectl) -> None:
-    kubectl.apply(training_round())
+    kubectl.apply(example_round())
     for site in ("hospital-a", "hospital-b", "clinic-c"):
         def placed(site=site) -> str | None:
             pods = kubectl.json("get", "pods", "-l", f"pollinate.dev/site={site}")["items"]
@@ -142,7 +118,7 @@ def test_site_without_a_free_gpu_is_reported_after_the_pending_timeout(
             """))
     eventually(lambda: all(kubectl.json("get", "pod", f"holder-{i}")["status"].get("phase") == "Running"
                            for i in range(2)), what="GPU holders running")
-    kubectl.apply(training_round(pendingTimeoutSeconds=10))
+    kubectl.apply(example_round(pendingTimeoutSeconds=10))
     cond = eventually(lambda: (c := condition(kubectl, "traininground", "notes-v1", "SitesPending"))
                       and c["status"] == "True" and c, timeout=60, what="SitesPending condition")
     assert "clinic-c" in cond["message"] and "nvidia.com/gpu" in cond["message"]
@@ -163,9 +139,9 @@ def test_deleted_server_deployment_comes_back(ready_federation: str, kubectl: Ku
 
 def test_operator_restarts_mid_reconcile_without_duplicating_children(
         operator, kubectl: Kubectl) -> None:
-    s3_secret(kubectl)
-    kubectl.apply(federation())
-    kubectl.apply(training_round())
+    create_s3_secret(kubectl)
+    kubectl.apply(example_federation())
+    kubectl.apply(example_round())
     for _ in range(3):  # kill it at whatever point it is in, three times
         operator.kill()
         operator.start()
@@ -199,8 +175,8 @@ def test_operator_refuses_what_the_api_server_cannot_check_naming_the_field(
     # says what is wrong in a condition and a Warning Event, and starts nothing.
     expected = manifest.read_text().splitlines()[0].removeprefix("# expect: ")
     name = yaml.safe_load(manifest.read_text())["metadata"]["name"]
-    s3_secret(kubectl)
-    kubectl.apply(federation())
+    create_s3_secret(kubectl)
+    kubectl.apply(example_federation())
     kubectl.run("apply", "-f", str(manifest))
 
     def refusal() -> dict | None:
@@ -218,7 +194,7 @@ def test_operator_refuses_what_the_api_server_cannot_check_naming_the_field(
 
 
 def test_site_removed_from_federation_loses_its_key(ready_federation: str, kubectl: Kubectl) -> None:
-    body = yaml.safe_load(federation())
+    body = yaml.safe_load(example_federation())
     body["spec"]["sites"] = [s for s in copy.deepcopy(body["spec"]["sites"]) if s["name"] != "alice-laptop"]
     kubectl.apply(yaml.safe_dump(body))
     eventually(lambda: kubectl.run("get", "secret", "clinical-notes-site-alice-laptop", check=False)
@@ -253,7 +229,7 @@ def test_tls_rotation_renews_the_ca_and_restarts_the_server(ready_federation: st
 
 def test_suspend_stops_client_jobs_and_resume_brings_them_back(ready_federation: str,
                                                               kubectl: Kubectl) -> None:
-    kubectl.apply(training_round())
+    kubectl.apply(example_round())
     eventually(lambda: len(kubectl.json("get", "jobs")["items"]) == 3, timeout=120, what="client Jobs")
     kubectl.run("patch", "traininground", "notes-v1", "--type=merge", "-p", '{"spec":{"suspend":true}}')
     eventually(lambda: status(kubectl, "traininground", "notes-v1").get("phase") == "Suspended",
@@ -272,12 +248,12 @@ def test_operator_still_sees_changes_after_the_api_server_restarts(
     # kopf's watch streams break with the API server; a watch that silently never resumes
     # would go unnoticed by the periodic passes, which read kopf's cached copy of an object.
     kubectl.bed.restart_apiserver(downtime=5)
-    body = yaml.safe_load(federation())
+    body = yaml.safe_load(example_federation())
     body["spec"]["sites"] = [s for s in body["spec"]["sites"] if s["name"] != "alice-laptop"]
     kubectl.apply(yaml.safe_dump(body))  # a change to an object the operator already knew
     eventually(lambda: kubectl.run("get", "secret", "clinical-notes-site-alice-laptop", check=False)
                .returncode != 0, timeout=120, what="a spec change handled after the restart")
-    kubectl.apply(federation("second-federation"))  # an object it never saw
+    kubectl.apply(example_federation("second-federation"))  # an object it never saw
     eventually(lambda: kubectl.run("get", "deployment", "second-federation-server", check=False)
                .returncode == 0, timeout=120, what="a new Federation reconciled after the restart")
 
@@ -287,8 +263,6 @@ def test_a_deleted_child_wakes_its_owner_without_waiting_for_the_resync(
     # With the periodic pass an hour away, only the watch on the owner's children can bring a
     # deleted server Deployment back: a broken wake-up fails this test instead of hiding
     # behind the timer.
-    from operator_process import OperatorProcess
-
     operator.stop()
     slow = OperatorProcess(kubectl.bed, tmp_path / "slow-operator.log", {"POLLINATE_RESYNC_SECONDS": "3600"})
     slow.start()
@@ -317,9 +291,9 @@ def test_a_second_operator_neither_freezes_the_first_nor_duplicates_children(
     second = OperatorProcess(kubectl.bed, tmp_path / "second-operator.log")
     second.start()
     try:
-        s3_secret(kubectl)
-        kubectl.apply(federation())
-        kubectl.apply(training_round())
+        create_s3_secret(kubectl)
+        kubectl.apply(example_federation())
+        kubectl.apply(example_round())
         eventually(lambda: status(kubectl, "federation", "clinical-notes").get("phase") == "Ready",
                    timeout=120, what="Federation Ready with two operators")
         eventually(lambda: len(kubectl.json("get", "jobs")["items"]) == 3, timeout=180,

@@ -18,6 +18,7 @@ from pathlib import Path
 
 import pytest
 import yaml
+from example_objects import create_s3_secret, example
 from flower_processes import FlowerServer, Site, free_port
 from operator_process import OperatorProcess
 from pollinate_operator import pki
@@ -28,7 +29,6 @@ from tiny_lm import docstring_corpus
 
 pytestmark = [pytest.mark.cluster, pytest.mark.slow]
 
-ROOT = Path(__file__).resolve().parents[2]
 DOMAINS = {"hospital-a": ("pathlib", "shutil"), "hospital-b": ("datetime", "calendar"),
            "clinic-c": ("re", "string")}
 
@@ -68,10 +68,8 @@ class Hub:
 def flower_hub(testbed: Testbed, kubectl: Kubectl, flower_port: int, tiny_model_dir: Path,
                tmp_path: Path) -> Iterator[Hub]:
     s3 = testbed.s3()
-    kubectl.run("create", "secret", "generic", "s3-credentials",
-                f"--from-literal=AWS_ACCESS_KEY_ID={s3.access_key}",
-                f"--from-literal=AWS_SECRET_ACCESS_KEY={s3.secret_key}")
-    fed = yaml.safe_load((ROOT / "examples/federation.yaml").read_text())
+    create_s3_secret(kubectl)
+    fed = example("federation")
     fed["spec"]["baseModel"] = {"uri": str(tiny_model_dir)}
     fed["spec"]["adapter"] = {"rank": 4, "alpha": 8, "dropout": 0.0, "targetModules": ["q_proj", "v_proj"]}
     fed["spec"]["storage"]["s3"]["endpoint"] = s3.endpoint
@@ -114,7 +112,7 @@ def flower_hub(testbed: Testbed, kubectl: Kubectl, flower_port: int, tiny_model_
 
 
 def training_round(name: str = "notes-v1", **spec: object) -> dict:
-    tr = yaml.safe_load((ROOT / "examples/traininground.yaml").read_text())
+    tr = example("traininground")
     tr["metadata"]["name"] = name
     tr["spec"].update({"rounds": 2, "minSites": 3, "roundTimeoutSeconds": 120,
                        "local": {"maxSteps": 4, "batchSize": 4, "learningRate": 0.005,

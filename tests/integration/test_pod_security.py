@@ -6,16 +6,14 @@ read-only root filesystem, with no privilege escalation and every capability dro
 from __future__ import annotations
 
 import textwrap
-from pathlib import Path
 
 import pytest
-import yaml
+from example_objects import create_s3_secret, example_federation, example_round
 from pod_security import restricted_violations
 from pollinate_testbed.testing import Kubectl, eventually
 
 pytestmark = pytest.mark.cluster
 
-ROOT = Path(__file__).resolve().parents[2]
 SITES = ("hospital-a", "hospital-b", "clinic-c")
 SERVER_PODS = "pollinate.dev/federation=clinical-notes,app.kubernetes.io/component=server"
 CLIENT_PODS = "pollinate.dev/federation=clinical-notes,app.kubernetes.io/component=site-client"
@@ -41,18 +39,11 @@ def test_operator_created_pods_are_admitted_under_the_restricted_pod_security_st
         """))
     assert plain.returncode != 0 and 'violates PodSecurity "restricted:latest"' in plain.stderr, plain.stderr
 
-    s3 = kubectl.bed.s3()
-    kubectl.run("create", "secret", "generic", "s3-credentials",
-                f"--from-literal=AWS_ACCESS_KEY_ID={s3.access_key}",
-                f"--from-literal=AWS_SECRET_ACCESS_KEY={s3.secret_key}")
-    federation = yaml.safe_load((ROOT / "examples/federation.yaml").read_text())
-    # Simulated nodes run no Flower server: without authentication the Federation turns
-    # Ready and the TrainingRound creates its client Jobs.
-    federation["spec"]["server"]["nodeAuthentication"] = False
-    kubectl.apply(yaml.safe_dump(federation))
+    create_s3_secret(kubectl)
+    kubectl.apply(example_federation())
     eventually(lambda: kubectl.json("get", "federation", "clinical-notes").get("status", {})
                .get("phase") == "Ready", timeout=90, what="Federation Ready")
-    kubectl.apply((ROOT / "examples/traininground.yaml").read_text())
+    kubectl.apply(example_round())
 
     def pods(selector: str, count: int) -> list[dict] | None:
         found = kubectl.json("get", "pods", "-l", selector)["items"]

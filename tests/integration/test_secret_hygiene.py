@@ -16,7 +16,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-import yaml
+from example_objects import create_s3_secret, example_federation, example_round
 from operator_process import OperatorProcess
 from pollinate_testbed import Testbed
 from pollinate_testbed.testing import Kubectl, eventually
@@ -24,7 +24,6 @@ from secret_search import leaks, secret_forms
 
 pytestmark = pytest.mark.cluster
 
-ROOT = Path(__file__).resolve().parents[2]
 PRIVATE_KEYS = {"site.key", "ca.key", "tls.key"}
 
 
@@ -50,14 +49,6 @@ def verbose_operator(testbed: Testbed, crds: None, tmp_path: Path) -> Iterator[V
     op.stop()
 
 
-def federation(name: str, *, auth: bool) -> str:
-    body = yaml.safe_load((ROOT / "examples/federation.yaml").read_text())
-    body["metadata"]["name"] = name
-    body["spec"]["server"]["nodeAuthentication"] = auth
-    body["spec"]["storage"]["s3"]["prefix"] = name
-    return yaml.safe_dump(body)
-
-
 def phase(kubectl: Kubectl, kind: str, name: str) -> str | None:
     return kubectl.json("get", kind, name).get("status", {}).get("phase")
 
@@ -77,17 +68,14 @@ def secret_values(kubectl: Kubectl, federations: list[str]) -> dict[str, set[str
 
 def test_no_private_key_or_s3_secret_shows_in_logs_events_or_status(
         verbose_operator: VerboseOperator, kubectl: Kubectl) -> None:
-    s3 = kubectl.bed.s3()
-    kubectl.run("create", "secret", "generic", "s3-credentials",
-                f"--from-literal=AWS_ACCESS_KEY_ID={s3.access_key}",
-                f"--from-literal=AWS_SECRET_ACCESS_KEY={s3.secret_key}")
+    create_s3_secret(kubectl)
     # With authentication on, the operator keeps trying to register the site keys with a
     # Flower server that never comes up on simulated nodes: its error path runs every pass.
-    kubectl.apply(federation("authenticated", auth=True))
-    kubectl.apply(federation("clinical-notes", auth=False))
+    kubectl.apply(example_federation("authenticated", auth=True, prefix="authenticated"))
+    kubectl.apply(example_federation("clinical-notes", prefix="clinical-notes"))
     eventually(lambda: phase(kubectl, "federation", "clinical-notes") == "Ready", timeout=90,
                what="Federation Ready")
-    kubectl.apply((ROOT / "examples/traininground.yaml").read_text())
+    kubectl.apply(example_round())
     eventually(lambda: len(kubectl.json("get", "jobs")["items"]) == 3, timeout=90, what="client Jobs")
     eventually(lambda: phase(kubectl, "traininground", "notes-v1"), timeout=60, what="TrainingRound status")
     old_keys = secret_values(kubectl, ["authenticated", "clinical-notes"])

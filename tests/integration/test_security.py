@@ -19,7 +19,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-import yaml
+from example_objects import example
 from flower_processes import BIN, FlowerServer, Site
 from pollinate_operator import pki
 from pollinate_operator.api.federation import FederationSpec
@@ -156,7 +156,7 @@ def test_plain_http_to_the_server_gets_no_answer_and_an_insecure_supernode_canno
 
 # ---- SuperNode authentication ----------------------------------------------------------------
 def test_a_federation_that_does_not_mention_node_authentication_requires_site_keys() -> None:
-    spec = yaml.safe_load((ROOT / "examples/federation.yaml").read_text())["spec"]
+    spec = example("federation")["spec"]
     spec["server"].pop("nodeAuthentication", None)
     args = server_manifests.superlink_args(FederationSpec.model_validate(spec), 9092)
     assert "--enable-supernode-auth" in args  # what the `server` fixture runs with
