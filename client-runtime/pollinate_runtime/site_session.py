@@ -50,6 +50,10 @@ GAVE_UP = re.compile(r"Giving up reconnection|Exit Code: 305|Connection refused|
                      r"Temporary failure in name resolution|Name or service not known")
 # The SuperNode logs its node id once the server has activated it.
 ACTIVATED = "SuperNode ID:"
+# The ClientApp under way shares the SuperNode's output; when the SuperNode ends it can no
+# longer reach it and says so ("[Errno 111] Connection refused"): about its own local link,
+# not the server, so it must not pass for a lost server.
+CLIENTAPP_ORPHANED = re.compile(r"Failed to push task output|Failed to push reply message")
 RETRY_SECONDS = 10.0
 
 Trouble = Literal["refused", "lost", "fatal"]
@@ -107,9 +111,11 @@ class Rejoin:
     _trouble: Trouble | None = None
     _since: float = 0.0
     _first_message: str | None = None
+    _key_worked: bool = False  # the server activated this site's key once since the join
 
     def after(self, exit_: SupernodeExit, now: float) -> Retry | GiveUp:
         kind, message = exit_.trouble()
+        self._key_worked |= exit_.activated
         if exit_.activated or kind != self._trouble:
             self._trouble, self._since, self._first_message = kind, now, message
         waited = now - self._since
@@ -121,7 +127,10 @@ class Rejoin:
             return Retry(RETRY_SECONDS, f"the server stopped answering ({waited:.0f} s since this "
                          "site noticed, after Flower's own retries); starting the SuperNode again "
                          f"in {RETRY_SECONDS:g} s")
-        # A 401 followed by refused activations is a revoked key: say so, not just "refused".
+        if kind == "refused" and self._key_worked:
+            # The key worked earlier in this join and no longer does, however the session
+            # ended (a 401, or a lost server that then refused it): it was revoked.
+            return GiveUp(REVOKED)
         return GiveUp(self._first_message if kind == "refused" else message)
 
 
@@ -138,7 +147,8 @@ def relay_output(lines: Iterable[str], tail: deque[str], verbose: bool,
             continue
         if activated is not None and ACTIVATED in line:
             activated.set()
-        tail.append(line)
+        if not CLIENTAPP_ORPHANED.search(line):
+            tail.append(line)
         if log is not None and (verbose or "ERROR" in line or "WARN" in line):
             log.info("supernode: %s", line)
 

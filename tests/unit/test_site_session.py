@@ -64,7 +64,30 @@ def test_the_refusal_window_counts_from_the_first_refusal_not_from_the_join() ->
     assert isinstance(rejoin.after(activated(LOST), 86_400.0), Retry)
     assert isinstance(rejoin.after(REFUSED, 86_500.0), Retry)
     assert isinstance(rejoin.after(REFUSED, 86_679.0), Retry)
-    assert rejoin.after(REFUSED, 86_681.0) == GiveUp(ACTIVATION_REFUSED)
+    assert rejoin.after(REFUSED, 86_681.0) == GiveUp(REVOKED)
+
+
+def test_a_key_that_worked_and_is_then_refused_is_named_revoked_however_the_session_ended() -> None:
+    # Revoking a key mid-round: the SuperNode ends on the server's 401 while its ClientApp is
+    # still running; the ClientApp's complaints that it cannot reach its SuperNode any more
+    # ("Connection refused") are not a lost server. Seen as one all the same, the refusal
+    # that follows still names the key as revoked: it worked earlier in this join.
+    orphaned = ("INFO:      SuperNode ID: 1234567",
+                "WARNING:   Connection attempt failed, retrying in 0.38 seconds",
+                "ERROR:     Failed to push task output: [Errno 111] Connection refused")
+    tail: deque[str] = deque(maxlen=50)
+    activated_ = threading.Event()
+    relay_output(iter(orphaned), tail, verbose=False, supernode_exited=threading.Event(),
+                 activated=activated_)
+    ended = SupernodeExit(0, tuple(tail), activated=activated_.is_set())
+    assert ended.trouble() == ("refused", REVOKED)
+    assert Rejoin(rejoin_seconds=0).after(ended, 0.0) == GiveUp(REVOKED)
+
+    taken_for_lost = Rejoin(rejoin_seconds=0)
+    assert isinstance(taken_for_lost.after(activated(LOST_MID_SESSION), 0.0), Retry)
+    assert taken_for_lost.after(REFUSED, 10.0) == GiveUp(REVOKED)
+    # A key the server never took is named as refused, not revoked.
+    assert Rejoin(rejoin_seconds=0).after(REFUSED, 0.0) == GiveUp(ACTIVATION_REFUSED)
 
 
 def test_a_supernode_the_server_activated_starts_the_count_again() -> None:
