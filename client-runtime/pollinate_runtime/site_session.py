@@ -110,14 +110,13 @@ class Rejoin:
     reconnect_seconds: float = 0.0
     _trouble: Trouble | None = None
     _since: float = 0.0
-    _first_message: str | None = None
     _key_worked: bool = False  # the server activated this site's key once since the join
 
     def after(self, exit_: SupernodeExit, now: float) -> Retry | GiveUp:
         kind, message = exit_.trouble()
         self._key_worked |= exit_.activated
         if exit_.activated or kind != self._trouble:
-            self._trouble, self._since, self._first_message = kind, now, message
+            self._trouble, self._since = kind, now
         waited = now - self._since
         if kind == "refused" and waited < self.rejoin_seconds:
             return Retry(RETRY_SECONDS, "the server refused to activate this site yet (its previous "
@@ -131,7 +130,7 @@ class Rejoin:
             # The key worked earlier in this join and no longer does, however the session
             # ended (a 401, or a lost server that then refused it): it was revoked.
             return GiveUp(REVOKED)
-        return GiveUp(self._first_message if kind == "refused" else message)
+        return GiveUp(message)
 
 
 def relay_output(lines: Iterable[str], tail: deque[str], verbose: bool,
