@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from pollinate_operator import pki
-from pollinate_operator.clients.flower import FlowerControl, RunState
+from pollinate_operator.clients.flower import FlowerControl, FlowerUnavailable, RunState
 from pollinate_runtime.run_config import RunConfig
 
 BIN = Path(sys.executable).parent
@@ -137,14 +137,20 @@ class FlowerServer(_Stoppable):
     def wait_run(self, run_id: int, timeout: float) -> RunState:
         deadline = time.monotonic() + timeout
         state = None
+        unavailable = None
         while time.monotonic() < deadline:
-            with self.control() as control:
-                state = control.get_run(run_id)
+            try:
+                with self.control() as control:
+                    state = control.get_run(run_id)
+            except FlowerUnavailable as err:  # a busy SuperLink's 500: ask again, as the operator does
+                unavailable = err
+                time.sleep(1.0)
+                continue
             if state and state.finished:
                 return state
             time.sleep(1.0)
-        raise TimeoutError(f"run {run_id} not finished after {timeout} s (last: {state}); "
-                           f"server log: {self.log}")
+        raise TimeoutError(f"run {run_id} not finished after {timeout} s (last: {state}; last "
+                           f"error: {unavailable}); server log: {self.log}")
 
 
 @dataclass

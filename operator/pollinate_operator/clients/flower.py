@@ -82,7 +82,7 @@ class FlowerControl:
         try:
             return getattr(self._client, method)(request)
         except Exception as err:  # flwr raises transport errors of several kinds
-            if _is_connection_error(err):
+            if _is_unavailable(err):
                 raise FlowerUnavailable(f"Flower server {self.address}: {err}") from err
             raise
 
@@ -135,7 +135,13 @@ class FlowerControl:
                 for n in response.nodes_info]
 
 
-def _is_connection_error(err: Exception) -> bool:
+def _is_unavailable(err: Exception) -> bool:
+    """Whether the server could not answer now: no connection, or a 5xx (Flower's SuperLink
+    answers 500 when its SQLite state is locked by a burst of sites). The next pass asks again;
+    a 4xx is an answer and is left to the caller."""
+    status = getattr(getattr(err, "response", None), "status_code", None)
+    if isinstance(status, int) and status >= 500:
+        return True
     text = f"{type(err).__name__} {err}".lower()
     return any(s in text for s in ("connect", "unavailable", "timeout", "timed out", "refused",
                                    "name or service not known", "temporary failure"))
