@@ -31,7 +31,6 @@ from pollinate_testbed import Testbed
 from pollinate_testbed.testing import eventually
 from tiny_lm import docstring_corpus
 
-ROOT = Path(__file__).resolve().parents[2]
 # Names the test server's certificate covers: one DNS name (plus 127.0.0.1, which Flower's
 # own executor needs); `localhost` is deliberately not among them.
 SERVER_NAME = "fl.pollinate.test"
