@@ -3,9 +3,12 @@ cluster tests apply them: the tests start from the files users start from (examp
 from __future__ import annotations
 
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import yaml
-from pollinate_testbed.testing import Kubectl
+
+if TYPE_CHECKING:  # the unit tests read the examples without the testbed
+    from pollinate_testbed.testing import Kubectl
 
 EXAMPLES = Path(__file__).resolve().parents[2] / "examples"
 

@@ -2,22 +2,14 @@
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import pytest
-import yaml
+from example_objects import example
 from pollinate_operator.api import FederationSpec, TrainingRoundSpec
-
-EXAMPLES = Path(__file__).resolve().parents[3] / "examples"
-
-
-def load(name: str) -> dict:
-    return yaml.safe_load((EXAMPLES / name).read_text())
 
 
 @pytest.fixture
 def federation_body() -> dict:
-    body = load("federation.yaml")
+    body = example("federation")
     body["metadata"].update({"namespace": "research", "uid": "fed-uid", "generation": 1})
     return body
 
@@ -29,4 +21,4 @@ def fed_spec(federation_body: dict) -> FederationSpec:
 
 @pytest.fixture
 def tr_spec() -> TrainingRoundSpec:
-    return TrainingRoundSpec.model_validate(load("traininground.yaml")["spec"])
+    return TrainingRoundSpec.model_validate(example("traininground")["spec"])
