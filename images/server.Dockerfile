@@ -1,12 +1,13 @@
 # syntax=docker/dockerfile:1.7
-# The Flower server of a Federation: SuperLink (`flower-superlink`, which starts
+# The Flower server of a Federation: SuperLink (`pollinate-superlink`, which starts
 # `flwr-serverapp` for each run) plus Pollinate's server app (aggregation, central DP,
 # checkpoints and adapter versions in S3). No torch: the server never trains.
 #
 #   docker build -f images/server.Dockerfile -t ghcr.io/pollinate-dev/server:0.1.0 .
 #
-# The operator runs it as `flower-superlink --host ... --port ... --ssl-* --database ...`
-# (pollinate_operator/manifests/server.py). tests/unit/test_images.py installs the same
+# The operator runs it as `pollinate-superlink --host ... --port ... --ssl-* --database ...`
+# (pollinate_operator/manifests/server.py): `flower-superlink` with a longer wait for its
+# SQLite lock (pollinate_runtime/superlink.py). tests/unit/test_images.py installs the same
 # package set into a clean environment and checks the server app imports without torch.
 ARG PYTHON_IMAGE=python:3.11-slim-bookworm
 ARG UV_IMAGE=ghcr.io/astral-sh/uv:0.12.24
@@ -41,5 +42,5 @@ ENV PATH=/opt/pollinate/bin:$PATH \
 USER 65532:65532
 # Flower's one HTTP port: fleet, control and runtime APIs (pollinate_operator/settings.py).
 EXPOSE 9092
-ENTRYPOINT ["flower-superlink"]
+ENTRYPOINT ["pollinate-superlink"]
 CMD ["--help"]

@@ -21,6 +21,7 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
+import httpx
 import numpy as np
 from flwr.app import ConfigRecord, Message, MetricRecord, RecordDict
 from flwr.common.constant import ErrorCode
@@ -104,6 +105,9 @@ class RoundOutcome:
 
 # Errors the SuperLink itself returns when a message could not reach its node.
 UNDELIVERED = (ErrorCode.NODE_UNAVAILABLE, ErrorCode.MESSAGE_UNAVAILABLE)
+# A message sent this close to the round's deadline would expire before a site could answer
+# (and the SuperLink refuses one already expired when it arrives).
+RESEND_MIN_SECONDS = 10.0
 
 
 def _said(rejection: dict[str, str]) -> str:
@@ -178,20 +182,20 @@ class FederatedRun:
         A node the SuperLink reports offline (no heartbeat: its site restarted, or a site
         that just left still counted as online when the round began) is sent the message
         again when it is back online before the deadline: a site that restarts mid-round
-        rejoins the round instead of being lost to it."""
+        rejoins the round instead of being lost to it. Not in the last `RESEND_MIN_SECONDS`
+        (the message would expire on its way), and a resend the SuperLink refuses leaves the
+        site waited for, not the run failed."""
         out = Exchange()
         timeout = self.config.round_timeout_seconds
         deadline = self.clock() + timeout
 
         def send(targets: list[int]) -> dict[str, int]:
-            outgoing = []
             ttl = max(1.0, deadline - self.clock())
-            for node in targets:
-                body = content(node)
-                out.bytes_sent += sum(payload_bytes(r) for r in body.array_records.values())
-                outgoing.append(Message(body, dst_node_id=node, message_type=message_type,
-                                        ttl=ttl, group_id=str(round)))
+            outgoing = [Message(content(node), dst_node_id=node, message_type=message_type,
+                                ttl=ttl, group_id=str(round)) for node in targets]
+            size = sum(payload_bytes(r) for msg in outgoing for r in msg.content.array_records.values())
             ids = list(self.grid.push_messages(outgoing))
+            out.bytes_sent += size
             return {mid: node for mid, node in zip(ids, targets, strict=True) if mid}
 
         pending = send(nodes)
@@ -223,12 +227,19 @@ class FederatedRun:
                 on_reply(Reply(node, site, reply))
             if away:
                 online = set(self.grid.get_node_ids())
-                if back := sorted(n for n in away if n in online):
-                    log.info("round %d: %s back online; sending the round again",
-                             round, ", ".join(self.sites_by_node.get(n, f"node-{n}") for n in back))
-                    for node in back:
-                        del away[node]
-                    pending.update(send(back))
+                back = sorted(n for n in away if n in online)
+                if back and deadline - self.clock() >= RESEND_MIN_SECONDS:
+                    names = ", ".join(self.sites_by_node.get(n, f"node-{n}") for n in back)
+                    log.info("round %d: %s back online; sending the round again", round, names)
+                    try:
+                        pending.update(send(back))
+                    except (httpx.HTTPError, ValueError) as err:
+                        # The SuperLink is busy or going down: the next pass tries again.
+                        log.warning("round %d: could not send the round again to %s: %s",
+                                    round, names, err)
+                    else:
+                        for node in back:
+                            del away[node]
             if pending or away:
                 time.sleep(self.poll_seconds)
         for node in pending.values():

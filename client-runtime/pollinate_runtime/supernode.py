@@ -15,6 +15,14 @@ local reply waits every 0.05 s (they poll this process's own state, not the netw
 module's `time` is replaced, so nothing else in Flower changes; `flwr` is pinned to 1.41, and
 `tests/unit/runtime/test_supernode.py` fails if the waits this relies on move.
 
+A ClientApp process claimed for a message has `CLAIM_START_SECONDS` to start, not Flower's
+30 s (`patient_claims`). Flower hands the message to a new process when the first has not
+called in by then; on a loaded machine (sixteen sites starting their ClientApps at once on
+two cores, as in CI, or a laptop that is busy) starting Python and importing Flower can take
+longer than that, and every retry adds a process that slows the next one: no ClientApp ever
+runs and the site misses the round. Only the start is given longer: once running, a ClientApp
+that stops sending heartbeats is given up on after Flower's 60 s, as before.
+
 The SuperExec the SuperNode starts is Pollinate's (superexec.py), which forks each ClientApp
 process from a warm one when `POLLINATE_WARM_CLIENTAPP=1` (opt-in for now).
 """
@@ -28,8 +36,9 @@ import sys
 import time
 import traceback
 from collections.abc import Callable
+from datetime import timedelta
 from types import ModuleType
-from typing import NoReturn
+from typing import Any, NoReturn
 
 from .superexec import SUPEREXEC_COMMAND, Rerouted, superexec_command, warm_enabled
 
@@ -37,6 +46,7 @@ POLL_ENV = "POLLINATE_SUPERNODE_POLL_SECONDS"
 DEFAULT_POLL_SECONDS = 1.0
 LOCAL_WAIT_SECONDS = 0.05
 FIRST_POLL_SECONDS = 0.1
+CLAIM_START_SECONDS = 120.0
 # The sleeps of Flower 1.41's SuperNode loop this pacing replaces.
 IDLE_PULL_SLEEP = 3
 LOCAL_WAIT_SLEEP = 0.5
@@ -95,6 +105,31 @@ def warm_superexec(loop_module: ModuleType) -> None:
         SUPEREXEC_COMMAND, lambda args, kwargs: subprocess.Popen(superexec_command(args), **kwargs))
 
 
+def patient_claims(state_module: ModuleType, seconds: float = CLAIM_START_SECONDS) -> None:
+    """Have Flower's in-memory task state (`state_module.InMemoryCoreState`, which the
+    SuperNode's state extends) give a claimed task `seconds` to start."""
+    state_cls = getattr(state_module, "InMemoryCoreState", None)
+    original = getattr(state_cls, "claim_task", None)
+    if state_cls is None or original is None or not callable(getattr(state_module, "now", None)):
+        raise RuntimeError(f"{state_module.__name__} no longer claims tasks as this expects; "
+                           "check the pinned flwr version")
+    if getattr(original, "patient_seconds", None) is not None:
+        return
+
+    def claim_task(self: Any, task_id: int) -> str | None:
+        token = original(self, task_id)
+        if token is not None:
+            with self.lock_task_store:
+                record = self.task_token_store.get(task_id)
+                if record is not None:
+                    record.active_until = max(record.active_until,
+                                              state_module.now() + timedelta(seconds=seconds))
+        return token
+
+    claim_task.patient_seconds = seconds  # type: ignore[attr-defined]
+    state_cls.claim_task = claim_task  # type: ignore[attr-defined]
+
+
 def prepare(loop_module: ModuleType, env: dict[str, str] | os._Environ[str]) -> None:
     """Everything this module changes in Flower's SuperNode loop, as `env` asks."""
     pace(loop_module, poll_seconds_from(env))
@@ -127,8 +162,11 @@ def exit_when_done(entry: Callable[[], object]) -> NoReturn:
 
 
 def main() -> None:
+    from flwr.supercore.corestate import in_memory_corestate
     from flwr.supernode import start_client_internal
     from flwr.supernode.cli import flower_supernode
+
+    patient_claims(in_memory_corestate)
 
     try:
         prepare(start_client_internal, os.environ)

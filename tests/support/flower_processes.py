@@ -103,7 +103,7 @@ class FlowerServer(_Stoppable):
             self.ca_path.write_bytes(self.ca.cert_pem)
             (self.home / "tls.crt").write_bytes(cert.cert_pem)
             (self.home / "tls.key").write_bytes(cert.key_pem)
-        argv = [str(BIN / "flower-superlink"), "--host", "127.0.0.1", "--port", str(self.port),
+        argv = [str(BIN / "pollinate-superlink"), "--host", "127.0.0.1", "--port", str(self.port),
                 "--ssl-certfile", str(self.home / "tls.crt"), "--ssl-keyfile", str(self.home / "tls.key"),
                 "--ssl-ca-certfile", str(self.ca_path), "--disable-runtime-dependency-installation",
                 "--database", str(self.home / "state.db")]

@@ -205,7 +205,7 @@ def test_server_image_has_the_privacy_accountant_backend() -> None:
 
 
 @pytest.mark.parametrize(("name", "command"), [
-    ("operator", "pollinate-operator"), ("server", "flower-superlink"), ("client", "pollinate-client")])
+    ("operator", "pollinate-operator"), ("server", "pollinate-superlink"), ("client", "pollinate-client")])
 def test_entrypoint_is_a_console_script_of_the_image(name: str, command: str) -> None:
     dockerfile, packages = image(name)
     assert dockerfile.entrypoint == (command,)
@@ -239,12 +239,12 @@ def test_superlink_accepts_every_flag_the_operator_gives_it(fed_spec, authentica
     spec = fed_spec.model_copy(update={"server": fed_spec.server.model_copy(
         update={"node_authentication": authentication})})
     args = server.superlink_args(spec, Settings().flower_port)
-    assert_flags_in_help(flag_names(args), superlink_help(), "flower-superlink")
+    assert_flags_in_help(flag_names(args), superlink_help(), "pollinate-superlink")
 
 
 @cache
 def superlink_help() -> str:
-    return help_text("flower-superlink")
+    return help_text("pollinate-superlink")
 
 
 def test_client_jobs_args_parse_with_the_client_cli(fed_spec) -> None:
@@ -341,7 +341,7 @@ def test_server_image_packages_run_the_server_app_and_its_accountant_without_tor
     assert result.returncode == 0, result.stderr[-3000:]
     for module in ("torch", "transformers", "peft"):
         assert_no_module(venv, module)
-    for command in ("flower-superlink", "flwr-serverapp"):
+    for command in ("pollinate-superlink", "flwr-serverapp"):
         assert (venv / "bin" / command).exists(), command
 
 

@@ -51,7 +51,8 @@ def deployment(name: str, namespace: str, spec: FederationSpec, settings: Settin
     container = {
         "name": "superlink",
         "image": spec.server.image,
-        "command": ["flower-superlink"],
+        # Flower's SuperLink with a longer wait for its SQLite lock (pollinate_runtime/superlink.py).
+        "command": ["pollinate-superlink"],
         "args": superlink_args(spec, port),
         "ports": [{"name": "flower", "containerPort": port, "protocol": "TCP"}],
         "env": [

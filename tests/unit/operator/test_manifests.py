@@ -19,7 +19,7 @@ def test_server_deployment_is_one_recreated_hardened_superlink(fed_spec: Federat
     assert pod["securityContext"]["runAsNonRoot"] is True
     assert pod["automountServiceAccountToken"] is False
     (c,) = pod["containers"]
-    assert c["command"] == ["flower-superlink"]
+    assert c["command"] == ["pollinate-superlink"]
     assert "--enable-supernode-auth" in c["args"]
     assert "--disable-runtime-dependency-installation" in c["args"]
     assert c["securityContext"] == {

@@ -3,6 +3,9 @@ grid (pure logic; the real SuperLink is in tests/integration/test_engine.py)."""
 
 from __future__ import annotations
 
+import math
+
+import httpx
 import pytest
 from flwr.app import ConfigRecord, Error, Message, RecordDict
 from flwr.common.constant import ErrorCode
@@ -23,14 +26,20 @@ class Clock:
 
 class FakeGrid:
     """Nodes answer the message they were sent; an `offline` node's messages come back as
-    the SuperLink's NODE_UNAVAILABLE error until the clock reaches its return time."""
+    the SuperLink's NODE_UNAVAILABLE error until the clock reaches its return time. A `stuck`
+    node is online and never answers: its message comes back MESSAGE_UNAVAILABLE when its TTL
+    runs out. Pushes fail as the SuperLink's 500 once the clock reaches `refuse_pushes_from`."""
 
-    def __init__(self, clock: Clock, nodes: list[int], offline_until: dict[int, float]) -> None:
+    def __init__(self, clock: Clock, nodes: list[int], offline_until: dict[int, float],
+                 stuck: tuple[int, ...] = (), refuse_pushes_from: float = math.inf) -> None:
         self.clock = clock
         self.nodes = nodes
         self.offline_until = offline_until
+        self.stuck = stuck
+        self.refuse_pushes_from = refuse_pushes_from
         self.sent: list[tuple[int, float]] = []
         self._inbox: dict[str, Message] = {}
+        self._expires: dict[str, float] = {}
         self._count = 0
 
     def get_node_ids(self) -> list[int]:
@@ -38,12 +47,17 @@ class FakeGrid:
         return [n for n in self.nodes if self.clock.now >= self.offline_until.get(n, 0.0)]
 
     def push_messages(self, messages: list[Message]) -> list[str]:
+        if self.clock.now >= self.refuse_pushes_from:
+            request = httpx.Request("POST", "https://superlink/v1/runtime/push-messages")
+            raise httpx.HTTPStatusError("Server error '500 Internal Server Error'", request=request,
+                                        response=httpx.Response(500, request=request))
         ids = []
         for msg in messages:
             self._count += 1
             mid = f"m{self._count}"
             msg.metadata.__dict__["_message_id"] = mid
             self._inbox[mid] = msg
+            self._expires[mid] = self.clock.now + msg.metadata.ttl
             self.sent.append((msg.metadata.dst_node_id, self.clock.now))
             ids.append(mid)
         return ids
@@ -52,8 +66,13 @@ class FakeGrid:
         self.clock.now += 1.0  # each poll takes a second of the round
         replies = []
         for mid in ids:
+            node = self._inbox[mid].metadata.dst_node_id
+            if node in self.stuck:
+                if self.clock.now >= self._expires[mid]:
+                    replies.append(Message(Error(ErrorCode.MESSAGE_UNAVAILABLE, "expired"),
+                                           reply_to=self._inbox.pop(mid)))
+                continue
             msg = self._inbox.pop(mid)
-            node = msg.metadata.dst_node_id
             if self.clock.now < self.offline_until.get(node, 0.0):
                 replies.append(Message(Error(ErrorCode.NODE_UNAVAILABLE, "no heartbeat"), reply_to=msg))
             else:
@@ -101,3 +120,24 @@ def test_site_nodes_limit_the_exchange_to_the_runs_sites_and_name_them() -> None
     run.exchange([1, 3], "train", lambda _: RecordDict(), 1, lambda reply: got.append(reply.site))
     # Named by the key they authenticated with, not by what they say.
     assert sorted(got) == ["alice-laptop", "hospital-a"]
+
+
+def test_a_message_that_expires_at_the_deadline_is_not_sent_again() -> None:
+    # CI: every ClientApp of a loaded site failed to start, the message's TTL (the round's
+    # deadline) ran out, and the SuperLink refused the resend as already expired: the run
+    # failed instead of closing the round without that site.
+    clock = Clock()
+    grid = FakeGrid(clock, [1, 2], offline_until={}, stuck=(2,))
+    out, got = exchange(grid, clock, timeout=20.0)
+    assert got == ["site-1"]
+    assert [n for n, _ in grid.sent].count(2) == 1
+    assert out.failed[2].startswith("no reply within 20 s")
+
+
+def test_a_resend_the_superlink_refuses_leaves_the_site_waited_for() -> None:
+    clock = Clock()
+    grid = FakeGrid(clock, [1, 2], offline_until={2: 5.0}, refuse_pushes_from=1.0)
+    out, got = exchange(grid, clock, timeout=30.0)
+    assert got == ["site-1"]
+    assert out.failed[2].startswith("no reply within 30 s (offline: ")
+    assert [n for n, _ in grid.sent] == [1, 2]  # the resends were refused

@@ -93,3 +93,71 @@ def test_the_supernode_ends_with_its_outcome_whatever_threads_it_leaves(end, cod
                             capture_output=True, text=True, timeout=60)
     assert result.returncode == code, result
     assert result.stdout == "giving up\n" and stderr in result.stderr
+
+
+class FakeNow:
+    """Flower's task state reads the time through its module's `now`."""
+
+    def __init__(self) -> None:
+        from datetime import UTC, datetime
+
+        self.at = datetime(2026, 1, 1, tzinfo=UTC)
+
+    def __call__(self):
+        return self.at
+
+    def advance(self, seconds: float) -> None:
+        from datetime import timedelta
+
+        self.at += timedelta(seconds=seconds)
+
+
+@pytest.fixture
+def node_state(monkeypatch):
+    """The SuperNode's own task state, on a clock the test moves; the class patch is undone."""
+    from flwr.supercore.corestate import in_memory_corestate
+    from flwr.supercore.object_store import ObjectStoreFactory
+    from flwr.supernode.nodestate.in_memory_nodestate import InMemoryNodeState
+
+    clock = FakeNow()
+    monkeypatch.setattr(in_memory_corestate, "now", clock)
+    monkeypatch.setattr(in_memory_corestate.InMemoryCoreState, "claim_task",
+                        in_memory_corestate.InMemoryCoreState.claim_task)
+    return InMemoryNodeState(ObjectStoreFactory().store()), clock, in_memory_corestate
+
+
+def claim(state) -> str:
+    task_id = state.create_task(task_type="clientapp", run_id=1, fab_hash="f")
+    token = state.claim_task(task_id)
+    assert token is not None
+    return token
+
+
+def test_flower_gives_a_claimed_clientapp_30_s_to_start(node_state):
+    # What patient_claims is for: if Flower waits longer itself, the patch may go.
+    state, clock, _ = node_state
+    token = claim(state)
+    clock.advance(29)
+    assert state.get_task_by_token(token) is not None
+    clock.advance(2)
+    assert state.get_task_by_token(token) is None
+
+
+def test_a_clientapp_slow_to_start_keeps_its_claim_for_two_minutes(node_state):
+    state, clock, module = node_state
+    supernode.patient_claims(module)
+    supernode.patient_claims(module)  # once is enough: not wrapped twice
+    assert module.InMemoryCoreState.claim_task.patient_seconds == supernode.CLAIM_START_SECONDS
+    token = claim(state)
+    clock.advance(supernode.CLAIM_START_SECONDS - 5)
+    task = state.get_task_by_token(token)
+    assert task is not None
+    # Once it has started, a ClientApp that goes quiet is given up on as Flower does.
+    assert state.activate_task(task.task_id)
+    clock.advance(61)
+    assert state.get_task_by_token(token) is None
+
+
+def test_patient_claims_refuses_a_flower_whose_task_state_moved():
+    with pytest.raises(RuntimeError, match="no longer claims tasks"):
+        supernode.patient_claims(types.ModuleType("moved"))
