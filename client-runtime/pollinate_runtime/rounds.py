@@ -209,8 +209,10 @@ class FederatedRun:
                     why = f"{reply.error.code}: {reply.error.reason}"
                     if reply.error.code in UNDELIVERED:
                         away[node] = why
-                        log.info("round %d: site %s is offline; waiting for it to come back",
-                                 round, self.sites_by_node.get(node, f"node-{node}"))
+                        log.info("round %d: site %s %s; waiting for it to come back",
+                                 round, self.sites_by_node.get(node, f"node-{node}"),
+                                 "is offline" if reply.error.code == ErrorCode.NODE_UNAVAILABLE
+                                 else "did not take its message in time")
                     else:
                         out.failed[node] = why
                     continue

@@ -73,6 +73,15 @@ def sites(server: FlowerServer, site_data: dict[str, Path], tmp_path_factory) ->
 
 
 @pytest.fixture(autouse=True)
+def no_run_left_behind(request) -> Iterator[None]:
+    """A test that fails while its run is going stops it, so the next test's run does not
+    share the sites with it."""
+    yield
+    if "server" in request.fixturenames:
+        request.getfixturevalue("server").stop_unfinished_runs()
+
+
+@pytest.fixture(autouse=True)
 def sites_still_joined(request) -> None:
     """Every test here shares the three sites: one that died in an earlier test fails the next
     at once with its last words, instead of leaving each later run to wait out its timeout."""

@@ -83,6 +83,7 @@ class FlowerServer(_Stoppable):
     port: int = field(default_factory=free_port)
     proc: subprocess.Popen | None = None
     ca: pki.CertificateAuthority = field(default_factory=lambda: pki.new_ca("test federation CA"))
+    started_runs: list[int] = field(default_factory=list)
 
     @property
     def address(self) -> str:
@@ -132,7 +133,27 @@ class FlowerServer(_Stoppable):
 
     def start_run(self, config: RunConfig) -> int:
         with self.control() as control:
-            return control.start_run(config)
+            run_id = control.start_run(config)
+        self.started_runs.append(run_id)
+        return run_id
+
+    def stop_unfinished_runs(self) -> list[int]:
+        """Stop every run started here that is still going (a test that failed mid-run must
+        not leave its ServerApp waiting on the sites the next test shares); returns them."""
+        stopped = []
+        if self.proc is None or self.proc.poll() is not None:
+            return stopped
+        try:
+            with self.control() as control:
+                for run_id in self.started_runs:
+                    state = control.get_run(run_id)
+                    if state is not None and not state.finished:
+                        control.stop_run(run_id)
+                        stopped.append(run_id)
+        except FlowerUnavailable:  # a server the test left down has no run to stop
+            pass
+        self.started_runs.clear()
+        return stopped
 
     def wait_run(self, run_id: int, timeout: float) -> RunState:
         deadline = time.monotonic() + timeout

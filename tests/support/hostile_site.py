@@ -21,7 +21,7 @@ from typing import Any
 import numpy as np
 from flwr.app import Array, ArrayRecord
 from pollinate_runtime import messages as m
-from pollinate_runtime.cli import free_port
+from pollinate_runtime.cli import parse_server, supernode_command, supernode_env
 from pollinate_runtime.site_trainer import TrainerServer
 from pollinate_runtime.wire import LAYOUT, PACKED_STYPE, TENSORS, to_record
 
@@ -112,20 +112,17 @@ def main() -> int:
     socket_path = work / f"trainer-{args.site}.sock"
     server = TrainerServer(HostileTrainer(args.kind, args.site), socket_path)  # type: ignore[arg-type]
     server.start()
-    bin_dir = str(Path(sys.executable).parent)
-    env = {**os.environ, "FLWR_HOME": str(work / "flwr"),
-           "PATH": f"{bin_dir}{os.pathsep}{os.environ['PATH']}"}
+    env = supernode_env(work)
     if args.kind in RECORD_KINDS:
         # The SuperNode's ClientApp processes inherit this environment.
         here = Path(__file__).parent
         env[HOSTILE_RECORD_ENV] = args.kind
         env["PYTHONPATH"] = os.pathsep.join(
             [str(here / "hostile_record"), str(here), env.get("PYTHONPATH", "")])
-    command = [str(Path(sys.executable).parent / "flower-supernode"), "--superlink", args.server,
-               "--root-certificates", args.ca, "--auth-supernode-private-key", args.key,
-               "--node-config", f'site="{args.site}" trainer-socket="{socket_path}"',
-               "--port", str(free_port())]
-    return subprocess.call(command, env=env)
+    # The SuperNode a real site runs (`pollinate-client join`'s), with its hostile trainer.
+    host, port = parse_server(args.server)
+    site = argparse.Namespace(site=args.site, max_retries=10, insecure=False, key=args.key)
+    return subprocess.call(supernode_command(site, host, port, Path(args.ca), socket_path), env=env)
 
 
 if __name__ == "__main__":
