@@ -84,3 +84,16 @@ def test_the_command_is_flowers_superlink() -> None:
     assert result.returncode == 0, result.stderr[-2000:]
     assert result.stdout.startswith("usage: flower-superlink"), result.stdout[:200]
     assert "--database" in result.stdout
+
+
+def test_the_command_opens_flowers_state_with_the_longer_wait() -> None:
+    # main() as the console script runs it, with Flower's server swapped for a probe that
+    # reports the SQLite settings the server's state would be opened with.
+    probe = ("import flwr.superlink.cli as cli\n"
+             "from flwr.supercore import sql_mixin\n"
+             "cli.flower_superlink = lambda: print(dict(sql_mixin.SQLITE_PRAGMAS)['busy_timeout'])\n"
+             "from pollinate_runtime import superlink\n"
+             "superlink.main()\n")
+    result = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert result.stdout.strip() == str(superlink.LOCK_WAIT_MS)

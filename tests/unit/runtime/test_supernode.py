@@ -161,3 +161,16 @@ def test_a_clientapp_slow_to_start_keeps_its_claim_for_two_minutes(node_state):
 def test_patient_claims_refuses_a_flower_whose_task_state_moved():
     with pytest.raises(RuntimeError, match="no longer claims tasks"):
         supernode.patient_claims(types.ModuleType("moved"))
+
+
+def test_the_command_gives_clientapps_the_longer_start() -> None:
+    # main() as `pollinate-client join` runs it, with Flower's SuperNode swapped for a probe
+    # that reports how long a claimed ClientApp would have to start.
+    probe = ("import flwr.supernode.cli as cli\n"
+             "from flwr.supercore.corestate.in_memory_corestate import InMemoryCoreState\n"
+             "cli.flower_supernode = lambda: print(InMemoryCoreState.claim_task.patient_seconds)\n"
+             "from pollinate_runtime import supernode\n"
+             "supernode.main()\n")
+    result = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert float(result.stdout.strip()) == supernode.CLAIM_START_SECONDS
