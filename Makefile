@@ -27,11 +27,11 @@ status:  ## is the local cluster running?
 lint: env  ## ruff
 	@$(VENV)/ruff check .
 
-test-unit: env  ## unit tests only: no cluster, no servers
-	@$(VENV)/python -m pytest tests/unit $(PYTEST_ARGS)
+test-unit: env  ## unit tests only, in under 3 minutes: no cluster, no servers, nothing marked slow
+	@$(VENV)/python -m pytest tests/unit -m "not slow" $(PYTEST_ARGS)
 
-test: env testbed lint  ## everything: unit, integration (real control plane, S3, Flower) and e2e
-	@$(VENV)/python -m pytest $(PYTEST_ARGS)
+test: env lint  ## everything: unit (slow ones too), integration (real control plane, S3, Flower) and e2e
+	@bash tools/test.sh $(PYTEST_ARGS)
 
 demo: env testbed  ## the end-to-end federated fine-tune on embedded defaults (writes reports/demo-*)
 	@$(VENV)/python tools/demo/run.py $(DEMO_ARGS)

@@ -12,14 +12,17 @@ import pytest
 from operator_process import OperatorProcess
 from pollinate_testbed import Testbed
 from pollinate_testbed.testing import Kubectl
+from run_times import RunTimes
 
 
 @pytest.fixture(scope="session")
-def testbed() -> Iterator[Testbed]:
+def testbed(request: pytest.FixtureRequest) -> Iterator[Testbed]:
     """The local control plane and S3 server: reused when `make up` left one running."""
     bed = Testbed()
     already_running = bed.is_running()
-    bed.up()
+    started = time.monotonic()
+    bed.up(log=lambda _: None)
+    RunTimes.of(request.config).phases["cluster start (simulated nodes)"] = time.monotonic() - started
     yield bed
     if not already_running and not os.environ.get("POLLINATE_KEEP_TESTBED"):
         bed.down(quiet=True)
@@ -80,21 +83,33 @@ def tiny_model_dir() -> Path:
     return cached_tiny_llama()
 
 
-BUDGET_ENV = "POLLINATE_TEST_BUDGET_SECONDS"
-_started = pytest.StashKey[float]()
-
-
-def pytest_sessionstart(session: pytest.Session) -> None:
-    session.config.stash[_started] = time.monotonic()
+DEADLINE_ENV = "POLLINATE_TEST_DEADLINE"
 
 
 @pytest.hookimpl(trylast=True)
 def pytest_runtest_teardown(item: pytest.Item, nextitem: pytest.Item | None) -> None:
-    """With a time budget (CI sets one below its hard limit), stop between tests once it is
-    spent: pytest then prints why each failed test failed, which a run killed from outside
-    never does."""
-    budget = float(os.environ.get(BUDGET_ENV) or 0)
-    spent = time.monotonic() - item.config.stash[_started]
-    if budget and nextitem is not None and spent > budget:
-        item.session.shouldstop = (f"{BUDGET_ENV}={budget:g} s spent ({spent:.0f} s): the tests "
-                                   "after this one did not run")
+    """With a deadline (CI sets one, as a Unix time, below its hard limit), stop between tests
+    once it has passed: pytest then prints why each failed test failed, which a run killed from
+    outside never does."""
+    deadline = float(os.environ.get(DEADLINE_ENV) or 0)
+    if deadline and nextitem is not None and time.time() > deadline:
+        item.session.shouldstop = (f"{DEADLINE_ENV} passed {time.time() - deadline:.0f} s ago: the "
+                                   "tests after this one did not run")
+
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    config.pluginmanager.register(RunTimes(), RunTimes.NAME)
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """Fast modules first, then the modules marked slow as a whole, then the tests that run
+    pods for real (their testbed needs Traefik, which `make test` builds meanwhile). `make test`
+    runs the last group in a second lane beside the others (tools/test.sh): the fast modules,
+    mostly waiting on the cluster, are what that lane first runs beside. Within a group the
+    order is kept, so module fixtures are set up once."""
+    def slow_module(item: pytest.Item) -> bool:
+        marks = getattr(item.module, "pytestmark", [])
+        return any(m.name == "slow" for m in (marks if isinstance(marks, list) else [marks]))
+
+    items.sort(key=lambda item: (item.get_closest_marker("execute") is not None, slow_module(item)))

@@ -33,7 +33,7 @@ from pollinate_testbed.pod_network import HostNetwork
 from pollinate_testbed.pod_worker import container_log
 from pollinate_testbed.testing import Kubectl, eventually
 
-pytestmark = pytest.mark.cluster
+pytestmark = [pytest.mark.cluster, pytest.mark.execute]
 
 
 @pytest.fixture(scope="module", autouse=True)

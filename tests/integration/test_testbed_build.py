@@ -11,8 +11,10 @@ from __future__ import annotations
 import os
 import re
 import shutil
+import signal
 import subprocess
 import textwrap
+import time
 from pathlib import Path
 
 import pytest
@@ -71,18 +73,25 @@ def test_a_second_build_reuses_every_cached_binary(tmp_path: Path) -> None:
     assert cached_binaries(bin_dir) == before
 
 
-def test_two_builds_at_once_compile_a_missing_binary_once(bin_dir: Path, tmp_path: Path) -> None:
-    # A cache of its own holding every binary but kube-scheduler (the quickest to link again:
-    # its compiled packages are in Go's build cache), then two builds at the same time, as when
-    # a CI run and a test's testbed start together on one machine.
-    cache = tmp_path / "cache"
+def cache_without(bin_dir: Path, cache: Path, missing: str) -> dict[str, str]:
+    """A cache of its own holding every binary of `bin_dir` (linked, with their stamps) but
+    `missing`; returns the environment that points build.sh at it."""
     for link in bin_dir.iterdir():
-        if link.is_symlink() and link.name != "kube-scheduler":
+        if link.is_symlink() and link.name != missing:
             target = link.resolve(strict=True)
             keyed = cache / "testbed" / target.parent.name
             keyed.mkdir(parents=True)
             (keyed / target.name).symlink_to(target)
-    env = {**os.environ, "POLLINATE_CACHE": str(cache)}
+            (keyed / f"{target.name}.built").symlink_to(target.parent / f"{target.name}.built")
+    return {**os.environ, "POLLINATE_CACHE": str(cache)}
+
+
+def test_two_builds_at_once_compile_a_missing_binary_once(bin_dir: Path, tmp_path: Path) -> None:
+    # Every binary but kube-scheduler (the quickest to link again: its compiled packages are in
+    # Go's build cache), then two builds at the same time, as when a CI run and a test's
+    # testbed start together on one machine.
+    cache = tmp_path / "cache"
+    env = cache_without(bin_dir, cache, "kube-scheduler")
     builds = [subprocess.Popen(["bash", str(BUILD_SCRIPT)], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                                text=True, env=env) for _ in range(2)]
     outputs = [build.communicate(timeout=1800) for build in builds]
@@ -92,10 +101,84 @@ def test_two_builds_at_once_compile_a_missing_binary_once(bin_dir: Path, tmp_pat
     made = {Path(out.strip().splitlines()[-1]) for out, _ in outputs}
     assert made == {cache / "testbed" / bin_dir.name}
     (ours,) = made
-    version = subprocess.run([str(ours / "kube-scheduler"), "--version"], capture_output=True, text=True,
-                             timeout=60)
-    assert version.stdout.strip() == f"Kubernetes {K8S_VERSION}"
+    assert scheduler_version(ours) == f"Kubernetes {K8S_VERSION}"
     assert (ours / "kwok-stages.yaml").read_text() == (bin_dir / "kwok-stages.yaml").read_text()
+
+
+def scheduler_version(bin_dir: Path) -> str:
+    return subprocess.run([str(bin_dir / "kube-scheduler"), "--version"], capture_output=True, text=True,
+                          timeout=60).stdout.strip()
+
+
+def fake_go(folder: Path, behaviour: str) -> dict[str, str]:
+    """A `go` ahead of the real one on PATH whose `build` writes half of its output file, then
+    `behaviour`s: `hang` (to be killed half-way) or `fail` (as on a full disk)."""
+    folder.mkdir()
+    real = shutil.which("go")
+    (folder / "go").write_text(textwrap.dedent(f"""\
+        #!/usr/bin/env bash
+        [ "$1" = build ] || exec {real} "$@"
+        while [ $# -gt 0 ]; do [ "$1" = -o ] && out=$2; shift; done
+        head -c 1000000 /dev/zero > "$out"
+        echo "fake go: wrote half of $out" >&2
+        {"sleep 3600" if behaviour == "hang" else 'echo "write $out: no space left on device" >&2; exit 1'}
+        """))
+    (folder / "go").chmod(0o755)
+    return {"PATH": f"{folder}{os.pathsep}{os.environ['PATH']}"}
+
+
+def test_a_build_killed_half_way_is_built_again_not_used(bin_dir: Path, tmp_path: Path) -> None:
+    cache = tmp_path / "cache"
+    env = cache_without(bin_dir, cache, "kube-scheduler")
+    build = subprocess.Popen(["bash", str(BUILD_SCRIPT), "core"], stdout=subprocess.PIPE,
+                             stderr=subprocess.PIPE, text=True,
+                             env={**env, **fake_go(tmp_path / "hang", "hang")}, start_new_session=True)
+    def half_written() -> bool:
+        return any(p.stat().st_size == 1000000 for p in cache.glob("testbed/kube-scheduler-*/*.tmp"))
+
+    deadline = time.monotonic() + 120
+    while not half_written() and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert half_written(), "the fake go never started writing"
+    os.killpg(build.pid, signal.SIGKILL)
+    build.communicate()
+
+    again = subprocess.run(["bash", str(BUILD_SCRIPT), "core"], capture_output=True, text=True, env=env,
+                           timeout=1800)
+    assert again.returncode == 0, again.stderr[-2000:]
+    assert "kube-scheduler: the cached copy is incomplete" in again.stderr, again.stderr
+    assert re.findall(r"building (\S+)", again.stderr) == ["kube-scheduler"], again.stderr
+    assert scheduler_version(Path(again.stdout.strip().splitlines()[-1])) == f"Kubernetes {K8S_VERSION}"
+
+
+def test_a_build_that_runs_out_of_disk_publishes_nothing(bin_dir: Path, tmp_path: Path) -> None:
+    cache = tmp_path / "cache"
+    env = cache_without(bin_dir, cache, "kube-scheduler")
+    full = subprocess.run(["bash", str(BUILD_SCRIPT), "core"], capture_output=True, text=True,
+                          env={**env, **fake_go(tmp_path / "full", "fail")}, timeout=600)
+    assert full.returncode != 0 and "no space left on device" in full.stderr
+    (entry,) = [p for p in cache.glob("testbed/kube-scheduler-*") if p.is_dir()]
+    assert not (entry / "kube-scheduler").exists() and not (entry / "kube-scheduler.built").exists()
+    assert not list(cache.glob("testbed/bin-*")), "a bin directory was made from a failed build"
+
+
+def test_a_cached_binary_changed_after_it_was_built_is_built_again(bin_dir: Path, tmp_path: Path) -> None:
+    # A binary cut short after the build (a copy that ran out of disk, a restore gone wrong)
+    # no longer matches the stamp written when it was moved into place whole.
+    cache = tmp_path / "cache"
+    env = cache_without(bin_dir, cache, "kube-scheduler")
+    first = subprocess.run(["bash", str(BUILD_SCRIPT), "core"], capture_output=True, text=True, env=env,
+                           timeout=1800)
+    assert first.returncode == 0, first.stderr[-2000:]
+    (entry,) = [p for p in cache.glob("testbed/kube-scheduler-*") if p.is_dir()]
+    binary = entry / "kube-scheduler"
+    with open(binary, "r+b") as f:
+        f.truncate(binary.stat().st_size // 2)
+    again = subprocess.run(["bash", str(BUILD_SCRIPT), "core"], capture_output=True, text=True, env=env,
+                           timeout=1800)
+    assert again.returncode == 0, again.stderr[-2000:]
+    assert re.findall(r"building (\S+)", again.stderr) == ["kube-scheduler"], again.stderr
+    assert scheduler_version(Path(again.stdout.strip().splitlines()[-1])) == f"Kubernetes {K8S_VERSION}"
 
 
 def test_the_binaries_are_cached_outside_the_clone(bin_dir: Path) -> None:

@@ -40,6 +40,7 @@ def aggregation(tmp_path_factory: pytest.TempPathFactory) -> dict:
     return json.loads((results / "aggregation.json").read_text())
 
 
+@pytest.mark.slow  # runs a benchmark (quick) or bench/run.py in a process
 def test_aggregation_measures_bandwidth_and_every_system_and_strategy(aggregation: dict):
     check_common_fields(aggregation, "aggregation")
     bandwidth = aggregation["bandwidth"]
@@ -52,6 +53,7 @@ def test_aggregation_measures_bandwidth_and_every_system_and_strategy(aggregatio
     assert ("fedavg", "pollinate", 6) in seen and ("fedavg", "flower", 6) in seen
 
 
+@pytest.mark.slow  # runs a benchmark (quick) or bench/run.py in a process
 def test_aggregation_cases_carry_rates_ratios_and_memory(aggregation: dict):
     for case in aggregation["cases"]:
         assert case["seconds"] > 0
@@ -69,6 +71,7 @@ def test_aggregation_cases_carry_rates_ratios_and_memory(aggregation: dict):
             assert case["rel_error"] < 1e-2  # Flower works in float16
 
 
+@pytest.mark.slow  # runs a benchmark (quick) or bench/run.py in a process
 def test_aggregation_profiles_where_the_weighted_mean_spends_its_time(aggregation: dict):
     profiled = [c for c in aggregation["cases"] if "profile" in c]
     assert profiled and all(c["strategy"] == "fedavg" and c["system"] == "pollinate" for c in profiled)
@@ -77,6 +80,7 @@ def test_aggregation_profiles_where_the_weighted_mean_spends_its_time(aggregatio
     assert any("ns/param" in note for note in aggregation["notes"])
 
 
+@pytest.mark.slow  # runs a benchmark (quick) or bench/run.py in a process
 def test_aggregation_headlines_judge_the_three_targets(aggregation: dict):
     cases = [h["case"] for h in aggregation["headlines"]]
     assert any(c.startswith("weighted mean") for c in cases)
@@ -93,6 +97,7 @@ def wire(tmp_path_factory: pytest.TempPathFactory) -> dict:
     return json.loads((results / "wire_bytes.json").read_text())
 
 
+@pytest.mark.slow  # runs a benchmark (quick) or bench/run.py in a process
 def test_wire_bytes_counts_both_directions_for_every_transport(wire: dict):
     check_common_fields(wire, "wire_bytes")
     rounds = {r["variant"]: r for r in wire["rounds"]}
@@ -114,12 +119,14 @@ def test_wire_bytes_counts_both_directions_for_every_transport(wire: dict):
     assert fp16["upload_breakdown"]["layout_or_array_headers"] < 64 * fp16["tensors"]
 
 
+@pytest.mark.slow  # runs a benchmark (quick) or bench/run.py in a process
 def test_wire_bytes_reports_idle_cost_and_the_one_percent_target(wire: dict):
     assert wire["idle"]["empty_pull_bytes"] > 0 and wire["idle"]["heartbeat_bytes"] > 0
     targeted = [h for h in wire["headlines"] if h["target"] != "-"]
     assert targeted and all(isinstance(h["met"], bool) for h in targeted)
 
 
+@pytest.mark.slow  # runs a benchmark (quick) or bench/run.py in a process
 def test_run_writes_the_summary_table_from_each_benchmark(tmp_path: Path):
     run_bench("run.py", tmp_path, "--only", "wire_bytes")
     summary = (tmp_path / "summary.md").read_text()
@@ -129,6 +136,7 @@ def test_run_writes_the_summary_table_from_each_benchmark(tmp_path: Path):
     assert (tmp_path / "wire_bytes.json").exists()
 
 
+@pytest.mark.slow  # runs a benchmark (quick) or bench/run.py in a process
 def test_the_summary_can_be_rebuilt_from_the_results_without_running_anything(tmp_path: Path):
     run_bench("run.py", tmp_path, "--only", "wire_bytes")
     (tmp_path / "summary.md").unlink()
@@ -141,6 +149,7 @@ def test_the_summary_can_be_rebuilt_from_the_results_without_running_anything(tm
     assert "| wire_bytes | toy r=2" in summary and "from its JSON" in summary
 
 
+@pytest.mark.slow  # runs a benchmark (quick) or bench/run.py in a process
 def test_the_stored_results_are_judged_again_by_the_code_as_it_is(tmp_path: Path):
     # The repository's own result files: their stored verdicts are what the judging code says
     # of their measurements now (a changed target or verdict shows here, not only after a run).

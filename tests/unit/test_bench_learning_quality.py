@@ -16,6 +16,9 @@ REPO = Path(__file__).resolve().parents[2]
 SITES = ("hospital-a", "hospital-b", "clinic-c")
 
 
+pytestmark = pytest.mark.slow  # trains the tiny model in every arm of the benchmark
+
+
 @pytest.fixture(scope="module")
 def learning_quality(tmp_path_factory: pytest.TempPathFactory) -> dict:
     results = tmp_path_factory.mktemp("learning_quality")

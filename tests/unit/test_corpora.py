@@ -29,6 +29,7 @@ def test_a_failed_download_names_the_package_and_the_command(tmp_path: Path):
     assert corpora.fetch_report(tmp_path) == {}
 
 
+@pytest.mark.slow  # builds a corpus in a process
 def test_a_cached_corpus_is_reused_without_fetching(tmp_path: Path):
     built = tmp_path / "bible"
     built.mkdir()

@@ -234,6 +234,7 @@ def test_commands_of_generated_manifests_exist_in_their_images(fed_spec, tr_spec
         assert spawned <= console_scripts(client_packages)
 
 
+@pytest.mark.slow  # starts Python processes with Flower's (or the operator's) imports
 @pytest.mark.parametrize("authentication", [True, False])
 def test_superlink_accepts_every_flag_the_operator_gives_it(fed_spec, authentication: bool) -> None:
     spec = fed_spec.model_copy(update={"server": fed_spec.server.model_copy(
@@ -260,6 +261,7 @@ def test_client_jobs_args_parse_with_the_client_cli(fed_spec) -> None:
         assert_flags_in_help(flag_names(args), join_help, "pollinate-client join")
 
 
+@pytest.mark.slow  # starts Python processes with Flower's (or the operator's) imports
 def test_supernode_accepts_every_flag_pollinate_client_gives_it(tmp_path: Path) -> None:
     # The command line `pollinate-client join` gives flower-supernode, with TLS and a key.
     args = cli.build_parser().parse_args([
@@ -320,6 +322,7 @@ def assert_no_module(venv: Path, module: str) -> None:
         f"{module} is importable in {venv}")
 
 
+@pytest.mark.slow  # starts Python processes with Flower's (or the operator's) imports
 def test_operator_image_packages_import_cleanly_without_torch(clean_env_factory) -> None:
     venv = clean_env_factory("operator")
     result = run_in(venv, "import pollinate_operator.handlers, pollinate_operator.__main__")
@@ -331,6 +334,7 @@ def test_operator_image_packages_import_cleanly_without_torch(clean_env_factory)
     assert operator_help.returncode == 0 and "--namespace" in operator_help.stdout
 
 
+@pytest.mark.slow  # starts Python processes with Flower's (or the operator's) imports
 def test_server_image_packages_run_the_server_app_and_its_accountant_without_torch(clean_env_factory) -> None:
     venv = clean_env_factory("server")
     result = run_in(venv, (
@@ -345,6 +349,7 @@ def test_server_image_packages_run_the_server_app_and_its_accountant_without_tor
         assert (venv / "bin" / command).exists(), command
 
 
+@pytest.mark.slow  # starts Python processes with Flower's (or the operator's) imports
 def test_the_supernode_runs_with_a_short_superexec_poll_that_flower_reads(tmp_path: Path,
                                                                          monkeypatch) -> None:
     import flwr.supercore.superexec.run_superexec as superexec

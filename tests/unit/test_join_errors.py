@@ -21,6 +21,9 @@ from pollinate_operator import pki
 CLIENT = Path(sys.executable).parent / "pollinate-client"
 
 
+pytestmark = pytest.mark.slow  # each test runs pollinate-client join in a process
+
+
 @pytest.fixture(scope="module")
 def site_files(tmp_path_factory) -> dict[str, Path]:
     """Everything a site needs, all valid: each test breaks one of them."""

@@ -17,6 +17,7 @@ import sys
 from pathlib import Path
 
 import pollinate_operator
+import pytest
 
 ROOT = Path(__file__).resolve().parents[2]
 OPERATOR = ROOT / "operator" / "pollinate_operator"
@@ -94,6 +95,7 @@ def test_no_client_runtime_module_imports_kopf_or_the_kubernetes_client() -> Non
     assert offending(files, OPERATOR_STACK) == {}
 
 
+@pytest.mark.slow  # imports every operator module in a fresh process
 def test_importing_every_operator_module_loads_no_training_stack() -> None:
     modules = sorted(m.name for m in pkgutil.walk_packages(pollinate_operator.__path__,
                                                             "pollinate_operator."))

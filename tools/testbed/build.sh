@@ -1,41 +1,71 @@
 #!/usr/bin/env bash
 # Builds the local control plane (Kubernetes, etcd, kwok, helm, MinIO, Traefik) from the Go module
-# proxy and prints a bin directory holding all of them. Each binary is cached under
+# proxy and prints a bin directory holding them. Each binary is cached under
 # ~/.cache/pollinate/testbed/ keyed by its own inputs (go.mod, go.sum, flags, Go version),
 # so a second run, from any clone on this machine, only links what is already built.
+#
+#   build.sh [core|all]   core: what a simulated cluster needs; all (default): core + Traefik,
+#                         the ingress controller of execute mode (the slowest to build)
 set -euo pipefail
 here=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
 K8S_VERSION=v1.35.8
 HELM_VERSION=v3.21.4
+# Bumped when the layout of a cache entry changes, so entries of the old layout are not trusted.
+CACHE_LAYOUT=2
 cache=${POLLINATE_CACHE:-$HOME/.cache/pollinate}/testbed
 export CGO_ENABLED=0
 log() { printf '[testbed] %s\n' "$*" >&2; }
-
-# One build at a time per cache: a second build started meanwhile (a CI run, a test's testbed,
-# another clone) waits and then finds every binary cached, instead of compiling the same ones
-# again on the same cores and racing the first for the same output files.
+what=${1:-all}
+case $what in core|all) ;; *) log "usage: build.sh [core|all]"; exit 2 ;; esac
 mkdir -p "$cache"
-exec {build_lock}>"$cache/.build.lock"
-if ! flock -n "$build_lock"; then
-  log "another build is using $cache; waiting for it"
-  flock "$build_lock"
-fi
+t_all=$SECONDS
+
+# A cache entry is trusted only with the stamp written after its binary was moved into place
+# whole: a build killed half-way, or one that ran out of disk, leaves no stamp (or a binary whose
+# size and time no longer match it) and is built again, never used.
+stamp_of() { stat -L -c '%s %Y' "$1"; }
+intact() { [ -x "$1" ] && [ -f "$1.built" ] && [ "$(stamp_of "$1")" = "$(cat "$1.built")" ]; }
 
 keys=()
 build() {  # name module-dir package tags ldflags
   local name=$1 dir=$2 pkg=$3 tags=$4 ldflags=$5
   local key
-  key=$( { cat "$here/$dir/go.mod" "$here/$dir/go.sum"; echo "$pkg|$tags|$ldflags"; go env GOVERSION GOOS GOARCH; } \
-    | sha256sum | cut -c1-16)
+  key=$( { cat "$here/$dir/go.mod" "$here/$dir/go.sum"; echo "$pkg|$tags|$ldflags|$CACHE_LAYOUT"; \
+           go env GOVERSION GOOS GOARCH; } | sha256sum | cut -c1-16)
   keys+=("$name-$key")
-  local target=$cache/$name-$key/$name
-  [ -x "$target" ] && return
+  local entry=$cache/$name-$key
+  local target=$entry/$name
+  if intact "$target"; then
+    log "$name: cached"
+    return
+  fi
+  # One build per binary at a time: a second build started meanwhile (a CI run, a test's
+  # testbed, another clone) waits for this binary, then finds it cached, instead of compiling
+  # it again on the same cores; builds of other binaries go on beside it.
+  mkdir -p "$entry"
+  local lock
+  exec {lock}>"$entry.lock"
+  if ! flock -n "$lock"; then
+    log "$name: another build is making it; waiting"
+    flock "$lock"
+  fi
+  if intact "$target"; then
+    exec {lock}>&-
+    log "$name: cached (built meanwhile by another build)"
+    return
+  fi
+  if [ -e "$target" ] || [ -e "$target.tmp" ]; then
+    log "$name: the cached copy is incomplete (a build stopped half-way?): discarded"
+  fi
+  rm -f "$target" "$target.built" "$target.tmp"
   log "building $name (cold build; cached afterwards under $cache)"
   local t0=$SECONDS
-  mkdir -p "$(dirname "$target")"
   (cd "$here/$dir" && GOFLAGS=-mod=readonly go build -trimpath -tags "$tags" -ldflags "-s -w $ldflags" \
     -o "$target.tmp" "$pkg")
   mv "$target.tmp" "$target"
+  stamp_of "$target" > "$target.built.tmp"
+  mv "$target.built.tmp" "$target.built"
+  exec {lock}>&-
   log "built $name in $((SECONDS - t0)) s"
 }
 
@@ -49,25 +79,29 @@ for c in kube-apiserver kube-controller-manager kube-scheduler kubectl; do
 done
 build etcd etcd go.etcd.io/etcd/server/v3 "" ""
 build kwok kwok sigs.k8s.io/kwok/cmd/kwok "" ""
-build kwokctl kwok sigs.k8s.io/kwok/cmd/kwokctl "" ""
 # Without these, offline `helm template` and `helm lint` assume Kubernetes 1.20.
 h=helm.sh/helm/v3
 build helm helm $h/cmd/helm "" "-X $h/pkg/chartutil.k8sVersionMajor=1 -X $h/pkg/chartutil.k8sVersionMinor=$minor \
  -X $h/pkg/lint/rules.k8sVersionMajor=1 -X $h/pkg/lint/rules.k8sVersionMinor=$minor -X $h/internal/version.version=$HELM_VERSION"
 build minio minio github.com/minio/minio kqueue ""
-build traefik traefik github.com/traefik/traefik/v3/cmd/traefik "" \
-  "-X github.com/traefik/traefik/v3/pkg/version.Version=$(cd "$here/traefik" && go list -m -f '{{.Version}}' github.com/traefik/traefik/v3)"
+if [ "$what" = all ]; then
+  build traefik traefik github.com/traefik/traefik/v3/cmd/traefik "" \
+    "-X github.com/traefik/traefik/v3/pkg/version.Version=$(cd "$here/traefik" && go list -m -f '{{.Version}}' github.com/traefik/traefik/v3)"
+fi
 
 bin=$cache/bin-$(printf '%s\n' "${keys[@]}" | sha256sum | cut -c1-16)
 if [ ! -d "$bin" ]; then
-  mkdir -p "$bin.tmp"
-  for k in "${keys[@]}"; do ln -sf "$cache/$k/${k%-*}" "$bin.tmp/${k%-*}"; done
+  tmp=$(mktemp -d "$bin.XXXXXX")
+  for k in "${keys[@]}"; do ln -sf "$cache/$k/${k%-*}" "$tmp/${k%-*}"; done
   # kwok needs Stage objects to simulate node and pod lifecycles; use the ones its release ships.
   stages=$(cd "$here/kwok" && go list -m -f '{{.Dir}}' sigs.k8s.io/kwok)/kustomize/stage
   for f in node/fast/node-initialize.yaml node/heartbeat-with-lease/node-heartbeat-with-lease.yaml \
            pod/fast/pod-ready.yaml pod/fast/pod-complete.yaml pod/fast/pod-delete.yaml; do
-    { cat "$stages/$f"; echo '---'; } >> "$bin.tmp/kwok-stages.yaml"
+    { cat "$stages/$f"; echo '---'; } >> "$tmp/kwok-stages.yaml"
   done
-  rm -rf "$bin"; mv "$bin.tmp" "$bin"
+  chmod 755 "$tmp"
+  # Another build may have made the same directory meanwhile: either copy is the same.
+  mv -T "$tmp" "$bin" 2>/dev/null || rm -rf "$tmp"
 fi
+log "$what binaries ready in $((SECONDS - t_all)) s: $bin"
 echo "$bin"

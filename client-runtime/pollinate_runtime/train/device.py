@@ -132,4 +132,69 @@ def choose_device(override: str | None = None, quantization: str | None = None) 
     """The device this process trains on; `override` is `cuda`, `mps`, `cpu` or None/`auto`."""
     choice = decide_device(override, quantization, probe_capabilities())
     log.info("training device: %s", choice.describe())
+    if choice.device == "cpu":
+        size_cpu_threads()
     return choice
+
+
+CPU_MILLICORES_ENV = "POLLINATE_CPU_MILLICORES"  # set by the operator and the site chart
+CGROUP_CPU_MAX = "/sys/fs/cgroup/cpu.max"
+
+
+def decide_cpu_threads(declared_millicores: int | None, quota_cpus: float | None, usable_cpus: int) -> int:
+    """Threads for torch on the CPU: the fewest CPUs that any of the pod's declared CPU (its
+    limit or request), its cgroup quota and the CPUs it may run on allow, at least one.
+
+    torch's default is one thread per core it sees, and a pod sees every core of its node:
+    three sites sharing two cores with two threads each ran a local step 40x slower than one
+    site alone (its threads spin-wait for each other's cores)."""
+    budget = float(max(usable_cpus, 1))
+    if declared_millicores and declared_millicores > 0:
+        budget = min(budget, declared_millicores / 1000)
+    if quota_cpus and quota_cpus > 0:
+        budget = min(budget, quota_cpus)
+    return max(1, int(budget))
+
+
+def cgroup_quota_cpus(cpu_max: str) -> float | None:
+    """CPUs allowed by a cgroup v2 `cpu.max` ("<quota> <period>", or "max <period>")."""
+    fields = cpu_max.split()
+    if len(fields) != 2 or fields[0] == "max":
+        return None
+    try:
+        return int(fields[0]) / int(fields[1])
+    except (ValueError, ZeroDivisionError):
+        return None
+
+
+def cpu_threads(environ: dict[str, str] | None = None) -> int:
+    """What `decide_cpu_threads` says for this process."""
+    import os
+
+    env = os.environ if environ is None else environ
+    try:
+        declared = int(env.get(CPU_MILLICORES_ENV, "") or 0) or None
+    except ValueError:
+        log.warning("%s=%r is not a whole number of millicores; ignored",
+                    CPU_MILLICORES_ENV, env.get(CPU_MILLICORES_ENV))
+        declared = None
+    try:
+        with open(CGROUP_CPU_MAX) as f:
+            quota = cgroup_quota_cpus(f.read())
+    except OSError:
+        quota = None
+    usable = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    return decide_cpu_threads(declared, quota, usable)
+
+
+def size_cpu_threads() -> None:
+    """Set torch's intra-op threads from the CPU this pod may use, unless the person running it
+    chose with OMP_NUM_THREADS (which torch already honours)."""
+    import os
+
+    if os.environ.get("OMP_NUM_THREADS"):
+        return
+    threads = cpu_threads()
+    if threads != torch.get_num_threads():
+        log.info("torch CPU threads: %d (from the CPU this process may use)", threads)
+        torch.set_num_threads(threads)

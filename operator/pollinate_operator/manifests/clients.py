@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from ..api.federation import FederationSpec, GeneralEvaluation, Site
+from ..api.federation import FederationSpec, GeneralEvaluation, ResourceRequirements, Site
 from ..api.traininground import TrainingRoundSpec
 from . import names
 from .security import CONTAINER_SECURITY_CONTEXT, POD_SECURITY_CONTEXT
@@ -11,6 +11,8 @@ SITE_DIR = "/etc/pollinate/site"
 DATA_DIR = "/data"
 GENERAL_DIR = "/general"
 WORK_DIR = "/var/lib/pollinate"
+# The runtime sizes torch's CPU threads from this (pollinate_runtime.train.device.cpu_threads).
+CPU_MILLICORES_ENV = "POLLINATE_CPU_MILLICORES"
 
 
 def data_volume(site: Site) -> dict:
@@ -56,6 +58,18 @@ def client_args(site: Site, server_address: str, general: GeneralEvaluation | No
     ]
 
 
+def cpu_budget_env(resources: ResourceRequirements | None) -> list[dict]:
+    """The CPU the site's container may use, in millicores, from its limit or else its request
+    (the downward API resolves the quantity). Without either the runtime falls back to the
+    cgroup quota and the CPUs it may run on: torch's default of one thread per core of the
+    *node* oversubscribes a pod that gets a share of it."""
+    for kind in ("limits", "requests"):
+        if "cpu" in (getattr(resources, kind, None) or {}):
+            return [{"name": CPU_MILLICORES_ENV, "valueFrom": {"resourceFieldRef": {
+                "containerName": "client", "resource": f"{kind}.cpu", "divisor": "1m"}}}]
+    return []
+
+
 def client_job(
     training_round: str, namespace: str, tr: TrainingRoundSpec,
     federation: str, fed: FederationSpec, site: Site, server_address: str,
@@ -66,6 +80,7 @@ def client_job(
         {"name": "POLLINATE_SITE", "value": site.name},
         {"name": "HF_HUB_OFFLINE", "value": "1"},
         {"name": "HOME", "value": WORK_DIR},
+        *cpu_budget_env(site.resources),
     ]
     env_from = []
     if (fed.base_model.uri or "").startswith("s3://"):

@@ -128,7 +128,7 @@ def test_client_job_is_pinned_to_its_site_with_its_identity(
     assert pod["nodeSelector"] == {"pollinate.dev/site": "hospital-b"}
     assert pod["restartPolicy"] == "Never"
     (c,) = pod["containers"]
-    assert c["resources"] == {"limits": {"nvidia.com/gpu": 1}}
+    assert c["resources"] == {"limits": {"nvidia.com/gpu": 1}, "requests": {"cpu": "1"}}
     assert c["command"] == ["pollinate-client"]
     assert c["args"][:3] == ["join", "--server=clinical-notes-server.research.svc:9092", "--site=hospital-b"]
     volumes = {v["name"]: v for v in pod["volumes"]}
@@ -137,6 +137,27 @@ def test_client_job_is_pinned_to_its_site_with_its_identity(
     labels = job["spec"]["template"]["metadata"]["labels"]
     assert labels["pollinate.dev/site"] == "hospital-b"
     assert "envFrom" not in c  # no S3 credentials unless the base model is in S3
+
+
+@pytest.mark.parametrize(("resources", "field"), [
+    ({"limits": {"cpu": "2"}, "requests": {"cpu": "1"}}, "limits.cpu"),
+    ({"limits": {"nvidia.com/gpu": 1}, "requests": {"cpu": "1"}}, "requests.cpu"),
+    ({"limits": {"nvidia.com/gpu": 1}}, None),
+    (None, None),
+])
+def test_the_site_is_told_its_cpu_limit_else_its_request(
+        fed_spec: FederationSpec, tr_spec: TrainingRoundSpec, resources, field) -> None:
+    wire = fed_spec.to_wire()
+    wire["sites"][0] = {**wire["sites"][0], "resources": resources}
+    fed = FederationSpec.model_validate(wire)
+    job = clients.client_job("notes-v1", "research", tr_spec, "clinical-notes", fed, fed.sites[0], "s:9092")
+    (c,) = job["spec"]["template"]["spec"]["containers"]
+    budget = [e for e in c["env"] if e["name"] == clients.CPU_MILLICORES_ENV]
+    if field is None:
+        assert budget == []  # the runtime uses the cgroup quota and the CPUs it may run on
+    else:
+        assert budget == [{"name": "POLLINATE_CPU_MILLICORES", "valueFrom": {"resourceFieldRef": {
+            "containerName": c["name"], "resource": field, "divisor": "1m"}}}]
 
 
 def test_general_evaluation_text_is_mounted_and_passed_to_every_site(
@@ -274,7 +295,7 @@ def test_a_base_model_in_s3_gives_the_client_the_bucket_credentials(
     fed = FederationSpec.model_validate({**fed_spec.to_wire(), "baseModel": {"uri": "s3://models/smollm2/"}})
     (c,) = job_for(fed, tr_spec)["spec"]["template"]["spec"]["containers"]
     assert c["envFrom"] == [{"secretRef": {"name": "s3-credentials"}}]
-    env = {e["name"]: e["value"] for e in c["env"]}
+    env = {e["name"]: e.get("value") for e in c["env"]}
     assert env["POLLINATE_S3_ENDPOINT"] == "http://s3.pollinate-system.svc:9000"
     assert env["POLLINATE_SITE"] == "hospital-a" and env["HF_HUB_OFFLINE"] == "1"
 

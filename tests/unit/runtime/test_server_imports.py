@@ -5,7 +5,10 @@ from __future__ import annotations
 import subprocess
 import sys
 
+import pytest
 
+
+@pytest.mark.slow  # imports the server side in a fresh process
 def test_server_side_modules_never_import_torch_transformers_or_peft():
     probe = (
         "import sys\n"

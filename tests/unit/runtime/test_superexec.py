@@ -62,6 +62,7 @@ def test_a_bad_warm_setting_is_refused_naming_the_variable():
         superexec.warm_enabled({superexec.WARM_ENV: "maybe"})
 
 
+@pytest.mark.slow  # starts a Python process with Flower's imports
 def test_a_warm_clientapp_runs_flowers_entry_point_with_flowers_arguments():
     launcher = superexec.WarmLauncher()
     launcher.start()
@@ -73,6 +74,7 @@ def test_a_warm_clientapp_runs_flowers_entry_point_with_flowers_arguments():
     assert bad.exitcode == 2  # Flower's own argument error
 
 
+@pytest.mark.slow  # starts a Python process with Flower's imports
 def test_the_superexec_is_flower_superexec_with_its_flags():
     out = subprocess.run([sys.executable, "-m", "pollinate_runtime.superexec", "--help"],
                          capture_output=True, text=True, timeout=120, check=True).stdout
@@ -96,6 +98,7 @@ def test_the_paced_supernode_reroutes_its_superexec_unless_turned_off():
     assert isinstance(warm.time, supernode.PacedTime) and isinstance(cold.time, supernode.PacedTime)
 
 
+@pytest.mark.slow  # starts the warm launcher's process
 def test_the_superexec_routes_clientapps_to_a_started_warm_launcher_unless_turned_off():
     warm, cold = stand_in("warm"), stand_in("cold")
     launcher = superexec.prepare(warm, {superexec.WARM_ENV: "1"})

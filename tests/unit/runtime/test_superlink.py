@@ -54,6 +54,7 @@ def test_flowers_own_state_opens_its_connections_with_the_longer_wait(tmp_path: 
     assert lock_wait_of(store) == superlink.LOCK_WAIT_MS
 
 
+@pytest.mark.slow  # holds a SQLite lock for 6.5 s
 def test_a_write_outlasts_a_lock_held_longer_than_flowers_wait(tmp_path: Path, monkeypatch) -> None:
     """The failure seen in CI: another writer holds the lock past 5 s; the SuperLink's write
     waits for it instead of failing with 'database is locked'."""
@@ -78,6 +79,7 @@ def test_a_write_outlasts_a_lock_held_longer_than_flowers_wait(tmp_path: Path, m
     assert waited >= held_for - 0.5, waited
 
 
+@pytest.mark.slow  # starts a Python process with Flower's imports
 def test_the_command_is_flowers_superlink() -> None:
     result = subprocess.run([sys.executable, "-m", "pollinate_runtime.superlink", "--help"],
                             capture_output=True, text=True, timeout=120)
@@ -86,6 +88,7 @@ def test_the_command_is_flowers_superlink() -> None:
     assert "--database" in result.stdout
 
 
+@pytest.mark.slow  # starts a Python process with Flower's imports
 def test_the_command_opens_flowers_state_with_the_longer_wait() -> None:
     # main() as the console script runs it, with Flower's server swapped for a probe that
     # reports the SQLite settings the server's state would be opened with.

@@ -62,6 +62,7 @@ def test_a_bad_poll_interval_is_refused_naming_the_variable(raw):
         supernode.PacedTime(supernode.poll_seconds_from({supernode.POLL_ENV: raw}))
 
 
+@pytest.mark.slow  # starts a Python process with Flower's imports
 def test_the_paced_supernode_is_flower_supernode_with_its_flags():
     out = subprocess.run([sys.executable, "-m", "pollinate_runtime.supernode", "--help"],
                          capture_output=True, text=True, timeout=120, check=True).stdout
@@ -163,6 +164,7 @@ def test_patient_claims_refuses_a_flower_whose_task_state_moved():
         supernode.patient_claims(types.ModuleType("moved"))
 
 
+@pytest.mark.slow  # starts a Python process with Flower's imports
 def test_the_command_gives_clientapps_the_longer_start() -> None:
     # main() as `pollinate-client join` runs it, with Flower's SuperNode swapped for a probe
     # that reports how long a claimed ClientApp would have to start.

@@ -59,3 +59,35 @@ def test_choice_is_frozen_and_names_its_torch_dtype():
     assert choice.describe() == "mps float16"
     with pytest.raises(AttributeError):
         choice.device = "cpu"  # type: ignore[misc]
+
+
+# ---- CPU threads: from the CPU the pod may use, not the node's cores ------------------------
+from pollinate_runtime.train.device import cgroup_quota_cpus, cpu_threads, decide_cpu_threads  # noqa: E402
+
+
+@pytest.mark.parametrize(
+    ("declared_millicores", "quota", "usable", "threads"),
+    [
+        (None, None, 8, 8),      # a laptop or a node of its own: every core it may run on
+        (1000, None, 8, 1),      # limit (or request) of one CPU on an 8-core node
+        (2500, None, 8, 2),      # a fraction rounds down: a quota is not exceeded
+        (500, None, 8, 1),       # at least one thread
+        (16000, None, 4, 4),     # a limit above the cores the process may run on
+        (None, 3.0, 8, 3),       # cgroup v2 quota
+        (4000, 2.0, 8, 2),       # the tightest bound wins
+        (0, None, 2, 2),         # "0" (no value) is not a budget
+    ],
+)
+def test_torch_threads_follow_the_pods_cpu_budget(declared_millicores, quota, usable, threads):
+    assert decide_cpu_threads(declared_millicores, quota, usable) == threads
+
+
+@pytest.mark.parametrize(("cpu_max", "cpus"), [("max 100000", None), ("200000 100000", 2.0),
+                                               ("150000 100000", 1.5), ("garbage", None), ("", None)])
+def test_cgroup_cpu_max_is_read_as_cpus(cpu_max, cpus):
+    assert cgroup_quota_cpus(cpu_max) == cpus
+
+
+def test_a_declared_cpu_budget_bounds_the_threads_and_junk_is_ignored():
+    assert cpu_threads({"POLLINATE_CPU_MILLICORES": "1000"}) == 1
+    assert cpu_threads({"POLLINATE_CPU_MILLICORES": "two"}) >= 1

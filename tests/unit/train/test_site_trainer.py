@@ -60,6 +60,7 @@ def trained_adapter_dir(tiny_model_dir: Path, site_text_dir: Path, tmp_path: Pat
     return folder
 
 
+@pytest.mark.slow  # runs pollinate-client eval in a process
 def test_eval_prints_the_perplexity_of_the_base_model_and_of_the_adapter(
         trained_adapter_dir: Path, tiny_model_dir: Path, site_text_dir: Path) -> None:
     done = subprocess.run(
@@ -94,6 +95,7 @@ def test_eval_prints_the_perplexity_of_the_base_model_and_of_the_adapter(
     assert base_loss > adapter_loss
 
 
+@pytest.mark.slow  # runs pollinate-client eval in a process
 def test_eval_without_an_adapter_says_what_to_give(site_text_dir: Path) -> None:
     done = subprocess.run(
         [str(Path(sys.executable).parent / "pollinate-client"), "eval", "--data", str(site_text_dir)],

@@ -84,10 +84,12 @@ def default_state_dir() -> Path:
     return (Path.cwd() / ".testbed").resolve()
 
 
-def build_binaries() -> Path:
-    """Build (or find in the cache) every Go binary and return their directory."""
+def build_binaries(ingress: bool = True) -> Path:
+    """Build (or find in the cache) the Go binaries and return their directory: the control
+    plane, S3 and helm, and with `ingress` Traefik too (only execute mode runs it)."""
     result = subprocess.run(
-        ["bash", str(BUILD_SCRIPT)], check=False, stdout=subprocess.PIPE, text=True
+        ["bash", str(BUILD_SCRIPT), "all" if ingress else "core"], check=False,
+        stdout=subprocess.PIPE, text=True,
     )
     if result.returncode != 0:
         raise TestbedError(f"building the testbed binaries failed (exit {result.returncode})")
@@ -161,7 +163,7 @@ class Testbed:
             return
         self.down(quiet=True)
         t0 = time.monotonic()
-        bin_dir = build_binaries()
+        bin_dir = build_binaries(ingress=execute)
         for d in (self.pki_dir, self.log_dir, self.pid_dir):
             d.mkdir(parents=True, exist_ok=True)
         self.bin_file.write_text(str(bin_dir))
