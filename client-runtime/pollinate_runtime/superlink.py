@@ -1,5 +1,8 @@
-"""Flower's SuperLink with room for a busy round: `pollinate-superlink <flower-superlink flags>`
-is `flower-superlink` with a longer wait for its database lock.
+"""Flower's SuperLink, gated and with room for a busy round: `pollinate-superlink
+<flower-superlink flags>` is `flower-superlink` behind Pollinate's gate (`server_gate`: the
+control API only for the operator's token, named by the file in $POLLINATE_CONTROL_TOKEN_FILE;
+the runtime API only for the server's own processes) and with a longer wait for its database
+lock.
 
 Flower 1.41 keeps the SuperLink's state (nodes, runs, messages and their objects) in SQLite
 and gives up on a lock after 5 s (`busy_timeout`). When every site of a round replies at
@@ -17,8 +20,12 @@ Only Flower's table of SQLite settings changes; `flwr` is pinned to 1.41 and
 
 from __future__ import annotations
 
+import os
 import sys
+from pathlib import Path
 from types import ModuleType
+
+from .server_gate import CONTROL_TOKEN_FILE_ENV, ServerGate
 
 LOCK_WAIT_MS = 20_000
 BUSY_TIMEOUT = "busy_timeout"
@@ -43,10 +50,35 @@ def lengthen_lock_wait(sql_module: ModuleType, wait_ms: int = LOCK_WAIT_MS) -> N
     sql_module.SQLITE_PRAGMAS = with_lock_wait(pragmas, wait_ms)  # type: ignore[attr-defined]
 
 
+def put_behind_gate(main_module: ModuleType, token_file: Path | None) -> None:
+    """Make Flower's `main_module.create_app` return its app behind `ServerGate`."""
+    create_app = getattr(main_module, "create_app", None)
+    if not callable(create_app):
+        raise RuntimeError(f"{main_module.__name__} no longer has create_app; "
+                           "check the pinned flwr version")
+
+    def gated_create_app(*args: object, **kwargs: object) -> ServerGate:
+        return ServerGate(create_app(*args, **kwargs), token_file)
+
+    main_module.create_app = gated_create_app  # type: ignore[attr-defined]
+
+
+def control_token_file(env: dict[str, str] | os._Environ[str]) -> Path | None:
+    value = env.get(CONTROL_TOKEN_FILE_ENV, "").strip()
+    return Path(value) if value else None
+
+
 def main() -> None:
     from flwr.supercore import sql_mixin
+    from flwr.superlink import main as superlink_app
     from flwr.superlink.cli import flower_superlink
 
+    token_file = control_token_file(os.environ)
+    if token_file is None:
+        # Not fatal: the server still serves sites; it only has no operator to obey.
+        print(f"pollinate-superlink: {CONTROL_TOKEN_FILE_ENV} is not set: every control call "
+              "(start or stop a run, register a site key) will be refused", file=sys.stderr)
+    put_behind_gate(superlink_app, token_file)
     lengthen_lock_wait(sql_mixin)
     sys.argv[0] = "flower-superlink"
     flower_superlink()

@@ -175,13 +175,18 @@ except (OSError, http.client.HTTPException) as err:
     print("no-answer", type(err).__name__, err)
 """
 FLEET, CONTROL, RUNTIME = "/v1/fleet/get-run", "/v1/control/list-runs", "/v1/runtime/acquire-task"
+SPELLINGS = ("/v1/fleet/../control/list-runs", "/v1/fleet/%2e%2e/control/list-runs",
+             "/v1/fleet/..%2fcontrol/list-nodes", "/v1/fleet/%2E%2E/runtime/acquire-task",
+             "/v1/fleet//../runtime/acquire-task", "/v1/FLEET/../control/start-run")
 
 
 def test_the_ingress_passes_only_flowers_fleet_api_and_only_over_tls(demo, tmp_path: Path) -> None:
     """Flower serves its fleet, control and runtime APIs on one port. Through the operator's
     Ingress, from outside the cluster, only the fleet path reaches the server: the control
-    and runtime paths, which the server itself answers, get the ingress controller's 404;
-    plain HTTP reaches nothing."""
+    and runtime paths get the ingress controller's 404, and other spellings of them (`..`,
+    encoded) never reach Flower; plain HTTP reaches nothing. At the server pod's address,
+    from the pod network (where any pod could call from), the server's gate refuses a control
+    call without the operator's token (401) and every runtime call (403)."""
     bed, _ = demo
     k = Kubectl(bed, "demo")
     ca = tmp_path / "ca.crt"
@@ -205,6 +210,7 @@ def test_the_ingress_passes_only_flowers_fleet_api_and_only_over_tls(demo, tmp_p
 
         answers = {path: (outside(f"https://{host}{path}"), direct(path))
                    for path in (FLEET, CONTROL, RUNTIME)}
+        spellings = {path: outside(f"https://{host}{path}") for path in SPELLINGS}
         plain_https_port = outside(f"http://{host}:443{FLEET}")
         plain_http_port = outside(f"http://{host}{FLEET}")
     plain_server = direct(FLEET, scheme="http")
@@ -216,10 +222,13 @@ def test_the_ingress_passes_only_flowers_fleet_api_and_only_over_tls(demo, tmp_p
     # The fleet path reaches Flower: the same answer as the server gives (it refuses an
     # unauthenticated, empty request), not the controller's 404.
     assert status(through) == status(at_server) and status(through) not in ("404", "no-answer"), answers
-    for path in (CONTROL, RUNTIME):
+    for path, refused in ((CONTROL, "401"), (RUNTIME, "403")):
         through, at_server = answers[path]
-        assert status(at_server) not in ("404", "no-answer"), (path, at_server)  # Flower serves it
-        assert status(through) == "404", (path, through)  # the Ingress does not
+        assert status(at_server) == refused and "pollinate server:" in at_server, (path, at_server)
+        assert status(through) == "404", (path, through)  # the Ingress does not route it
+    for path, answer in spellings.items():
+        # The controller's 404, or the server gate's 400 for a path not in canonical form.
+        assert status(answer) in ("400", "404"), (path, answer)
     assert status(plain_https_port) in ("400", "404"), plain_https_port
     assert status(plain_https_port) != status(answers[FLEET][0]), plain_https_port
     assert status(plain_http_port) == "no-answer", plain_http_port  # no plain HTTP port at all

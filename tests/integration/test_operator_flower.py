@@ -78,13 +78,17 @@ def flower_hub(testbed: Testbed, kubectl: Kubectl, flower_port: int, tiny_model_
     kubectl.apply(yaml.safe_dump(fed))
 
     # The server runs here, with the certificate the operator generated for it.
-    eventually(lambda: kubectl.run("get", "secret", "clinical-notes-server-tls", check=False)
-               .returncode == 0, what="server TLS secret")
+    for secret in ("clinical-notes-server-tls", "clinical-notes-control-token"):
+        eventually(lambda: kubectl.run("get", "secret", secret, check=False).returncode == 0,  # noqa: B023
+                   what=f"secret {secret}")
     home = tmp_path / "superlink"
     for key in ("ca.crt", "tls.crt", "tls.key"):
         secret_file(kubectl, "clinical-notes-server-tls", key, home / key)
+    # The token the operator made for this Federation, as the server pod mounts it.
+    token = secret_file(kubectl, "clinical-notes-control-token", "token", home / "control-token")
     server = FlowerServer(home, env={"AWS_ACCESS_KEY_ID": s3.access_key,
-                                     "AWS_SECRET_ACCESS_KEY": s3.secret_key}, port=flower_port)
+                                     "AWS_SECRET_ACCESS_KEY": s3.secret_key}, port=flower_port,
+                          control_token=token.read_text())
     server.start()
     hub = Hub(server, [])
     try:

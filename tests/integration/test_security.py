@@ -11,6 +11,7 @@ import contextlib
 import http.client
 import os
 import signal
+import socket
 import ssl
 import subprocess
 import time
@@ -23,6 +24,7 @@ from example_objects import example
 from flower_processes import BIN, FlowerServer, Site
 from pollinate_operator import pki
 from pollinate_operator.api.federation import FederationSpec
+from pollinate_operator.clients.flower import FlowerControl, FlowerRefused
 from pollinate_operator.manifests import server as server_manifests
 from pollinate_runtime.run_config import RunConfig
 from pollinate_runtime.site_session import ACTIVATION_REFUSED, REVOKED
@@ -39,7 +41,10 @@ SERVER_NAME = "fl.pollinate.test"
 @pytest.fixture(scope="module")
 def server(tmp_path_factory) -> Iterator[FlowerServer]:
     """Authentication on, as the operator starts it; no S3: no run starts here."""
-    srv = FlowerServer(tmp_path_factory.mktemp("superlink"), env={}, server_names=(SERVER_NAME,))
+    # On every address, so that a caller from another host's address can be played (the gate's
+    # tests); sites still dial 127.0.0.1.
+    srv = FlowerServer(tmp_path_factory.mktemp("superlink"), env={}, server_names=(SERVER_NAME,),
+                       host="0.0.0.0")
     srv.start()
     yield srv
     srv.stop()
@@ -151,6 +156,81 @@ def test_plain_http_to_the_server_gets_no_answer_and_an_insecure_supernode_canno
         tmp_path / "supernode.log", {"FLWR_HOME": str(tmp_path / "flwr")})
     assert code != 0, output
     assert "site-insecure" not in online_sites(server)
+
+
+# ---- the server's gate: control for the operator, runtime for the server -----------------------
+def this_machines_address() -> str:
+    """An address of this machine that is not loopback: a caller from it is, to the server,
+    another host (a site pod, a laptop behind the ingress)."""
+    out = subprocess.run(["ip", "-o", "-4", "addr", "show", "scope", "global"],
+                         capture_output=True, text=True, check=True).stdout
+    addresses = [line.split()[3].split("/")[0] for line in out.splitlines()]
+    assert addresses, f"this machine has no non-loopback IPv4 address: {out!r}"
+    return addresses[0]
+
+
+def raw_call(server: FlowerServer, host: str, raw_path: str, headers: dict[str, str] | None = None,
+             ) -> tuple[int, str]:
+    """POST `raw_path` byte for byte (no client library normalises it) over TLS from `host`."""
+    context = ssl.create_default_context(cafile=str(server.ca_path))
+    with socket.create_connection((host, server.port), timeout=20) as sock, \
+            context.wrap_socket(sock, server_hostname=SERVER_NAME) as tls:
+        lines = [f"POST {raw_path} HTTP/1.1", f"Host: {SERVER_NAME}", "Content-Length: 0",
+                 "Content-Type: application/protobuf", "Connection: close",
+                 *(f"{k}: {v}" for k, v in (headers or {}).items())]
+        tls.sendall(("\r\n".join(lines) + "\r\n\r\n").encode("latin-1"))
+        response = http.client.HTTPResponse(tls)  # type: ignore[arg-type]
+        response.begin()
+        return response.status, response.read().decode(errors="replace")
+
+
+CONTROL_AND_RUNTIME = ["/v1/control/list-runs", "/v1/control/list-nodes", "/v1/control/start-run",
+                       "/v1/control/register-node", "/v1/control/unregister-node",
+                       "/v1/runtime/acquire-task", "/v1/runtime/get-nodes", "/v1/runtime/pull-messages"]
+SPELLINGS = ["/v1/control%2Flist-runs", "/v1/%63ontrol/list-runs", "/v1/fleet/../control/list-runs",
+             "/v1/fleet/%2e%2e/control/list-runs", "/v1//control/list-runs", "//v1/control/list-runs",
+             "/v1/control/list-runs/", "/V1/CONTROL/LIST-RUNS", "/v1/Control/list-runs",
+             "/v1/fleet/./../runtime/acquire-task", "/v1/runtime%2facquire-task"]
+
+
+def test_no_control_or_runtime_call_from_another_host_reaches_flower(server: FlowerServer) -> None:
+    """The confirmed hole: list-runs, list-nodes and acquire-task answered 200 to anyone."""
+    host = this_machines_address()
+    for path in CONTROL_AND_RUNTIME:
+        status, body = raw_call(server, host, path)
+        assert status in (401, 403) and body.startswith("pollinate server:"), (path, status, body)
+        # A token that is not the operator's is refused too, and opens no runtime call.
+        status, _ = raw_call(server, host, path, {"Authorization": "Bearer not-the-operators"})
+        assert status == 403, (path, status)
+    for path in SPELLINGS:
+        for headers in ({}, {"Authorization": f"Bearer {server.control_token}"}):
+            status, body = raw_call(server, host, path, headers)
+            assert status == 400 and "canonical form" in body, (path, status, body)
+    # Each refusal is in the server's log with the caller's address.
+    log = server.log.read_text()
+    assert f'"peer": "{host}"' in log and '"reason": "not-local"' in log
+    assert server.control_token not in log
+
+
+def test_the_operators_token_opens_the_control_api_and_nothing_else(server: FlowerServer) -> None:
+    host = this_machines_address()
+    status, body = raw_call(server, host, "/v1/control/list-runs",
+                            {"Authorization": f"Bearer {server.control_token}"})
+    assert not body.startswith("pollinate server:"), (status, body)  # Flower answered
+    with server.control() as control:  # the operator's client, as the operator uses it
+        control.list_runs()
+    guessed = FlowerControl(server.address, server.ca_path.read_bytes(), "stolen-or-guessed")
+    with pytest.raises(FlowerRefused, match="refused the operator's control token"), guessed:
+        guessed.list_runs()
+    # From loopback too: the control API needs the token wherever the caller is.
+    status, _ = raw_call(server, "127.0.0.1", "/v1/control/list-nodes")
+    assert status == 401
+    # The runtime API is the server's own: its processes reach it over loopback.
+    status, body = raw_call(server, "127.0.0.1", "/v1/runtime/get-nodes")
+    assert not body.startswith("pollinate server:"), (status, body)
+    # Sites use the fleet API from anywhere (Flower checks their keys).
+    status, body = raw_call(server, host, "/v1/fleet/get-run")
+    assert not body.startswith("pollinate server:"), (status, body)
 
 
 # ---- SuperNode authentication ----------------------------------------------------------------

@@ -4,6 +4,7 @@ and sites joined with `pollinate-client join`, exactly as a laptop would."""
 from __future__ import annotations
 
 import os
+import secrets
 import signal
 import socket
 import subprocess
@@ -84,10 +85,19 @@ class FlowerServer(_Stoppable):
     proc: subprocess.Popen | None = None
     ca: pki.CertificateAuthority = field(default_factory=lambda: pki.new_ca("test federation CA"))
     started_runs: list[int] = field(default_factory=list)
+    # What the operator presents to the control API (pollinate_runtime.server_gate).
+    control_token: str = field(default_factory=lambda: secrets.token_urlsafe(32))
+    # 0.0.0.0 lets a test call from a non-loopback address of this machine (another host's
+    # view); sites and the operator still use 127.0.0.1.
+    host: str = "127.0.0.1"
 
     @property
     def address(self) -> str:
         return f"127.0.0.1:{self.port}"
+
+    @property
+    def control_token_path(self) -> Path:
+        return self.home / "control-token"
 
     @property
     def ca_path(self) -> Path:
@@ -104,7 +114,9 @@ class FlowerServer(_Stoppable):
             self.ca_path.write_bytes(self.ca.cert_pem)
             (self.home / "tls.crt").write_bytes(cert.cert_pem)
             (self.home / "tls.key").write_bytes(cert.key_pem)
-        argv = [str(BIN / "pollinate-superlink"), "--host", "127.0.0.1", "--port", str(self.port),
+        self.control_token_path.write_text(self.control_token)
+        self.control_token_path.chmod(0o600)
+        argv = [str(BIN / "pollinate-superlink"), "--host", self.host, "--port", str(self.port),
                 "--ssl-certfile", str(self.home / "tls.crt"), "--ssl-keyfile", str(self.home / "tls.key"),
                 "--ssl-ca-certfile", str(self.ca_path), "--disable-runtime-dependency-installation",
                 "--database", str(self.home / "state.db")]
@@ -112,13 +124,14 @@ class FlowerServer(_Stoppable):
             argv.append("--enable-supernode-auth")
         env = {**os.environ, **self.env, "FLWR_HOME": str(self.home / "flwr"),
                "POLLINATE_SERVER_LOG": str(self.home / "serverapp.log"),
+               "POLLINATE_CONTROL_TOKEN_FILE": str(self.control_token_path),
                "PATH": f"{BIN}{os.pathsep}{os.environ['PATH']}"}
         self.proc = _spawn(argv, self.log, env)
         wait_for_port(self.port)
 
 
     def control(self) -> FlowerControl:
-        return FlowerControl(self.address, self.ca_path.read_bytes())
+        return FlowerControl(self.address, self.ca_path.read_bytes(), self.control_token)
 
     def register(self, site: str, key_dir: Path) -> tuple[Path, str]:
         """A new site key, registered; returns the private key file and the node id."""

@@ -8,6 +8,7 @@ from __future__ import annotations
 import hashlib
 from dataclasses import dataclass
 
+import httpx
 from flwr.cli.build import build_fab_from_files
 from flwr.common.serde import fab_to_proto, run_from_proto, user_config_to_proto
 from flwr.proto.control_pb2 import (  # pylint: disable=no-name-in-module
@@ -21,11 +22,28 @@ from flwr.proto.control_pb2 import (  # pylint: disable=no-name-in-module
 from flwr.supercore.control import ControlHttpClient
 from flwr.supercore.fab import Fab
 from flwr.supercore.interceptors.http.runtime_version import RuntimeVersionHttpInterceptor
+from flwr.supercore.interceptors.http.utils import add_headers
+from flwr.supercore.protobuf.client import ProtobufCall, ProtobufRequestContext
 from pollinate_runtime.run_config import RunConfig, flower_app_pyproject
 
 
 class FlowerUnavailable(ConnectionError):
     """The server cannot be reached (yet): a reason to retry, not to fail."""
+
+
+class FlowerRefused(PermissionError):
+    """The server's gate refused the operator's credential (pollinate_runtime.server_gate)."""
+
+
+class ControlTokenInterceptor:
+    """Presents the operator's control token on every control call."""
+
+    def __init__(self, token: str) -> None:
+        self._headers = {"authorization": f"Bearer {token}"}
+
+    def intercept(self, context: ProtobufRequestContext, call_next: ProtobufCall) -> httpx.Response:
+        add_headers(context.request, self._headers)
+        return call_next(context)
 
 
 @dataclass(frozen=True)
@@ -62,11 +80,12 @@ def app_bundle(config: RunConfig) -> Fab:
 
 
 class FlowerControl:
-    def __init__(self, address: str, ca_cert_pem: bytes) -> None:
+    def __init__(self, address: str, ca_cert_pem: bytes, control_token: str) -> None:
         self.address = address
         self._client = ControlHttpClient.from_server_address(
             address, insecure=False, root_certificates=ca_cert_pem,
-            interceptors=[RuntimeVersionHttpInterceptor("pollinate-operator")],
+            interceptors=[ControlTokenInterceptor(control_token),
+                          RuntimeVersionHttpInterceptor("pollinate-operator")],
         )
 
     def close(self) -> None:
@@ -84,6 +103,9 @@ class FlowerControl:
         except Exception as err:  # flwr raises transport errors of several kinds
             if _is_unavailable(err):
                 raise FlowerUnavailable(f"Flower server {self.address}: {err}") from err
+            if _status(err) in (401, 403):
+                raise FlowerRefused(f"Flower server {self.address} refused the operator's "
+                                    f"control token: {_body(err)}") from err
             raise
 
     def start_run(self, config: RunConfig) -> int:
@@ -135,12 +157,25 @@ class FlowerControl:
                 for n in response.nodes_info]
 
 
+def _status(err: Exception) -> int | None:
+    status = getattr(getattr(err, "response", None), "status_code", None)
+    return status if isinstance(status, int) else None
+
+
+def _body(err: Exception) -> str:
+    response = getattr(err, "response", None)
+    try:
+        return str(response.text).strip() if response is not None else str(err)
+    except Exception:  # a streamed body already closed
+        return str(err)
+
+
 def _is_unavailable(err: Exception) -> bool:
     """Whether the server could not answer now: no connection, or a 5xx (Flower's SuperLink
     answers 500 when its SQLite state is locked by a burst of sites). The next pass asks again;
     a 4xx is an answer and is left to the caller."""
-    status = getattr(getattr(err, "response", None), "status_code", None)
-    if isinstance(status, int) and status >= 500:
+    status = _status(err)
+    if status is not None and status >= 500:
         return True
     text = f"{type(err).__name__} {err}".lower()
     return any(s in text for s in ("connect", "unavailable", "timeout", "timed out", "refused",

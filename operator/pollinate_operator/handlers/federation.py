@@ -11,7 +11,7 @@ import kopf
 from .. import pki
 from ..api.federation import FederationSpec, FederationStatus
 from ..clients import kube, storage
-from ..clients.flower import FlowerControl, FlowerUnavailable
+from ..clients.flower import FlowerControl, FlowerRefused, FlowerUnavailable
 from ..manifests import names, secrets, server
 from ..manifests.security import owner_reference
 from ..reconcile import federation as plan
@@ -37,6 +37,30 @@ class ServerTLS(NamedTuple):
 
 def flower_address(name: str, namespace: str, settings: Settings) -> str:
     return settings.flower_address_override or server.in_cluster_address(name, namespace, settings)
+
+
+def control_token(name: str, namespace: str) -> str | None:
+    stored = kube.read_secret(namespace, names.control_token_secret(name))
+    token = stored.data.get(secrets.CONTROL_TOKEN_KEY) if stored else None
+    return token.decode() if token else None
+
+
+def open_control(name: str, namespace: str, spec: FederationSpec, settings: Settings) -> FlowerControl | None:
+    """The Federation's server's control API with the operator's credential, or None while
+    its CA or token is not stored yet (the Federation's reconcile makes them)."""
+    tls = kube.read_secret(namespace, server.tls_secret_name(name, spec))
+    token = control_token(name, namespace)
+    if tls is None or "ca.crt" not in tls.data or token is None:
+        return None
+    return FlowerControl(flower_address(name, namespace, settings), tls.data["ca.crt"], token)
+
+
+def _ensure_control_token(name: str, namespace: str, body: kopf.Body) -> str:
+    token = control_token(name, namespace)
+    if token is None:
+        token = secrets.new_control_token()
+        kube.apply(_owned(secrets.control_token_secret(name, namespace, token), body))
+    return token
 
 
 def _ensure_tls(name: str, namespace: str, spec: FederationSpec, body: kopf.Body,
@@ -105,6 +129,7 @@ def reconcile(name: str, namespace: str, body: kopf.Body, settings: Settings,
     previous = FederationStatus.from_stored(dict(body.get("status") or {}))
     tls = _ensure_tls(name, namespace, spec, body, logger)
     ca_pem = tls.ca_pem
+    token = _ensure_control_token(name, namespace, body)
     # The server first: its pod starts (image pull, SuperLink start) while the site keys are
     # made, which it does not need.
     cert_fingerprint = pki.fingerprint(tls.cert_pem) if tls.cert_pem else ""
@@ -116,7 +141,7 @@ def reconcile(name: str, namespace: str, body: kopf.Body, settings: Settings,
     flower_nodes = None
     if ready or settings.flower_address_override:
         try:
-            with FlowerControl(flower_address(name, namespace, settings), ca_pem) as control:
+            with FlowerControl(flower_address(name, namespace, settings), ca_pem, token) as control:
                 flower_nodes = [plan.FlowerNode(n.node_id, n.status, n.public_key_pem)
                                 for n in control.nodes()]
                 observed = plan.FederationObserved(
@@ -132,6 +157,10 @@ def reconcile(name: str, namespace: str, body: kopf.Body, settings: Settings,
                                 for n in control.nodes()]
         except FlowerUnavailable as err:
             logger.info("Flower server not reachable yet: %s", err)
+            flower_nodes = None
+        except FlowerRefused as err:
+            # A server started before its token Secret was mounted, or one that is not ours.
+            logger.warning("%s", err)
             flower_nodes = None
 
     observed = plan.FederationObserved(

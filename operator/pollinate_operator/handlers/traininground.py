@@ -20,7 +20,7 @@ from ..manifests.security import owner_reference
 from ..metrics import count_training_round
 from ..reconcile import traininground as plan
 from ..settings import Settings
-from .federation import flower_address
+from .federation import open_control
 from .level_triggered import reconcile_on_every_pass, wake, wake_owners_of
 
 
@@ -103,13 +103,10 @@ def reconcile(name: str, namespace: str, body: kopf.Body, settings: Settings,
         if not (live and (fed_ready or previous.run_id)):
             return FlowerObserved(run_id)
         assert fed is not None
-        tls = kube.read_secret(namespace, server.tls_secret_name(spec.federation, fed))
-        if tls is None:
+        control = open_control(spec.federation, namespace, fed, settings)
+        if control is None:
             return FlowerObserved(run_id)
-        control = None
         try:
-            control = FlowerControl(flower_address(spec.federation, namespace, settings),
-                                    tls.data["ca.crt"])
             found = run_id if run_id is not None else _find_run(control, namespace, name)
             state = control.get_run(found) if found is not None else None
             run = plan.RunObserved(state.status, state.sub_status, state.details) if state else None
@@ -187,12 +184,11 @@ def stop_run_on_delete(name: str, namespace: str, body: kopf.Body, settings: Set
     if fed_body is None:
         return
     fed = FederationSpec.model_validate(fed_body["spec"])
-    tls = kube.read_secret(namespace, server.tls_secret_name(body["spec"]["federation"], fed))
-    if tls is None:
+    control = open_control(body["spec"]["federation"], namespace, fed, settings)
+    if control is None:
         return
     try:
-        with FlowerControl(flower_address(body["spec"]["federation"], namespace, settings),
-                           tls.data["ca.crt"]) as control:
+        with control:
             # Idempotent: a retried deletion, or a run that ended meanwhile, finds nothing to stop.
             state = control.get_run(int(status.run_id))
             if state is None or state.finished:

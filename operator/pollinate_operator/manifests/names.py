@@ -23,6 +23,10 @@ def ca_secret(federation: str) -> str:
     return f"{federation}-ca"
 
 
+def control_token_secret(federation: str) -> str:
+    return f"{federation}-control-token"
+
+
 def site_secret(federation: str, site: str) -> str:
     return f"{federation}-site-{site}"
 

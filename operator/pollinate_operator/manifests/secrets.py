@@ -1,8 +1,10 @@
-"""Secrets of a Federation: its CA, the server's TLS certificate, one identity per site."""
+"""Secrets of a Federation: its CA, the server's TLS certificate, the operator's control
+token, one identity per site."""
 
 from __future__ import annotations
 
 import base64
+import secrets
 
 from ..pki import CertificateAuthority, ServerCertificate, SiteKey
 from . import names
@@ -38,6 +40,20 @@ def server_tls_secret(federation: str, namespace: str, ca: CertificateAuthority,
     return _secret(names.server_tls_secret(federation), namespace, federation,
                    {"ca.crt": ca.cert_pem, "tls.crt": cert.cert_pem, "tls.key": cert.key_pem},
                    {names.ROTATION_ANNOTATION: str(rotation)}, type="kubernetes.io/tls")
+
+
+CONTROL_TOKEN_KEY = "token"
+
+
+def new_control_token() -> str:
+    return secrets.token_urlsafe(32)
+
+
+def control_token_secret(federation: str, namespace: str, token: str) -> dict:
+    """The credential only the operator presents to the server's control API; the server
+    pod mounts it to check calls against (pollinate_runtime.server_gate)."""
+    return _secret(names.control_token_secret(federation), namespace, federation,
+                   {CONTROL_TOKEN_KEY: token.encode()})
 
 
 def site_secret(federation: str, namespace: str, site: str, key: SiteKey, ca_cert_pem: bytes) -> dict:

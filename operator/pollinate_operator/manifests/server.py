@@ -10,10 +10,11 @@ from __future__ import annotations
 
 from ..api.federation import FederationSpec
 from ..settings import Settings
-from . import names
+from . import names, secrets
 from .security import CONTAINER_SECURITY_CONTEXT, POD_SECURITY_CONTEXT
 
 TLS_DIR = "/etc/pollinate/tls"
+CONTROL_DIR = "/etc/pollinate/control"
 STATE_DIR = "/var/lib/pollinate"
 FLEET_PATH = "/v1/fleet"
 DEFAULT_RESOURCES = {
@@ -60,6 +61,9 @@ def deployment(name: str, namespace: str, spec: FederationSpec, settings: Settin
             {"name": "HOME", "value": f"{STATE_DIR}/home"},
             # The server app writes checkpoints and adapter versions with these.
             {"name": "AWS_DEFAULT_REGION", "value": s3.region},
+            # Control calls must present the token in this file (pollinate_runtime.server_gate).
+            {"name": "POLLINATE_CONTROL_TOKEN_FILE",
+             "value": f"{CONTROL_DIR}/{secrets.CONTROL_TOKEN_KEY}"},
         ],
         "envFrom": [{"secretRef": {"name": s3.credentials_secret}}],
         "readinessProbe": {**probe, "initialDelaySeconds": 2, "failureThreshold": 3},
@@ -68,6 +72,7 @@ def deployment(name: str, namespace: str, spec: FederationSpec, settings: Settin
         "securityContext": CONTAINER_SECURITY_CONTEXT,
         "volumeMounts": [
             {"name": "tls", "mountPath": TLS_DIR, "readOnly": True},
+            {"name": "control", "mountPath": CONTROL_DIR, "readOnly": True},
             {"name": "state", "mountPath": STATE_DIR},
             {"name": "tmp", "mountPath": "/tmp"},
         ],
@@ -91,6 +96,10 @@ def deployment(name: str, namespace: str, spec: FederationSpec, settings: Settin
                     "containers": [container],
                     "volumes": [
                         {"name": "tls", "secret": {"secretName": tls_secret_name(name, spec)}},
+                        {"name": "control", "secret": {
+                            "secretName": names.control_token_secret(name), "defaultMode": 0o400,
+                            "items": [{"key": secrets.CONTROL_TOKEN_KEY,
+                                       "path": secrets.CONTROL_TOKEN_KEY}]}},
                         {"name": "state", "emptyDir": {}},
                         {"name": "tmp", "emptyDir": {}},
                     ],

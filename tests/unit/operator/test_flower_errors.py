@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import httpx
 import pytest
-from pollinate_operator.clients.flower import FlowerControl, FlowerUnavailable
+from pollinate_operator.clients.flower import FlowerControl, FlowerRefused, FlowerUnavailable
 
 
 class Raising:
@@ -31,9 +31,9 @@ def control_raising(error: Exception) -> FlowerControl:
     return control
 
 
-def http_status(code: int) -> httpx.HTTPStatusError:
+def http_status(code: int, body: str = "") -> httpx.HTTPStatusError:
     request = httpx.Request("POST", "https://superlink:9092/v1/control/list-runs")
-    response = httpx.Response(code, request=request)
+    response = httpx.Response(code, request=request, text=body)
     return httpx.HTTPStatusError(f"Server error '{code}' for url '{request.url}'",
                                  request=request, response=response)
 
@@ -50,6 +50,13 @@ def test_no_connection_or_a_server_error_is_unavailable_naming_the_server(error:
 
 def test_a_client_error_is_an_answer_not_an_outage() -> None:
     with pytest.raises(httpx.HTTPStatusError):
-        control_raising(http_status(403)).list_runs()
+        control_raising(http_status(409)).list_runs()
     # A run the server does not have (a restarted server that lost its state) is None.
     assert control_raising(http_status(404)).get_run(7) is None
+
+
+@pytest.mark.parametrize("code", [401, 403])
+def test_a_refused_token_is_named_with_the_servers_reason(code: int) -> None:
+    reason = "pollinate server: the control API is the operator's: this token is not its token"
+    with pytest.raises(FlowerRefused, match="refused the operator's control token: pollinate server"):
+        control_raising(http_status(code, reason)).list_runs()

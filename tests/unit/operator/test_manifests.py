@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import base64
+
 import pytest
 from pollinate_operator.api import FederationSpec, TrainingRoundSpec
-from pollinate_operator.manifests import clients, names, run, server
+from pollinate_operator.manifests import clients, names, run, secrets, server
 from pollinate_operator.manifests.security import owner_reference
 from pollinate_operator.settings import Settings
 
@@ -36,6 +38,29 @@ def test_server_deployment_is_one_recreated_hardened_superlink(fed_spec: Federat
     assert c["envFrom"] == [{"secretRef": {"name": "s3-credentials"}}]
     annotations = dep["spec"]["template"]["metadata"]["annotations"]
     assert annotations["pollinate.dev/server-certificate"] == "abc"
+
+
+def test_the_server_checks_control_calls_against_the_operators_token(fed_spec: FederationSpec) -> None:
+    dep = server.deployment("clinical-notes", "research", fed_spec, SETTINGS, "abc")
+    pod = dep["spec"]["template"]["spec"]
+    (c,) = pod["containers"]
+    env = {e["name"]: e.get("value") for e in c["env"]}
+    token_file = env["POLLINATE_CONTROL_TOKEN_FILE"]
+    (mount,) = [m for m in c["volumeMounts"] if token_file.startswith(m["mountPath"] + "/")]
+    assert mount["readOnly"] is True
+    (volume,) = [v for v in pod["volumes"] if v["name"] == mount["name"]]
+    assert volume["secret"]["secretName"] == names.control_token_secret("clinical-notes")
+    assert volume["secret"]["defaultMode"] == 0o400
+    assert [f"{mount['mountPath']}/{i['path']}" for i in volume["secret"]["items"]] == [token_file]
+
+
+def test_each_control_token_is_new_and_stored_in_the_federations_secret() -> None:
+    tokens = {secrets.new_control_token() for _ in range(50)}
+    assert len(tokens) == 50 and all(len(t) >= 40 for t in tokens)
+    body = secrets.control_token_secret("clinical-notes", "research", "t0k3n")
+    assert body["metadata"]["name"] == "clinical-notes-control-token"
+    assert body["metadata"]["labels"][names.FEDERATION_LABEL] == "clinical-notes"
+    assert base64.b64decode(body["data"][secrets.CONTROL_TOKEN_KEY]) == b"t0k3n"
 
 
 def test_node_authentication_off_drops_the_flag(fed_spec: FederationSpec) -> None:
