@@ -373,6 +373,34 @@ def evaluate(args: argparse.Namespace) -> int:
     return 0
 
 
+def keygen(args: argparse.Namespace) -> int:
+    """A key pair made here, so the private key never leaves this machine: the private half
+    goes to --out (mode 0600, never over an existing file), the public line to stdout, for
+    the Federation's `sites[].publicKey`."""
+    from cryptography.hazmat.primitives import serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+
+    out = Path(args.out).expanduser()
+    if out.exists():
+        raise JoinError(f"--out {out}: exists; a key is never overwritten (move it away to rotate)")
+    key = ec.generate_private_key(ec.SECP384R1())
+    private = key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.OpenSSH,
+                                serialization.NoEncryption())
+    public = key.public_key().public_bytes(serialization.Encoding.OpenSSH,
+                                           serialization.PublicFormat.OpenSSH).decode()
+    out.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        fd = os.open(out, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    except OSError as err:
+        raise JoinError(f"--out {out}: cannot create it ({err.strerror})") from err
+    with os.fdopen(fd, "wb") as f:
+        f.write(private)
+    print(f"{public} {args.comment}" if args.comment else public)
+    print(f"private key written to {out}; put the line above in the Federation as this site's "
+          "publicKey (spec.sites[].publicKey), then join with --key", file=sys.stderr)
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="pollinate-client", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -401,6 +429,10 @@ def build_parser() -> argparse.ArgumentParser:
                         "Flower's own retries (about 1-2 minutes); 0, the default, until stopped")
     j.add_argument("--insecure", action="store_true", help="no TLS (local tests only)")
     j.add_argument("--verbose", action="store_true")
+    k = sub.add_parser("keygen", help="make this site's key pair; print the public key for the Federation")
+    k.add_argument("--out", required=True,
+                   help="where the private key goes (created 0600, never overwritten)")
+    k.add_argument("--comment", default="", help="a label after the public key (e.g. alice@laptop)")
     e = sub.add_parser("eval", help="score an adapter version on local data")
     e.add_argument("--data", required=True)
     e.add_argument("--adapter-dir", help="a PEFT adapter folder (adapter_model.safetensors + config)")
@@ -419,7 +451,8 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.DEBUG if getattr(args, "verbose", False) else logging.INFO,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:
-        return join(args) if args.command == "join" else evaluate(args)
+        commands = {"join": join, "keygen": keygen, "eval": evaluate}
+        return commands[args.command](args)
     except JoinError as err:
         print(f"pollinate-client: error: {err}", file=sys.stderr)
         return 2

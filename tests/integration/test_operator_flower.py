@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import base64
 import datetime as dt
+import json
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -262,13 +263,17 @@ def test_a_suspended_round_resumes_after_its_last_checkpoint_without_redoing_rou
         assert {"Suspended", "Resumed", "RunCompleted"} <= reasons
 
 
-def test_a_site_removed_from_the_federation_is_unregistered_from_the_server(
+def test_the_server_holds_exactly_the_current_keys_of_the_federations_sites(
         testbed: Testbed, driven_operator: OperatorProcess, kubectl: Kubectl, flower_port: int,
         tiny_model_dir: Path, tmp_path: Path) -> None:
     with flower_hub(testbed, kubectl, flower_port, tiny_model_dir, tmp_path) as hub:
         def public_key(site: str) -> bytes:
             data = kubectl.json("get", "secret", f"clinical-notes-site-{site}")["data"]["site.pub"]
             return pki.public_key_pem(base64.b64decode(data))
+
+        def public_key_or_none(site: str) -> bytes | None:
+            found = kubectl.run("get", "secret", f"clinical-notes-site-{site}", check=False)
+            return public_key(site) if found.returncode == 0 else None
 
         def registered() -> dict[bytes, str]:
             with hub.server.control() as control:
@@ -291,6 +296,31 @@ def test_a_site_removed_from_the_federation_is_unregistered_from_the_server(
                         .get("sitesSummary") == "2/2" and st, what="Federation of two sites")
         assert st["phase"] == "Ready"
         assert [s["name"] for s in st["sites"]] == ["hospital-a", "hospital-b"]
+
+        # A key registered by anyone but the operator (here with the control API itself, under
+        # a site's name) is unregistered: the server holds only the Federation's site keys.
+        intruder = pki.public_key_pem(pki.new_site_key().public_openssh)
+        with hub.server.control() as control:
+            control.register_site("hospital-a", intruder)
+        eventually(lambda: intruder not in registered(), timeout=60, what="the intruder's key unregistered")
+
+        # Rotation: a site's Secret deleted gets a new key, and its old key is refused.
+        kubectl.run("delete", "secret", "clinical-notes-site-hospital-b")
+        rotated = eventually(lambda: (k := public_key_or_none("hospital-b")) not in (None, keys["hospital-b"])
+                             and k, timeout=60, what="hospital-b's new key")
+        eventually(lambda: keys["hospital-b"] not in registered() and rotated in registered(),
+                   timeout=60, what="hospital-b's old key unregistered and its new one registered")
+
+        # A site that brings its own public key: registered, and no private key is kept for it.
+        laptop = pki.new_site_key()
+        kubectl.run("patch", "federation", "clinical-notes", "--type=json", "-p", json.dumps([
+            {"op": "add", "path": "/spec/sites/-", "value": {
+                "name": "dana-laptop", "external": True,
+                "publicKey": laptop.public_openssh.decode() + " dana@laptop"}}]))
+        given = pki.public_key_pem(laptop.public_openssh)
+        eventually(lambda: given in registered(), timeout=60, what="dana-laptop's own key registered")
+        stored = kubectl.json("get", "secret", "clinical-notes-site-dana-laptop")["data"]
+        assert sorted(stored) == ["ca.crt", "site.pub"]
 
 
 # Seconds after each operator start at which it is killed: from mid-start-up (about 2 s here)

@@ -98,6 +98,9 @@ class ResourceRequirements(ApiModel):
 class Site(ApiModel):
     name: str
     external: bool = False
+    # An external site's own public key (OpenSSH ecdsa-sha2-nistp384): its private key then
+    # never leaves it, and the operator keeps none.
+    public_key: str | None = None
     node_selector: dict[str, str] | None = None
     tolerations: list[dict[str, Any]] | None = None
     resources: ResourceRequirements | None = None

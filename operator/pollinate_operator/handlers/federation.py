@@ -55,6 +55,10 @@ def open_control(name: str, namespace: str, spec: FederationSpec, settings: Sett
     return FlowerControl(flower_address(name, namespace, settings), tls.data["ca.crt"], token)
 
 
+def _flower_nodes(control: FlowerControl) -> list[plan.FlowerNode]:
+    return [plan.FlowerNode(n.node_id, n.status, n.public_key_pem, n.name) for n in control.nodes()]
+
+
 def _ensure_control_token(name: str, namespace: str, body: kopf.Body) -> str:
     token = control_token(name, namespace)
     if token is None:
@@ -104,22 +108,34 @@ def _ensure_tls(name: str, namespace: str, spec: FederationSpec, body: kopf.Body
 
 def _ensure_site_keys(name: str, namespace: str, spec: FederationSpec, ca_pem: bytes,
                       body: kopf.Body) -> dict[str, bytes]:
-    """Every site has a key Secret carrying the current CA; return site -> public key PEM."""
+    """Every site has a key Secret carrying the current CA (and its own public key, for a site
+    that brought one); return site -> public key PEM, removed sites' included (their keys
+    are unregistered before their Secrets go)."""
     selector = f"{names.FEDERATION_LABEL}={name},{names.SITE_LABEL}"
-    keys: dict[str, bytes] = {}
-    for stored in kube.list_secrets(namespace, selector):
-        site = stored.labels[names.SITE_LABEL]
-        if "site.pub" not in stored.data:
+    stored = {s.labels[names.SITE_LABEL]: s for s in kube.list_secrets(namespace, selector)
+              if "site.pub" in s.data}
+    keys = {site: _public_pem(s.data["site.pub"]) for site, s in stored.items()}
+    for index, site in enumerate(spec.sites):
+        found = stored.get(site.name)
+        observed = plan.StoredSiteKey(found.data["site.pub"], "site.key" in found.data,
+                                      found.data.get("ca.crt")) if found else None
+        action = plan.site_key_action(site, observed, ca_pem)
+        if action == "keep":
             continue
-        if stored.data.get("ca.crt") != ca_pem and spec.site(site):  # CA rotated
-            key = pki.SiteKey(stored.data["site.key"], stored.data["site.pub"])
-            kube.apply(_owned(secrets.site_secret(name, namespace, site, key, ca_pem), body))
-        keys[site] = _public_pem(stored.data["site.pub"])
-    for site in spec.sites:
-        if site.name not in keys:
-            key = pki.new_site_key()
-            kube.apply(_owned(secrets.site_secret(name, namespace, site.name, key, ca_pem), body))
-            keys[site.name] = _public_pem(key.public_openssh)
+        if action == "use-given":
+            given = (site.public_key or "").strip().encode()
+            try:
+                keys[site.name] = _public_pem(given)
+            except ValueError as err:
+                raise kopf.TemporaryError(
+                    f"spec.sites[{index}].publicKey (site {site.name}): not an OpenSSH "
+                    f"ecdsa-sha2-nistp384 public key ({err})", delay=60) from err
+            kube.apply(_owned(secrets.site_secret(name, namespace, site.name, given, ca_pem), body))
+            continue
+        key = (pki.SiteKey(found.data["site.key"], found.data["site.pub"])
+               if action == "refresh-ca" and found else pki.new_site_key())
+        kube.apply(_owned(secrets.site_secret(name, namespace, site.name, key, ca_pem), body))
+        keys[site.name] = _public_pem(key.public_openssh)
     return keys
 
 
@@ -142,19 +158,18 @@ def reconcile(name: str, namespace: str, body: kopf.Body, settings: Settings,
     if ready or settings.flower_address_override:
         try:
             with FlowerControl(flower_address(name, namespace, settings), ca_pem, token) as control:
-                flower_nodes = [plan.FlowerNode(n.node_id, n.status, n.public_key_pem)
-                                for n in control.nodes()]
+                flower_nodes = _flower_nodes(control)
                 observed = plan.FederationObserved(
                     body.meta.get("generation", 0), plan.TLSObserved(), site_keys, ready,
                     flower_nodes, previous)
-                for site, node_id in plan.nodes_to_unregister(spec, observed).items():
+                for node_id, node_name in plan.nodes_to_unregister(spec, observed).items():
                     control.unregister_site(node_id)
-                    logger.info("unregistered site %s (node %s): it left the federation", site, node_id)
+                    logger.info("unregistered node %s (registered as %r): its key is no current "
+                                "site key of this Federation", node_id, node_name)
                 for site in plan.sites_to_register(spec, observed):
                     node_id = control.register_site(site, site_keys[site])
                     logger.info("registered site %s as node %s", site, node_id)
-                flower_nodes = [plan.FlowerNode(n.node_id, n.status, n.public_key_pem)
-                                for n in control.nodes()]
+                flower_nodes = _flower_nodes(control)
         except FlowerUnavailable as err:
             logger.info("Flower server not reachable yet: %s", err)
             flower_nodes = None

@@ -9,6 +9,7 @@ from dataclasses import dataclass, field
 
 import kopf
 
+from .. import pki
 from ..api.federation import FederationSpec, FederationStatus
 from ..api.traininground import TrainingRoundSpec, TrainingRoundStatus
 from ..clients import kube, storage
@@ -19,6 +20,7 @@ from ..manifests.run import run_config
 from ..manifests.security import owner_reference
 from ..metrics import count_training_round
 from ..reconcile import traininground as plan
+from ..reconcile.federation import FlowerNode, sites_by_key
 from ..settings import Settings
 from .federation import open_control
 from .level_triggered import reconcile_on_every_pass, wake, wake_owners_of
@@ -69,11 +71,17 @@ def _find_run(control: FlowerControl, namespace: str, training_round: str) -> in
     return None
 
 
-def _registered_nodes(control: FlowerControl, fed: FederationSpec) -> dict[str, int]:
-    """Site name -> node id of the Federation's site keys the server has registered now."""
+def _registered_nodes(control: FlowerControl, federation: str, namespace: str,
+                      fed: FederationSpec) -> dict[str, int]:
+    """Site name -> node id of the Federation's sites whose current key the server holds,
+    matched by key (a node's name is whatever its registration said)."""
+    selector = f"{names.FEDERATION_LABEL}={federation},{names.SITE_LABEL}"
     sites = {s.name for s in fed.sites}
-    return {n.name: int(n.node_id) for n in control.nodes()
-            if n.name in sites and n.status != "unregistered"}
+    keys = {s.labels[names.SITE_LABEL]: pki.public_key_pem(s.data["site.pub"])
+            for s in kube.list_secrets(namespace, selector)
+            if s.labels[names.SITE_LABEL] in sites and "site.pub" in s.data}
+    nodes = [FlowerNode(n.node_id, n.status, n.public_key_pem, n.name) for n in control.nodes()]
+    return {site: int(node_id) for site, node_id in sites_by_key(keys, nodes).items()}
 
 
 @dataclass
@@ -110,7 +118,7 @@ def reconcile(name: str, namespace: str, body: kopf.Body, settings: Settings,
             found = run_id if run_id is not None else _find_run(control, namespace, name)
             state = control.get_run(found) if found is not None else None
             run = plan.RunObserved(state.status, state.sub_status, state.details) if state else None
-            registered = (_registered_nodes(control, fed)
+            registered = (_registered_nodes(control, spec.federation, namespace, fed)
                           if run is None and fed.server.node_authentication else {})
             return FlowerObserved(found, run, registered, True, control)
         except FlowerUnavailable as err:

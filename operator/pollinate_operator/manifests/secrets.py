@@ -56,9 +56,13 @@ def control_token_secret(federation: str, namespace: str, token: str) -> dict:
                    {CONTROL_TOKEN_KEY: token.encode()})
 
 
-def site_secret(federation: str, namespace: str, site: str, key: SiteKey, ca_cert_pem: bytes) -> dict:
+def site_secret(federation: str, namespace: str, site: str, key: SiteKey | bytes,
+                ca_cert_pem: bytes) -> dict:
+    """A site's identity: its key pair, or only the public key a site brought (`bytes`, one
+    OpenSSH line), whose private half the operator never holds; and the Federation's CA."""
+    data = ({"site.pub": key} if isinstance(key, bytes)
+            else {"site.key": key.private_openssh, "site.pub": key.public_openssh})
     body = _secret(names.site_secret(federation, site), namespace, federation,
-                   {"site.key": key.private_openssh, "site.pub": key.public_openssh,
-                    "ca.crt": ca_cert_pem})
+                   {**data, "ca.crt": ca_cert_pem})
     body["metadata"]["labels"][names.SITE_LABEL] = site
     return body

@@ -9,10 +9,10 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Literal
 
 from ..api.conditions import Condition, set_condition
-from ..api.federation import FederationSpec, FederationStatus, SiteIdentity
+from ..api.federation import FederationSpec, FederationStatus, Site, SiteIdentity
 from ..manifests import names
 
 
@@ -29,6 +29,17 @@ class FlowerNode:
     node_id: str
     status: str
     public_key_pem: bytes
+    name: str = ""  # the name it was registered under: for people, never for matching
+
+
+@dataclass(frozen=True)
+class StoredSiteKey:
+    """A site's key Secret as stored: its public key (OpenSSH), whether the private half is
+    kept there, and the CA certificate it carries."""
+
+    public_openssh: bytes
+    has_private_key: bool
+    ca_cert_pem: bytes | None
 
 
 @dataclass(frozen=True)
@@ -67,6 +78,32 @@ def plan_tls(spec: FederationSpec, observed: TLSObserved, dns_names: list[str]) 
     return TLSPlan(new_ca, new_cert)
 
 
+KeyAction = Literal["keep", "generate", "refresh-ca", "use-given"]
+
+
+def site_key_action(site: Site, stored: StoredSiteKey | None, ca_cert_pem: bytes) -> KeyAction:
+    """What the site's key Secret needs. A site that brings its own public key
+    (`sites[].publicKey`) has only that in its Secret, never a private key of ours; any other
+    site gets a key the operator makes, kept until its Secret is deleted (a rotation)."""
+    if site.public_key:
+        given = site.public_key.strip().encode()
+        if stored is None or stored.has_private_key or stored.public_openssh.strip() != given \
+                or stored.ca_cert_pem != ca_cert_pem:
+            return "use-given"
+        return "keep"
+    if stored is None or not stored.has_private_key:
+        return "generate"  # new, rotated (Secret deleted), or a publicKey just removed
+    return "refresh-ca" if stored.ca_cert_pem != ca_cert_pem else "keep"
+
+
+def sites_by_key(site_keys: Mapping[str, bytes], nodes: list[FlowerNode]) -> dict[str, str]:
+    """Site -> node id of every site whose current key the server holds, matched by the key
+    itself: never by the name a node was registered under, which anyone registering a key
+    could choose."""
+    by_key = {n.public_key_pem: n.node_id for n in nodes if n.status != "unregistered"}
+    return {site: by_key[pem] for site, pem in site_keys.items() if pem in by_key}
+
+
 def sites_needing_keys(spec: FederationSpec, observed: FederationObserved) -> list[str]:
     return [s.name for s in spec.sites if s.name not in observed.site_keys]
 
@@ -83,8 +120,7 @@ def registered_sites(observed: FederationObserved) -> dict[str, str]:
     if observed.flower_nodes is None:
         # Cannot ask now: keep what the last pass recorded.
         return {s.name: s.node_id for s in observed.previous.sites if s.registered and s.node_id}
-    by_key = {n.public_key_pem: n.node_id for n in observed.flower_nodes if n.status != "unregistered"}
-    return {site: by_key[pem] for site, pem in observed.site_keys.items() if pem in by_key}
+    return sites_by_key(observed.site_keys, observed.flower_nodes)
 
 
 def sites_to_register(spec: FederationSpec, observed: FederationObserved) -> list[str]:
@@ -95,11 +131,15 @@ def sites_to_register(spec: FederationSpec, observed: FederationObserved) -> lis
 
 
 def nodes_to_unregister(spec: FederationSpec, observed: FederationObserved) -> dict[str, str]:
-    """Sites removed from the spec whose keys are still registered: site -> node id."""
-    if observed.flower_nodes is None:
+    """Node id -> the name it was registered under, for every registration on the server whose
+    key is not the current key of a site in the spec: a site that left, a key rotated away (its
+    Secret deleted, its publicKey changed), a key the operator never registered. The operator
+    is the only one who registers keys, so the server holds exactly the Federation's keys."""
+    if observed.flower_nodes is None or not spec.server.node_authentication:
         return {}
-    registered = registered_sites(observed)
-    return {site: registered[site] for site in stale_sites(spec, observed) if site in registered}
+    wanted = {observed.site_keys[s.name] for s in spec.sites if s.name in observed.site_keys}
+    return {n.node_id: n.name for n in observed.flower_nodes
+            if n.status != "unregistered" and n.public_key_pem not in wanted}
 
 
 def latest_adapter_version(observed: FederationObserved) -> str | None:

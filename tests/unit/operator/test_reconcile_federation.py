@@ -2,17 +2,21 @@
 
 from __future__ import annotations
 
+import pytest
 from pollinate_operator.api import FederationSpec, FederationStatus
-from pollinate_operator.api.federation import SiteIdentity
+from pollinate_operator.api.federation import Site, SiteIdentity
 from pollinate_operator.reconcile.federation import (
     FederationObserved,
     FlowerNode,
+    StoredSiteKey,
     TLSObserved,
     federation_status,
     nodes_to_unregister,
     plan_tls,
     registered_sites,
     settled,
+    site_key_action,
+    sites_by_key,
     sites_needing_keys,
     sites_to_register,
     stale_sites,
@@ -87,9 +91,65 @@ def test_unreachable_server_trusts_the_recorded_status(fed_spec: FederationSpec)
 
 def test_a_site_removed_from_the_spec_is_unregistered_then_forgotten(fed_spec: FederationSpec) -> None:
     keys = {**KEYS, "old-site": b"pem-old"}
-    obs = observed(site_keys=keys, flower_nodes=[FlowerNode("99", "online", b"pem-old")])
+    obs = observed(site_keys=keys, flower_nodes=[FlowerNode("99", "online", b"pem-old", "old-site")])
     assert stale_sites(fed_spec, obs) == ["old-site"]
-    assert nodes_to_unregister(fed_spec, obs) == {"old-site": "99"}
+    assert nodes_to_unregister(fed_spec, obs) == {"99": "old-site"}
+
+
+def test_every_key_that_is_not_a_current_site_key_is_unregistered(fed_spec: FederationSpec) -> None:
+    nodes = [
+        FlowerNode("11", "online", KEYS["hospital-a"], "hospital-a"),
+        # hospital-b's key was rotated (its Secret deleted): the old key is still registered.
+        FlowerNode("12", "online", b"pem-hospital-b-before-rotation", "hospital-b"),
+        # Someone registered a key of their own under a site's name, and one under no name.
+        FlowerNode("13", "registered", b"pem-intruder", "clinic-c"),
+        FlowerNode("14", "offline", b"pem-unnamed", ""),
+        FlowerNode("15", "unregistered", b"pem-gone", "old"),  # already done
+    ]
+    obs = observed(flower_nodes=nodes)
+    assert nodes_to_unregister(fed_spec, obs) == {"12": "hospital-b", "13": "clinic-c", "14": ""}
+    # The name an intruder chose maps nothing: clinic-c is still not registered.
+    assert registered_sites(obs) == {"hospital-a": "11"}
+    assert "clinic-c" in sites_to_register(fed_spec, obs)
+
+
+def test_nothing_is_unregistered_without_node_authentication_or_a_server_answer(
+        fed_spec: FederationSpec) -> None:
+    nodes = [FlowerNode("13", "online", b"pem-intruder")]
+    spec = fed_spec.model_copy(update={"server": fed_spec.server.model_copy(
+        update={"node_authentication": False})})
+    assert nodes_to_unregister(spec, observed(flower_nodes=nodes)) == {}
+    assert nodes_to_unregister(fed_spec, observed(flower_nodes=None)) == {}
+
+
+def test_sites_are_matched_to_nodes_by_key_never_by_name() -> None:
+    nodes = [FlowerNode("1", "online", b"pem-a", "site-b"), FlowerNode("2", "online", b"pem-x", "site-a")]
+    assert sites_by_key({"site-a": b"pem-a", "site-b": b"pem-b"}, nodes) == {"site-a": "1"}
+
+
+CA, OTHER_CA = b"ca-pem", b"rotated-ca-pem"
+GIVEN = "ecdsa-sha2-nistp384 AAAAgiven laptop"
+
+
+@pytest.mark.parametrize("public_key, stored, action", [
+    (None, None, "generate"),
+    (None, StoredSiteKey(b"ecdsa-sha2-nistp384 AAAAours", True, CA), "keep"),
+    (None, StoredSiteKey(b"ecdsa-sha2-nistp384 AAAAours", True, OTHER_CA), "refresh-ca"),
+    # publicKey removed from the spec: the site gets a key of ours again.
+    (None, StoredSiteKey(GIVEN.encode(), False, CA), "generate"),
+    (GIVEN, None, "use-given"),
+    (GIVEN, StoredSiteKey(GIVEN.encode(), False, CA), "keep"),
+    (GIVEN + "\n", StoredSiteKey(GIVEN.encode(), False, CA), "keep"),
+    (GIVEN, StoredSiteKey(GIVEN.encode(), False, OTHER_CA), "use-given"),
+    # A key of ours was stored before the site brought its own: the private half goes.
+    (GIVEN, StoredSiteKey(b"ecdsa-sha2-nistp384 AAAAours", True, CA), "use-given"),
+    (GIVEN, StoredSiteKey(GIVEN.encode(), True, CA), "use-given"),
+    ("ecdsa-sha2-nistp384 AAAAnew", StoredSiteKey(GIVEN.encode(), False, CA), "use-given"),
+])
+def test_a_sites_key_secret_holds_its_own_key_or_ours(
+        public_key: str | None, stored: StoredSiteKey | None, action: str) -> None:
+    site = Site(name="alice-laptop", external=True, public_key=public_key)
+    assert site_key_action(site, stored, CA) == action
 
 
 def test_node_authentication_off_registers_nothing(fed_spec: FederationSpec) -> None:
