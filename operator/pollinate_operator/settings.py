@@ -10,6 +10,18 @@ def _env(name: str, default: str) -> str:
     return os.environ.get(f"POLLINATE_{name}", default)
 
 
+def parse_labels(variable: str, text: str) -> dict[str, str]:
+    """`k=v,k2=v2` (as the chart renders a label map) -> a dict; an error names the variable."""
+    labels: dict[str, str] = {}
+    for item in filter(None, (part.strip() for part in text.split(","))):
+        key, sep, value = item.partition("=")
+        if not sep or not key.strip():
+            raise ValueError(f"{variable}: {item!r} is not key=value; expected labels as "
+                             "key=value,key2=value2")
+        labels[key.strip()] = value.strip()
+    return labels
+
+
 @dataclass(frozen=True)
 class Settings:
     # How often a resource working towards something (a server starting, a run under way) is
@@ -20,11 +32,15 @@ class Settings:
     settled_resync_seconds: float = 60.0
     # Flower's single HTTP port (fleet, control and runtime APIs) on the server pod.
     flower_port: int = 9092
-    # Labels of the ingress controller's pods, admitted by the server's NetworkPolicy.
+    # The ingress controller's namespace and pod labels: the server's NetworkPolicy admits
+    # those pods, in that namespace only (a pod with the same labels elsewhere is not it).
+    ingress_controller_namespace: str = "ingress-nginx"
     ingress_controller_labels: dict[str, str] = field(
         default_factory=lambda: {"app.kubernetes.io/name": "ingress-nginx"}
     )
-    # Labels of the operator's own pods, admitted by the NetworkPolicy (control API).
+    # The operator's own namespace (the chart passes its pod's) and pod labels, admitted by
+    # the NetworkPolicy to call the control API.
+    operator_namespace: str = "pollinate-system"
     operator_labels: dict[str, str] = field(
         default_factory=lambda: {"app.kubernetes.io/name": "pollinate-operator"}
     )
@@ -38,10 +54,17 @@ class Settings:
 
     @classmethod
     def from_env(cls) -> Settings:
+        defaults = cls()
         return cls(
             resync_seconds=float(_env("RESYNC_SECONDS", "10")),
             settled_resync_seconds=float(_env("SETTLED_RESYNC_SECONDS", "60")),
             flower_address_override=os.environ.get("POLLINATE_FLOWER_ADDRESS") or None,
             metrics_port=int(_env("METRICS_PORT", "8080")),
             namespaced=bool(os.environ.get("POLLINATE_WATCH_NAMESPACES")),
+            ingress_controller_namespace=_env("INGRESS_CONTROLLER_NAMESPACE",
+                                              defaults.ingress_controller_namespace),
+            ingress_controller_labels=parse_labels(
+                "POLLINATE_INGRESS_CONTROLLER_LABELS", _env("INGRESS_CONTROLLER_LABELS", ""),
+            ) or defaults.ingress_controller_labels,
+            operator_namespace=_env("OPERATOR_NAMESPACE", defaults.operator_namespace),
         )

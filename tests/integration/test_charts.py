@@ -206,9 +206,14 @@ def test_hub_defaults_render_one_recreated_hardened_operator(helm: Helm) -> None
     ports = {p["name"]: p["containerPort"] for p in container["ports"]}
     assert container["livenessProbe"]["httpGet"] == {"path": "/healthz", "port": "healthz"}
     assert ports == {"metrics": 8080, "healthz": 8081}
-    env = {e["name"]: e["value"] for e in container["env"]}
+    env = {e["name"]: e.get("value", e.get("valueFrom")) for e in container["env"]}
     assert env == {"POLLINATE_RESYNC_SECONDS": "10", "POLLINATE_SETTLED_RESYNC_SECONDS": "60",
-                   "POLLINATE_METRICS_PORT": "8080"}
+                   "POLLINATE_METRICS_PORT": "8080",
+                   # The servers' NetworkPolicies admit the controller and the operator by
+                   # namespace and labels; the operator's namespace is its pod's.
+                   "POLLINATE_INGRESS_CONTROLLER_NAMESPACE": "ingress-nginx",
+                   "POLLINATE_INGRESS_CONTROLLER_LABELS": "app.kubernetes.io/name=ingress-nginx",
+                   "POLLINATE_OPERATOR_NAMESPACE": {"fieldRef": {"fieldPath": "metadata.namespace"}}}
     assert container["resources"]["requests"] == {"cpu": "100m", "memory": "256Mi"}
 
     service = one(objects, "Service")
@@ -664,7 +669,9 @@ def test_operator_reconciles_under_nothing_but_the_namespaced_rbac(
         container = container_of(Kubectl(testbed, namespace).json("get", "deployment", name))
         liveness, metrics = free_port(), free_port()
         args = [re.sub(r":\d+/healthz$", f":{liveness}/healthz", a) for a in container["args"]]
-        env = {e["name"]: e["value"] for e in container["env"]}
+        # The pod's own values; a downward-API one (its namespace) as the kubelet fills it in.
+        env = {e["name"]: e["value"] for e in container["env"] if "value" in e}
+        env["POLLINATE_OPERATOR_NAMESPACE"] = namespace
         env["POLLINATE_METRICS_PORT"] = str(metrics)
         kubeconfig = service_account_kubeconfig(testbed, namespace, name, tmp_path / "sa-kubeconfig")
         process_env = {**os.environ, **env, "KUBECONFIG": str(kubeconfig)}

@@ -123,3 +123,12 @@ without it). Namespaces are not listed: kopf does so only when serving a list of
   verbs: [patch]
 {{- end -}}
 
+
+{{/* A label map as the operator reads it from the environment: k=v,k2=v2 (sorted). */}}
+{{- define "pollinate.labelList" -}}
+{{- $items := list -}}
+{{- range $k, $v := . -}}
+{{- $items = append $items (printf "%s=%s" $k $v) -}}
+{{- end -}}
+{{- join "," $items -}}
+{{- end -}}

@@ -171,14 +171,23 @@ def ingress(name: str, namespace: str, spec: FederationSpec, settings: Settings)
     return body
 
 
+def _namespace(name: str) -> dict:
+    # The API server sets this label to each namespace's own name; nobody can give it to
+    # another namespace, unlike a label a tenant chooses.
+    return {"matchLabels": {"kubernetes.io/metadata.name": name}}
+
+
 def network_policy(name: str, namespace: str, settings: Settings) -> dict:
     """Only the ingress controller, this federation's in-cluster clients and the operator
     may reach the server's port."""
     peers = [
-        {"namespaceSelector": {}, "podSelector": {"matchLabels": settings.ingress_controller_labels}},
+        {"namespaceSelector": _namespace(settings.ingress_controller_namespace),
+         "podSelector": {"matchLabels": settings.ingress_controller_labels}},
+        # No namespaceSelector: this Federation's own namespace only.
         {"podSelector": {"matchLabels": {
             names.FEDERATION_LABEL: name, names.COMPONENT_LABEL: "site-client"}}},
-        {"namespaceSelector": {}, "podSelector": {"matchLabels": settings.operator_labels}},
+        {"namespaceSelector": _namespace(settings.operator_namespace),
+         "podSelector": {"matchLabels": settings.operator_labels}},
     ]
     return {
         "apiVersion": "networking.k8s.io/v1",

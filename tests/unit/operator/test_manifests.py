@@ -125,14 +125,30 @@ def test_network_policy_admits_only_ingress_clients_and_operator() -> None:
     (rule,) = policy["spec"]["ingress"]
     assert rule["ports"] == [{"port": 9092, "protocol": "TCP"}]
     # Exactly these peers: one more would open the control API to it.
+    # Each peer from another namespace is pinned to that namespace by the label only the API
+    # server sets: never `namespaceSelector: {}`, which any namespace's pod with the labels meets.
     assert rule["from"] == [
-        {"namespaceSelector": {}, "podSelector": {"matchLabels": {
-            "app.kubernetes.io/name": "ingress-nginx"}}},
+        {"namespaceSelector": {"matchLabels": {"kubernetes.io/metadata.name": "ingress-nginx"}},
+         "podSelector": {"matchLabels": {"app.kubernetes.io/name": "ingress-nginx"}}},
         {"podSelector": {"matchLabels": {
             "pollinate.dev/federation": "clinical-notes", "app.kubernetes.io/component": "site-client"}}},
-        {"namespaceSelector": {}, "podSelector": {"matchLabels": {
-            "app.kubernetes.io/name": "pollinate-operator"}}},
+        {"namespaceSelector": {"matchLabels": {"kubernetes.io/metadata.name": "pollinate-system"}},
+         "podSelector": {"matchLabels": {"app.kubernetes.io/name": "pollinate-operator"}}},
     ]
+
+
+def test_the_network_policy_follows_the_operators_settings(monkeypatch) -> None:
+    monkeypatch.setenv("POLLINATE_INGRESS_CONTROLLER_NAMESPACE", "traefik")
+    monkeypatch.setenv("POLLINATE_INGRESS_CONTROLLER_LABELS", "app.kubernetes.io/name=traefik, tier=edge")
+    monkeypatch.setenv("POLLINATE_OPERATOR_NAMESPACE", "hub")
+    (rule,) = server.network_policy("f", "research", Settings.from_env())["spec"]["ingress"]
+    ingress, _, operator = rule["from"]
+    assert ingress == {"namespaceSelector": {"matchLabels": {"kubernetes.io/metadata.name": "traefik"}},
+                       "podSelector": {"matchLabels": {"app.kubernetes.io/name": "traefik", "tier": "edge"}}}
+    assert operator["namespaceSelector"] == {"matchLabels": {"kubernetes.io/metadata.name": "hub"}}
+    monkeypatch.setenv("POLLINATE_INGRESS_CONTROLLER_LABELS", "traefik")
+    with pytest.raises(ValueError, match="POLLINATE_INGRESS_CONTROLLER_LABELS: 'traefik' is not key=value"):
+        Settings.from_env()
 
 
 def test_server_certificate_names_cover_ingress_and_service(fed_spec: FederationSpec) -> None:
