@@ -37,6 +37,7 @@ from .wire import (
     RejectReason,
     UpdateRejected,
     check_update_size,
+    example_weight,
     from_record,
     payload_bytes,
     to_record,
@@ -101,6 +102,8 @@ class RoundOutcome:
     epsilon: float | None
     examples: dict[str, int]
     site_train_loss: dict[str, float]
+    # Sites whose claimed example count was above maxExamplesPerSite: site -> the claim.
+    capped_examples: dict[str, str] = field(default_factory=dict)
 
 
 # Errors the SuperLink itself returns when a message could not reach its node.
@@ -302,6 +305,7 @@ class FederatedRun:
         record = to_record(global_adapter, self.config.transport_dtype)
         round_mean = self.aggregator.begin_round(global_adapter)
         accepted: dict[str, int] = {}
+        capped: dict[str, str] = {}  # site -> the count it claimed
         rejected: list[dict[str, str]] = []
         losses: list[tuple[float, float]] = []
         site_losses: dict[str, float] = {}
@@ -311,14 +315,13 @@ class FederatedRun:
             content = reply.message.content
             metrics = content.metric_records.get(m.METRICS, MetricRecord())
             reported = content.config_records.get(m.CONFIG, {}).get(m.ROUND)
-            examples = float(metrics.get(m.NUM_EXAMPLES, 0))
             if (evaluation := _site_eval(reply.site, metrics)) is not None:
                 evals.append(evaluation)
             try:
                 if m.ARRAYS not in content.array_records:
                     raise UpdateRejected(RejectReason.EMPTY, "the reply carries no adapter")
-                if examples <= 0:
-                    raise UpdateRejected(RejectReason.EMPTY, f"{m.NUM_EXAMPLES} is {examples}, expected > 0")
+                claimed = metrics.get(m.NUM_EXAMPLES)
+                examples, was_capped = example_weight(claimed, self.config.max_examples_per_site)
                 # Every array the reply carries counts, not only the adapter's.
                 check_update_size(sum(payload_bytes(r) for r in content.array_records.values()), spec)
                 update = validate_update(content.array_records[m.ARRAYS], spec,
@@ -332,11 +335,17 @@ class FederatedRun:
                                                 "message": str(err)[:300]}
                 return
             round_mean.add(update, weight=examples)
-            accepted[reply.site] = int(examples)
+            accepted[reply.site] = examples
             if m.TRAIN_LOSS in metrics:
                 losses.append((float(metrics[m.TRAIN_LOSS]), examples))
                 site_losses[reply.site] = float(metrics[m.TRAIN_LOSS])
             self.site_states[reply.site] = {"state": "Trained", "lastRound": round}
+            if was_capped:
+                capped[reply.site] = f"{claimed:.6g}"
+                message = (f"reported {claimed:.6g} examples, counted as "
+                           f"maxExamplesPerSite {examples}")
+                self.site_states[reply.site]["message"] = message
+                log.warning("round %d: site %s %s", round, reply.site, message)
 
         def content(_: int) -> RecordDict:
             return RecordDict({m.ARRAYS: record, m.CONFIG: ConfigRecord({m.ROUND: round})})
@@ -365,7 +374,7 @@ class FederatedRun:
             seconds=self.clock() - start, bytes_sent=exchange.bytes_sent,
             bytes_received=exchange.bytes_received, rejected=rejected,
             epsilon=report.epsilon if report and math.isfinite(report.epsilon) else None,
-            examples=accepted, site_train_loss=site_losses)
+            examples=accepted, site_train_loss=site_losses, capped_examples=capped)
         return new_global, outcome, evals
 
     def evaluate(self, round: int, global_adapter: AdapterState) -> list[SiteEval]:
@@ -410,6 +419,8 @@ class FederatedRun:
             "bytesSent": o.bytes_sent, "bytesReceived": o.bytes_received, "rejected": o.rejected,
             "examples": o.examples, "siteTrainLoss": o.site_train_loss,
         })
+        if o.capped_examples:
+            entry["cappedExamples"] = o.capped_examples
         if o.epsilon is not None:
             entry["epsilon"] = o.epsilon
 

@@ -66,6 +66,9 @@ class RunConfig:
     target_delta: float = 1e-5
     transport_dtype: str = "float16"
     max_update_norm: float = 1000.0
+    # A site's reported example count (its weight in the weighted strategies) is counted as
+    # at most this: a site claiming 1e9 examples cannot become the whole average.
+    max_examples_per_site: int = 1_000_000
     # Storage.
     s3_bucket: str = "pollinate"
     s3_prefix: str = ""
@@ -86,6 +89,8 @@ class RunConfig:
             raise RunConfigError(f"min-sites {self.min_sites} must be at least 1")
         if not 0 < self.fraction_per_round <= 1:
             raise RunConfigError(f"fraction-per-round {self.fraction_per_round} must be in (0, 1]")
+        if self.max_examples_per_site < 1:
+            raise RunConfigError(f"max-examples-per-site {self.max_examples_per_site} must be at least 1")
         if self.noise_multiplier > 0 and self.clipping_norm <= 0:
             raise RunConfigError("noise-multiplier > 0 needs clipping-norm > 0")
 

@@ -61,6 +61,7 @@ class RejectReason(StrEnum):
     NORM_TOO_LARGE = "NormTooLarge"
     STALE_ROUND = "StaleRound"
     OVERSIZED = "OversizedUpdate"
+    BAD_EXAMPLE_COUNT = "InvalidExampleCount"
 
 
 class UpdateRejected(Exception):
@@ -509,3 +510,18 @@ def validate_update(
             largest_name,
         )
     return state
+
+
+def example_weight(reported: object, cap: int) -> tuple[int, bool]:
+    """A site's reported example count as the weight of its update, and whether it was capped
+    at `cap`. Anything but a finite whole number of at least 1 (NaN, inf, 0, -1, 2.5, text,
+    a list, a bool) is rejected: the site is named and the round goes on without it."""
+    if isinstance(reported, bool) or not isinstance(reported, (int, float)):
+        raise UpdateRejected(RejectReason.BAD_EXAMPLE_COUNT,
+                             f"num-examples is {type(reported).__name__} {reported!r:.40}, "
+                             "expected a whole number >= 1")
+    value = float(reported)
+    if not math.isfinite(value) or value < 1 or not value.is_integer():
+        raise UpdateRejected(RejectReason.BAD_EXAMPLE_COUNT,
+                             f"num-examples is {reported!r}, expected a whole number >= 1")
+    return (cap, True) if value > cap else (int(value), False)

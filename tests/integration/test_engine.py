@@ -34,7 +34,11 @@ DOMAINS = {  # one kind of text per site: non-IID
 HOSTILE = ("nan", "inf", "wrong-shape", "wrong-name", "missing", "huge-norm", "empty", "stale-round",
            "crash",
            # Their ClientApp writes the record itself (tests/support/hostile_site.py RECORD_KINDS).
-           "float64", "int8", "oversized", "scaled-1e6")
+           "float64", "int8", "oversized", "scaled-1e6",
+           # A good adapter with an example count no site can have.
+           "examples-nan", "examples-inf", "examples-negative", "examples-zero")
+# A good adapter claiming a huge count: accepted, counted as maxExamplesPerSite, and named.
+CAPPED = ("examples-1e9", "examples-1e300")
 
 
 @pytest.fixture(scope="module")
@@ -207,15 +211,17 @@ def test_malformed_updates_are_rejected_attributed_and_never_abort_a_round(
         testbed: Testbed, server: FlowerServer, sites, tiny_model_dir: Path, tmp_path: Path) -> None:
     hostile = []
     node_ids = set()
-    for kind in HOSTILE:
+    for index, kind in enumerate(HOSTILE + CAPPED):
         key, node_id = server.register(f"mallory-{kind}", tmp_path / "keys")
         node_ids.add(node_id)
-        (tmp_path / kind).mkdir()
-        with open(tmp_path / kind / "out.log", "wb") as log:
+        # A short folder name: the site's trainer listens on a Unix socket in it (108 bytes).
+        work = tmp_path / f"h{index}"
+        work.mkdir()
+        with open(work / "out.log", "wb") as log:
             hostile.append(subprocess.Popen(
                 [sys.executable, "-m", "hostile_site", "--kind", kind, "--site", f"mallory-{kind}",
                  "--server", server.address, "--ca", str(server.ca_path), "--key", str(key),
-                 "--work-dir", str(tmp_path / kind)],
+                 "--work-dir", str(work)],
                 stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
                 env={**os.environ, "PYTHONPATH": str(Path(__file__).parents[1] / "support")}))
     try:
@@ -224,14 +230,19 @@ def test_malformed_updates_are_rejected_attributed_and_never_abort_a_round(
         # Twelve sites, each message a fresh ClientApp process: on two busy cores a round
         # takes minutes, not the 120 s the other tests allow.
         run_id = server.start_run(run_config(testbed, tiny_model_dir, name, rounds=2,
-                                             round_timeout_seconds=400))
+                                             round_timeout_seconds=400, max_examples_per_site=1000))
         state = server.wait_run(run_id, timeout=1200)
         assert state.sub_status == "completed", state
         p = progress(testbed, name)
         for entry in (r for r in p.rounds if r["round"] > 0):
-            assert entry["participants"] == 3
+            assert entry["participants"] == 3 + len(CAPPED)
             rejected = {r["site"]: r["reason"] for r in entry["rejected"]}
             assert set(rejected) == {f"mallory-{k}" for k in HOSTILE}, rejected
+            # Counted as maxExamplesPerSite (above every honest site's count here), no more,
+            # and named in the round's report.
+            assert {entry["examples"][f"mallory-{k}"] for k in CAPPED} == {1000}, entry["examples"]
+            assert entry["cappedExamples"] == {"mallory-examples-1e9": "1e+09",
+                                               "mallory-examples-1e300": "1e+300"}
         reasons = {r["site"]: r["reason"] for r in p.rounds[2]["rejected"]}
         assert reasons["mallory-nan"].startswith("NonFiniteValues")
         assert reasons["mallory-inf"].startswith("NonFiniteValues")
@@ -253,6 +264,8 @@ def test_malformed_updates_are_rejected_attributed_and_never_abort_a_round(
         # A million times the norm of the global adapter the honest sites started from (and
         # stayed close to): rejected by the norm bound, which it exceeds by far.
         assert reasons["mallory-scaled-1e6"].startswith("NormTooLarge"), reasons
+        for kind in ("examples-nan", "examples-inf", "examples-negative", "examples-zero"):
+            assert reasons[f"mallory-{kind}"].startswith("InvalidExampleCount: num-examples is "), reasons
         norm = float(re.search(r"L2 norm is ([0-9.e+]+)", reasons["mallory-scaled-1e6"]).group(1))
         sent = round_adapter(testbed, name, 1)  # what round 2 sent to every site
         honest = float(np.sqrt(sum(float(np.sum(v.astype(np.float64) ** 2)) for v in sent.values())))

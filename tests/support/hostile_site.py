@@ -26,8 +26,11 @@ from pollinate_runtime.site_trainer import TrainerServer
 from pollinate_runtime.wire import LAYOUT, PACKED_STYPE, TENSORS, to_record
 
 RECORD_KINDS = ("float64", "int8", "oversized", "scaled-1e6")
+# A well-formed adapter (the one it was sent) with a claimed example count.
+EXAMPLE_CLAIMS = {"examples-nan": float("nan"), "examples-inf": float("inf"), "examples-negative": -1.0,
+                  "examples-zero": 0.0, "examples-1e9": 1e9, "examples-1e300": 1e300}
 KINDS = ("nan", "inf", "wrong-shape", "wrong-name", "missing", "huge-norm", "empty", "stale-round",
-         "poison", "crash", *RECORD_KINDS)
+         "poison", "crash", *RECORD_KINDS, *EXAMPLE_CLAIMS)
 HOSTILE_RECORD_ENV = "POLLINATE_HOSTILE_RECORD"
 OVERSIZED_EXTRA_BYTES = 32 << 20  # the tiny test adapter is a few kilobytes
 
@@ -41,7 +44,7 @@ class HostileTrainer:
 
     def handle(self, request: dict[str, Any]) -> dict[str, Any]:
         adapter = {k: np.array(v, dtype=np.float32) for k, v in (request.get("adapter") or {}).items()}
-        metrics = {m.NUM_EXAMPLES: 100.0, m.TRAIN_LOSS: 0.1}
+        metrics = {m.NUM_EXAMPLES: EXAMPLE_CLAIMS.get(self.kind, 100.0), m.TRAIN_LOSS: 0.1}
         if request["kind"] != "train":
             return {"adapter": None, "metrics": {}}
         if self.kind == "crash":

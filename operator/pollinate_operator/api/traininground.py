@@ -57,6 +57,7 @@ class TrainingRoundSpec(ApiModel):
     pending_timeout_seconds: int = 300
     privacy: Privacy = Field(default_factory=Privacy)
     transport: Transport = Field(default_factory=Transport)
+    max_examples_per_site: int = 1000000
     sites: list[str] | None = None
     initial_adapter_version: str | None = None
     suspend: bool = False
@@ -92,6 +93,7 @@ class RoundMetrics(ApiModel):
     seconds: float | None = None
     epsilon: float | None = None
     rejected: list[RejectedUpdate] | None = None
+    capped_examples: dict[str, str] | None = None
 
 
 class TrainingRoundStatus(ApiModel):

@@ -13,7 +13,7 @@ from .. import pki
 from ..api.federation import FederationSpec, FederationStatus
 from ..api.traininground import TrainingRoundSpec, TrainingRoundStatus
 from ..clients import kube, storage
-from ..clients.flower import FlowerControl, FlowerUnavailable
+from ..clients.flower import FlowerControl, FlowerRefused, FlowerUnavailable
 from ..manifests import clients as client_manifests
 from ..manifests import names, server
 from ..manifests.run import run_config
@@ -121,10 +121,10 @@ def reconcile(name: str, namespace: str, body: kopf.Body, settings: Settings,
             registered = (_registered_nodes(control, spec.federation, namespace, fed)
                           if run is None and fed.server.node_authentication else {})
             return FlowerObserved(found, run, registered, True, control)
-        except FlowerUnavailable as err:
+        except (FlowerUnavailable, FlowerRefused) as err:
+            # Refused: the server was started before its token Secret was mounted, or is not ours.
             logger.info("Flower server not reachable: %s", err)
-            if control:
-                control.close()
+            control.close()
             return FlowerObserved(run_id)
 
     def observe_progress() -> plan.Progress | None:

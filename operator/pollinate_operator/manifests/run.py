@@ -58,6 +58,7 @@ def run_config(
         target_delta=tr.privacy.target_delta,
         transport_dtype=tr.transport.dtype,
         max_update_norm=tr.transport.max_update_norm,
+        max_examples_per_site=tr.max_examples_per_site,
         s3_bucket=s3.bucket,
         s3_prefix=s3.prefix if s3.prefix is not None else federation,
         s3_endpoint=s3.endpoint or "",

@@ -365,11 +365,13 @@ def test_run_config_carries_privacy_and_transport(
         fed_spec: FederationSpec, tr_spec: TrainingRoundSpec) -> None:
     spec = TrainingRoundSpec.model_validate({
         **tr_spec.to_wire(), "privacy": {"clippingNorm": 0.5, "noiseMultiplier": 1.1, "targetDelta": 1e-6},
-        "transport": {"dtype": "float32", "maxUpdateNorm": 50}})
+        "transport": {"dtype": "float32", "maxUpdateNorm": 50}, "maxExamplesPerSite": 5000})
     config = run.run_config("r", "ns", spec, "f", fed_spec)
     flat = config.to_flower()
     assert type(config).from_flower(flat) == config
     assert (config.clipping_norm, config.noise_multiplier, config.target_delta) == (0.5, 1.1, 1e-6)
     assert (config.transport_dtype, config.max_update_norm) == ("float32", 50)
+    assert config.max_examples_per_site == 5000
     default = run.run_config("r", "ns", tr_spec, "f", fed_spec)
+    assert default.max_examples_per_site == 1_000_000
     assert (default.clipping_norm, default.noise_multiplier, default.transport_dtype) == (0.0, 0, "float16")

@@ -74,8 +74,10 @@ class SitesGrid:
     def __init__(self, clock: Clock, nodes: list[int], *, silent: tuple[int, ...] = (),
                  nan: tuple[int, ...] = (), oversized: tuple[int, ...] = (), kill_at_round: int | None = None,
                  arrive_at: dict[int, float] | None = None,
-                 leave_at: dict[int, float] | None = None) -> None:
+                 leave_at: dict[int, float] | None = None,
+                 claims: dict[int, object] | None = None) -> None:
         self.clock = clock
+        self.claims = claims or {}  # node -> the num-examples it reports instead of its own
         self.nodes = nodes
         self.silent = silent
         self.nan = nan
@@ -126,7 +128,7 @@ class SitesGrid:
             first = sorted(update)[0]
             update[first] = update[first].copy()
             update[first].flat[0] = np.nan
-        metrics.update({m.NUM_EXAMPLES: 10.0 * node, m.TRAIN_LOSS: 2.0})
+        metrics.update({m.NUM_EXAMPLES: self.claims.get(node, 10.0 * node), m.TRAIN_LOSS: 2.0})
         reply = RecordDict({m.CONFIG: config, m.METRICS: MetricRecord(metrics),
                             m.ARRAYS: to_record(update, "float16")})
         if node in self.oversized:  # a well-formed adapter, and a megabyte besides
@@ -336,3 +338,52 @@ def test_sites_gone_before_a_round_below_min_sites_fail_the_run_naming_the_sites
                                         r"not connected: site-2, site-3"):
         run.run()
     assert 1 in trained_rounds(grid)
+
+
+# ---- example counts --------------------------------------------------------------------------
+
+HOSTILE_CLAIMS = {"nan": math.nan, "inf": math.inf, "-inf": -math.inf, "-1": -1.0, "0": 0.0,
+                  "half": 2.5, "list": [1, 2], "int-list": [10**9]}
+
+
+@pytest.mark.parametrize("claim", HOSTILE_CLAIMS.values(), ids=HOSTILE_CLAIMS.keys())
+def test_an_invalid_example_count_is_rejected_and_named_and_the_run_goes_on(claim: object) -> None:
+    clock = Clock()
+    grid = SitesGrid(clock, [1, 2, 3, 4], claims={4: claim})
+    run = federated_run(grid, clock, MemoryObjects(), rounds=2, strategy="fedavg",
+                        site_nodes={"site-a": 1, "site-b": 2, "site-c": 3, "site-d": 4})
+    run.run()
+    for entry in (e for e in run.metrics if e["round"] > 0):
+        assert set(entry["examples"]) == {"site-a", "site-b", "site-c"}
+        [rejected] = entry["rejected"]
+        assert rejected["site"] == "site-d" and rejected["reason"].startswith("InvalidExampleCount: ")
+
+
+def final_adapter(claims: dict[int, object], nodes: list[int], **changes) -> dict[str, np.ndarray]:
+    clock = Clock()
+    objects = MemoryObjects()
+    grid = SitesGrid(clock, nodes, claims=claims)
+    run = federated_run(grid, clock, objects, rounds=2, strategy="fedavg", **changes)
+    run.run()
+    checkpoint = FederationStore(objects).load_checkpoint("notes-v1")
+    assert checkpoint is not None and checkpoint.round == 2
+    return dict(checkpoint.adapter)
+
+
+@pytest.mark.parametrize("claim", [1e9, 1e300, 10**18])
+def test_a_huge_example_count_is_capped_at_max_examples_per_site_and_reported(claim: float) -> None:
+    clock = Clock()
+    grid = SitesGrid(clock, [1, 2, 3, 4], claims={4: claim})
+    run = federated_run(grid, clock, MemoryObjects(), rounds=2, strategy="fedavg",
+                        max_examples_per_site=40,
+                        site_nodes={"site-a": 1, "site-b": 2, "site-c": 3, "site-d": 4})
+    run.run()
+    for entry in (e for e in run.metrics if e["round"] > 0):
+        assert entry["examples"] == {"site-a": 10, "site-b": 20, "site-c": 30, "site-d": 40}
+        assert entry["cappedExamples"] == {"site-d": f"{claim:.6g}"}
+        assert not entry["rejected"]
+    assert "counted as maxExamplesPerSite 40" in run.site_states["site-d"]["message"]
+    # Capped, the site weighs exactly what an honest site reporting 40 does.
+    honest = final_adapter({4: 40.0}, [1, 2, 3, 4], max_examples_per_site=40)
+    hostile = final_adapter({4: claim}, [1, 2, 3, 4], max_examples_per_site=40)
+    assert all(np.array_equal(honest[k], hostile[k]) for k in honest)
