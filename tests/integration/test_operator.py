@@ -66,15 +66,21 @@ def test_federation_creates_its_server_secrets_and_policy(operator, kubectl: Kub
     (rule,) = policy["ingress"]
     assert rule["ports"] == [{"port": 9092, "protocol": "TCP"}]
     assert rule["from"] == [
-        {"namespaceSelector": {}, "podSelector": {"matchLabels": {
-            "app.kubernetes.io/name": "ingress-nginx"}}},
+        {"namespaceSelector": {"matchLabels": {"kubernetes.io/metadata.name": "ingress-nginx"}},
+         "podSelector": {"matchLabels": {"app.kubernetes.io/name": "ingress-nginx"}}},
         {"podSelector": {"matchLabels": {
             "pollinate.dev/federation": "clinical-notes", "app.kubernetes.io/component": "site-client"}}},
-        {"namespaceSelector": {}, "podSelector": {"matchLabels": {
-            "app.kubernetes.io/name": "pollinate-operator"}}},
+        {"namespaceSelector": {"matchLabels": {"kubernetes.io/metadata.name": "pollinate-system"}},
+         "podSelector": {"matchLabels": {"app.kubernetes.io/name": "pollinate-operator"}}},
     ]
     tls = kubectl.json("get", "secret", "clinical-notes-server-tls")
     assert set(tls["data"]) == {"ca.crt", "tls.crt", "tls.key"}
+    # The operator's credential for the server's control API, mounted into the server pod.
+    token = kubectl.json("get", "secret", "clinical-notes-control-token")
+    assert set(token["data"]) == {"token"}
+    assert token["metadata"]["ownerReferences"][0]["kind"] == "Federation"
+    volumes = {v["name"]: v for v in dep["spec"]["template"]["spec"]["volumes"]}
+    assert volumes["control"]["secret"]["secretName"] == "clinical-notes-control-token"
     for site in ("hospital-a", "hospital-b", "clinic-c", "alice-laptop"):
         secret = kubectl.json("get", "secret", f"clinical-notes-site-{site}")
         assert set(secret["data"]) == {"site.key", "site.pub", "ca.crt"}
@@ -152,7 +158,8 @@ def test_operator_restarts_mid_reconcile_without_duplicating_children(
     secrets = kubectl.json("get", "secrets", "-l", "pollinate.dev/federation=clinical-notes")["items"]
     sites = ("hospital-a", "hospital-b", "clinic-c", "alice-laptop")
     assert sorted(s["metadata"]["name"] for s in secrets) == sorted([
-        "clinical-notes-ca", "clinical-notes-server-tls", *(f"clinical-notes-site-{s}" for s in sites)])
+        "clinical-notes-ca", "clinical-notes-server-tls", "clinical-notes-control-token",
+        *(f"clinical-notes-site-{s}" for s in sites)])
     assert len(kubectl.json("get", "jobs")["items"]) == 3
 
 
@@ -301,7 +308,7 @@ def test_a_second_operator_neither_freezes_the_first_nor_duplicates_children(
         assert len(kubectl.json("get", "deployments")["items"]) == 1
         assert len(kubectl.json("get", "jobs")["items"]) == 3
         secrets = kubectl.json("get", "secrets", "-l", "pollinate.dev/federation=clinical-notes")["items"]
-        assert len(secrets) == len({s["metadata"]["name"] for s in secrets}) == 6
+        assert len(secrets) == len({s["metadata"]["name"] for s in secrets}) == 7  # CA, TLS, token, 4 sites
     finally:
         second.stop()
     for log in (operator.logs(), second.logs()):
