@@ -25,7 +25,7 @@ def _owned(obj: dict, body: kopf.Body) -> dict:
 
 
 @functools.lru_cache(maxsize=4096)
-def _public_pem(openssh: bytes) -> bytes:
+def public_pem(openssh: bytes) -> bytes:
     # Pure, and asked for every site on every pass.
     return pki.public_key_pem(openssh)
 
@@ -55,7 +55,7 @@ def open_control(name: str, namespace: str, spec: FederationSpec, settings: Sett
     return FlowerControl(flower_address(name, namespace, settings), tls.data["ca.crt"], token)
 
 
-def _flower_nodes(control: FlowerControl) -> list[plan.FlowerNode]:
+def list_flower_nodes(control: FlowerControl) -> list[plan.FlowerNode]:
     return [plan.FlowerNode(n.node_id, n.status, n.public_key_pem, n.name) for n in control.nodes()]
 
 
@@ -111,10 +111,10 @@ def _ensure_site_keys(name: str, namespace: str, spec: FederationSpec, ca_pem: b
     """Every site has a key Secret carrying the current CA (and its own public key, for a site
     that brought one); return site -> public key PEM, removed sites' included (their keys
     are unregistered before their Secrets go)."""
-    selector = f"{names.FEDERATION_LABEL}={name},{names.SITE_LABEL}"
-    stored = {s.labels[names.SITE_LABEL]: s for s in kube.list_secrets(namespace, selector)
+    stored = {s.labels[names.SITE_LABEL]: s
+              for s in kube.list_secrets(namespace, names.site_secrets_selector(name))
               if "site.pub" in s.data}
-    keys = {site: _public_pem(s.data["site.pub"]) for site, s in stored.items()}
+    keys = {site: public_pem(s.data["site.pub"]) for site, s in stored.items()}
     for index, site in enumerate(spec.sites):
         found = stored.get(site.name)
         observed = plan.StoredSiteKey(found.data["site.pub"], "site.key" in found.data,
@@ -125,7 +125,7 @@ def _ensure_site_keys(name: str, namespace: str, spec: FederationSpec, ca_pem: b
         if action == "use-given":
             given = (site.public_key or "").strip().encode()
             try:
-                keys[site.name] = _public_pem(given)
+                keys[site.name] = public_pem(given)
             except ValueError as err:
                 raise kopf.TemporaryError(
                     f"spec.sites[{index}].publicKey (site {site.name}): not an OpenSSH "
@@ -135,7 +135,7 @@ def _ensure_site_keys(name: str, namespace: str, spec: FederationSpec, ca_pem: b
         key = (pki.SiteKey(found.data["site.key"], found.data["site.pub"])
                if action == "refresh-ca" and found else pki.new_site_key())
         kube.apply(_owned(secrets.site_secret(name, namespace, site.name, key, ca_pem), body))
-        keys[site.name] = _public_pem(key.public_openssh)
+        keys[site.name] = public_pem(key.public_openssh)
     return keys
 
 
@@ -158,7 +158,7 @@ def reconcile(name: str, namespace: str, body: kopf.Body, settings: Settings,
     if ready or settings.flower_address_override:
         try:
             with FlowerControl(flower_address(name, namespace, settings), ca_pem, token) as control:
-                flower_nodes = _flower_nodes(control)
+                flower_nodes = list_flower_nodes(control)
                 observed = plan.FederationObserved(
                     body.meta.get("generation", 0), plan.TLSObserved(), site_keys, ready,
                     flower_nodes, previous)
@@ -169,7 +169,7 @@ def reconcile(name: str, namespace: str, body: kopf.Body, settings: Settings,
                 for site in plan.sites_to_register(spec, observed):
                     node_id = control.register_site(site, site_keys[site])
                     logger.info("registered site %s as node %s", site, node_id)
-                flower_nodes = _flower_nodes(control)
+                flower_nodes = list_flower_nodes(control)
         except FlowerUnavailable as err:
             logger.info("Flower server not reachable yet: %s", err)
             flower_nodes = None

@@ -9,7 +9,6 @@ from dataclasses import dataclass, field
 
 import kopf
 
-from .. import pki
 from ..api.federation import FederationSpec, FederationStatus
 from ..api.traininground import TrainingRoundSpec, TrainingRoundStatus
 from ..clients import kube, storage
@@ -20,9 +19,9 @@ from ..manifests.run import run_config
 from ..manifests.security import owner_reference
 from ..metrics import count_training_round
 from ..reconcile import traininground as plan
-from ..reconcile.federation import FlowerNode, sites_by_key
+from ..reconcile.federation import sites_by_key
 from ..settings import Settings
-from .federation import open_control
+from .federation import list_flower_nodes, open_control, public_pem
 from .level_triggered import reconcile_on_every_pass, wake, wake_owners_of
 
 
@@ -75,13 +74,12 @@ def _registered_nodes(control: FlowerControl, federation: str, namespace: str,
                       fed: FederationSpec) -> dict[str, int]:
     """Site name -> node id of the Federation's sites whose current key the server holds,
     matched by key (a node's name is whatever its registration said)."""
-    selector = f"{names.FEDERATION_LABEL}={federation},{names.SITE_LABEL}"
     sites = {s.name for s in fed.sites}
-    keys = {s.labels[names.SITE_LABEL]: pki.public_key_pem(s.data["site.pub"])
-            for s in kube.list_secrets(namespace, selector)
+    keys = {s.labels[names.SITE_LABEL]: public_pem(s.data["site.pub"])
+            for s in kube.list_secrets(namespace, names.site_secrets_selector(federation))
             if s.labels[names.SITE_LABEL] in sites and "site.pub" in s.data}
-    nodes = [FlowerNode(n.node_id, n.status, n.public_key_pem, n.name) for n in control.nodes()]
-    return {site: int(node_id) for site, node_id in sites_by_key(keys, nodes).items()}
+    matched = sites_by_key(keys, list_flower_nodes(control))
+    return {site: int(node_id) for site, node_id in matched.items()}
 
 
 @dataclass

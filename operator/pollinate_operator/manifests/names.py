@@ -27,6 +27,11 @@ def control_token_secret(federation: str) -> str:
     return f"{federation}-control-token"
 
 
+def site_secrets_selector(federation: str) -> str:
+    """A label selector for every site key Secret of a Federation."""
+    return f"{FEDERATION_LABEL}={federation},{SITE_LABEL}"
+
+
 def site_secret(federation: str, site: str) -> str:
     return f"{federation}-site-{site}"
 
