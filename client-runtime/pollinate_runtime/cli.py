@@ -29,7 +29,7 @@ from typing import Any, TextIO
 from . import __version__
 from .site_session import SITE_SECRET, Rejoin, Retry, run_supernode
 from .site_trainer import SiteOptions, SiteTrainer, TrainerServer
-from .supernode import DEFAULT_POLL_SECONDS, POLL_ENV
+from .supernode import DEFAULT_POLL_SECONDS, HEARTBEAT_ENV, HEARTBEAT_RANGE, POLL_ENV
 
 log = logging.getLogger("pollinate.client")
 
@@ -96,6 +96,10 @@ def check_inputs(args: argparse.Namespace) -> tuple[str, int, Path | None]:
     if args.poll_seconds is not None and not 0 < args.poll_seconds <= 60:
         raise JoinError(f"--poll-seconds {args.poll_seconds:g}: expected seconds in (0, 60], how "
                         "often an idle site asks the server for work")
+    low, high = HEARTBEAT_RANGE
+    if args.heartbeat_seconds is not None and not low <= args.heartbeat_seconds <= high:
+        raise JoinError(f"--heartbeat-seconds {args.heartbeat_seconds:g}: expected seconds from "
+                        f"{low:g} to {high:g}, the range Flower's server accepts")
     for flag, seconds in (("--rejoin-seconds", args.rejoin_seconds),
                           ("--reconnect-seconds", args.reconnect_seconds)):
         if not seconds >= 0:  # also NaN
@@ -261,6 +265,8 @@ def join(args: argparse.Namespace) -> int:
         env = supernode_env(work)
         if args.poll_seconds is not None:
             env[POLL_ENV] = str(args.poll_seconds)
+        if args.heartbeat_seconds is not None:
+            env[HEARTBEAT_ENV] = str(args.heartbeat_seconds)
         return run_site(args, supernode_command(args, host, port, ca, socket_path), env)
     finally:
         server.stop()
@@ -420,6 +426,10 @@ def build_parser() -> argparse.ArgumentParser:
     j.add_argument("--poll-seconds", type=float, default=None,
                    help=f"how often an idle site asks the server for work (default "
                         f"{DEFAULT_POLL_SECONDS:g}, or {POLL_ENV}; Flower's own is 3)")
+    j.add_argument("--heartbeat-seconds", type=float, default=None,
+                   help="how often this site tells the server it is alive (10-1800, default "
+                        "Flower's 30, or POLLINATE_HEARTBEAT_SECONDS); the server counts it gone, "
+                        "and lets a restarted site back in, after two intervals without one")
     j.add_argument("--rejoin-seconds", type=float, default=180,
                    help="how long to retry when the server refuses to activate this site (its "
                         "previous connection counts as online until its heartbeats lapse, "

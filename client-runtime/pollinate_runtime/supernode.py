@@ -23,6 +23,12 @@ longer than that, and every retry adds a process that slows the next one: no Cli
 runs and the site misses the round. Only the start is given longer: once running, a ClientApp
 that stops sending heartbeats is given up on after Flower's 60 s, as before.
 
+How often the SuperNode tells the server it is alive is `POLLINATE_HEARTBEAT_SECONDS`
+(default Flower's 30 s; Flower accepts 10 to 1800). The server counts a site offline after two
+intervals without one, and refuses the site's key while its last connection still counts as
+online: a site that was killed and restarts waits out two intervals before it is let back in
+(about a minute by default, 20 s at 10), and a round notices a vanished site as late.
+
 The SuperExec the SuperNode starts is Pollinate's (superexec.py), which forks each ClientApp
 process from a warm one when `POLLINATE_WARM_CLIENTAPP=1` (opt-in for now).
 """
@@ -43,6 +49,9 @@ from typing import Any, NoReturn
 from .superexec import SUPEREXEC_COMMAND, Rerouted, superexec_command, warm_enabled
 
 POLL_ENV = "POLLINATE_SUPERNODE_POLL_SECONDS"
+HEARTBEAT_ENV = "POLLINATE_HEARTBEAT_SECONDS"
+# What Flower 1.41's SuperLink accepts (flwr.common.constant.HEARTBEAT_MIN/MAX_INTERVAL).
+HEARTBEAT_RANGE = (10.0, 1800.0)
 DEFAULT_POLL_SECONDS = 1.0
 LOCAL_WAIT_SECONDS = 0.05
 FIRST_POLL_SECONDS = 0.1
@@ -85,6 +94,32 @@ def poll_seconds_from(env: dict[str, str] | os._Environ[str]) -> float:
         return float(raw)
     except ValueError:
         raise ValueError(f"{POLL_ENV}={raw!r}: expected a number of seconds > 0") from None
+
+
+def heartbeat_seconds_from(env: dict[str, str] | os._Environ[str]) -> float | None:
+    """The heartbeat interval `env` asks for, or None for Flower's own."""
+    raw = env.get(HEARTBEAT_ENV, "").strip()
+    if not raw:
+        return None
+    low, high = HEARTBEAT_RANGE
+    try:
+        seconds = float(raw)
+    except ValueError:
+        seconds = float("nan")
+    if not low <= seconds <= high:
+        raise ValueError(f"{HEARTBEAT_ENV}={raw!r}: expected seconds from {low:g} to {high:g} "
+                         "(the range Flower's server accepts)")
+    return seconds
+
+
+def set_heartbeat(connection_module: ModuleType, heartbeat_module: ModuleType, seconds: float) -> None:
+    """Have the SuperNode declare, and keep, a heartbeat every `seconds`: the connection module
+    declares the interval to the server, the heartbeat module paces the sends by it."""
+    for module in (connection_module, heartbeat_module):
+        if not isinstance(getattr(module, "HEARTBEAT_DEFAULT_INTERVAL", None), int | float):
+            raise RuntimeError(f"{module.__name__} no longer reads HEARTBEAT_DEFAULT_INTERVAL; "
+                               "check the pinned flwr version")
+        module.HEARTBEAT_DEFAULT_INTERVAL = seconds  # type: ignore[attr-defined]
 
 
 def pace(loop_module: ModuleType, poll_seconds: float) -> None:
@@ -162,14 +197,18 @@ def exit_when_done(entry: Callable[[], object]) -> NoReturn:
 
 
 def main() -> None:
+    from flwr.supercore import heartbeat
     from flwr.supercore.corestate import in_memory_corestate
-    from flwr.supernode import start_client_internal
+    from flwr.supernode import fleet_http_connection, start_client_internal
     from flwr.supernode.cli import flower_supernode
 
     patient_claims(in_memory_corestate)
 
     try:
         prepare(start_client_internal, os.environ)
+        seconds = heartbeat_seconds_from(os.environ)
+        if seconds is not None:
+            set_heartbeat(fleet_http_connection, heartbeat, seconds)
     except ValueError as err:
         sys.exit(f"pollinate supernode: {err}")
     sys.argv[0] = "flower-supernode"

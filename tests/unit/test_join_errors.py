@@ -121,3 +121,10 @@ def test_server_that_does_not_speak_tls_is_named(site_files, tmp_path: Path, pla
 def test_negative_retry_windows_name_the_flag(site_files, tmp_path: Path, flag: str) -> None:
     error = join(site_files, tmp_path, **{flag: "-5"})
     assert f"--{flag} -5: expected seconds, 0 or more" in error
+
+
+@pytest.mark.parametrize("seconds", ["5", "3600", "nan"])
+def test_a_heartbeat_outside_what_the_server_accepts_names_the_range(site_files, tmp_path: Path,
+                                                                      seconds: str) -> None:
+    error = join(site_files, tmp_path, **{"heartbeat-seconds": seconds})
+    assert f"--heartbeat-seconds {seconds}: expected seconds from 10 to 1800" in error

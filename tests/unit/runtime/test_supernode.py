@@ -62,6 +62,36 @@ def test_a_bad_poll_interval_is_refused_naming_the_variable(raw):
         supernode.PacedTime(supernode.poll_seconds_from({supernode.POLL_ENV: raw}))
 
 
+def test_the_heartbeat_interval_is_declared_and_kept_by_the_modules_it_is_set_in():
+    from flwr.common import constant
+    from flwr.supercore import heartbeat
+    from flwr.supernode import fleet_http_connection
+
+    # Flower reads the interval from these two modules' own names: where the node declares
+    # it to the server (activation and every heartbeat), and where the sender paces itself.
+    assert "heartbeat_interval=HEARTBEAT_DEFAULT_INTERVAL" in inspect.getsource(fleet_http_connection)
+    assert "HEARTBEAT_DEFAULT_INTERVAL - HEARTBEAT_CALL_TIMEOUT" in inspect.getsource(heartbeat)
+    assert supernode.HEARTBEAT_RANGE == (constant.HEARTBEAT_MIN_INTERVAL, constant.HEARTBEAT_MAX_INTERVAL)
+    connection, sender = types.ModuleType("connection"), types.ModuleType("sender")
+    connection.HEARTBEAT_DEFAULT_INTERVAL = sender.HEARTBEAT_DEFAULT_INTERVAL = 30
+    supernode.set_heartbeat(connection, sender, 10.0)
+    assert connection.HEARTBEAT_DEFAULT_INTERVAL == sender.HEARTBEAT_DEFAULT_INTERVAL == 10.0
+    with pytest.raises(RuntimeError, match="pinned flwr"):
+        supernode.set_heartbeat(types.ModuleType("moved"), sender, 10.0)
+
+
+@pytest.mark.parametrize(("raw", "seconds"), [("", None), ("10", 10.0), (" 45 ", 45.0), ("1800", 1800.0)])
+def test_the_heartbeat_interval_comes_from_the_environment(raw, seconds):
+    assert supernode.heartbeat_seconds_from({supernode.HEARTBEAT_ENV: raw}) == seconds
+    assert supernode.heartbeat_seconds_from({}) is None
+
+
+@pytest.mark.parametrize("raw", ["9.9", "1801", "often", "nan", "-10"])
+def test_a_heartbeat_interval_flowers_server_would_refuse_is_named(raw):
+    with pytest.raises(ValueError, match=rf"{supernode.HEARTBEAT_ENV}=.*expected seconds from 10 to 1800"):
+        supernode.heartbeat_seconds_from({supernode.HEARTBEAT_ENV: raw})
+
+
 @pytest.mark.slow  # starts a Python process with Flower's imports
 def test_the_paced_supernode_is_flower_supernode_with_its_flags():
     out = subprocess.run([sys.executable, "-m", "pollinate_runtime.supernode", "--help"],
