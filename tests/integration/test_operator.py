@@ -276,14 +276,18 @@ def test_a_deleted_child_wakes_its_owner_without_waiting_for_the_resync(
     try:
         time.sleep(15)  # started, and its resume pass over the existing objects done
         # The Deployment's status wakes its Federation too; a Service is not re-sent on every
-        # pass (kube.AppliedCache), so only its own watch can get it applied again.
-        for kind in ("deployment", "service"):
-            uid = kubectl.json("get", kind, "clinical-notes-server")["metadata"]["uid"]
-            kubectl.run("delete", kind, "clinical-notes-server")
-            eventually(lambda k=kind, old=uid: (r := kubectl.run(
-                "get", k, "clinical-notes-server", "-o", "json", check=False)).returncode == 0
-                and json.loads(r.stdout)["metadata"]["uid"] != old,
-                timeout=120, what=f"{kind} recreated by a wake-up (resync an hour away)")
+        # pass (kube.AppliedCache), so only its own watch can get it applied again; a site's
+        # key Secret deleted (a key rotation) is replaced by a new key at once.
+        for kind, name in (("deployment", "clinical-notes-server"), ("service", "clinical-notes-server"),
+                           ("secret", "clinical-notes-site-hospital-a")):
+            before = kubectl.json("get", kind, name)
+            kubectl.run("delete", kind, name)
+            after = eventually(lambda k=kind, n=name, old=before["metadata"]["uid"]: (r := kubectl.run(
+                "get", k, n, "-o", "json", check=False)).returncode == 0
+                and (new := json.loads(r.stdout))["metadata"]["uid"] != old and new,
+                timeout=120, what=f"{kind} {name} recreated by a wake-up (resync an hour away)")
+            if kind == "secret":
+                assert after["data"]["site.pub"] != before["data"]["site.pub"], "the key was not rotated"
     finally:
         slow.stop()
         operator.start()

@@ -67,10 +67,12 @@ tests/integration/test_charts.py asserts this exact set and runs the operator un
   resources: [federations/finalizers, trainingrounds/finalizers]
   verbs: [update]
 # The federation CA, the server certificate and one key per site: read, listed by label,
-# applied, and a removed site's key deleted. Also reads the S3 credentials Secret.
+# applied, and a removed site's key deleted. Also reads the S3 credentials Secret. Watched
+# (only those the operator manages, by label) so that a deleted site key is replaced and its
+# old key unregistered at once.
 - apiGroups: [""]
   resources: [secrets]
-  verbs: [get, list, create, patch, delete]
+  verbs: [get, list, watch, create, patch, delete]
 # The Flower server's Service; watched (as are the Ingress and the NetworkPolicy) so that a
 # changed or deleted one is applied again at once, instead of being re-sent on every pass.
 - apiGroups: [""]

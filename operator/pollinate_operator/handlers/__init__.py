@@ -10,6 +10,7 @@ from prometheus_client import start_http_server
 
 from ..settings import Settings
 from . import federation, traininground
+from .level_triggered import watch_only_ours
 
 SETTINGS = Settings.from_env()
 
@@ -31,6 +32,7 @@ def configure(settings: kopf.OperatorSettings, logger: logging.Logger, **_) -> N
     settings.watching.server_timeout = 120
     settings.watching.client_timeout = 150
     settings.watching.connect_timeout = 10
+    watch_only_ours(settings)
     settings.networking.request_timeout = 60
     settings.execution.max_workers = 32
     # A deleted object keeps its finalizer until its resync timer has stopped; a timer caught

@@ -205,3 +205,6 @@ def register(settings: Settings) -> None:
     wake_owners_of("", "v1", "services")
     wake_owners_of("networking.k8s.io", "v1", "ingresses")
     wake_owners_of("networking.k8s.io", "v1", "networkpolicies")
+    # A site's key Secret deleted (how a key is rotated) or changed: a new key and the old one
+    # unregistered at once, not at the settled resync a minute later.
+    wake_owners_of("", "v1", "secrets")

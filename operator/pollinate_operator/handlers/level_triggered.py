@@ -174,10 +174,26 @@ class WakeLimiter:
             self._last[owner] = now
 
 
+# The child kinds wake_owners_of watches: (group, version, plural).
+WATCHED_CHILDREN: list[tuple[str, str, str]] = []
+
+
+def watch_only_ours(settings: kopf.OperatorSettings) -> None:
+    """Have the API server send the child watches only objects this operator manages (a label
+    selector on the watch), not every Secret, Service or Job in the cluster: less to receive
+    and decode, and no other Secret's data passes through the operator at all."""
+    from kopf._cogs.structs.references import Selector  # kopf has no public name for it
+
+    selector = ",".join(f"{k}={v}" for k, v in MANAGED_BY.items())
+    for group, version, plural in WATCHED_CHILDREN:
+        settings.watching.label_selectors[Selector(group, version, plural)] = selector
+
+
 def wake_owners_of(group: str, version: str, plural: str) -> None:
     """When one of our children of this kind changes (deleted, its pods progress), forget what
     was applied to it and wake its owner's pass through an annotation (WakeLimiter: at most
     once a second per owner, the last change never dropped)."""
+    WATCHED_CHILDREN.append((group, version, plural))
     limiter = WakeLimiter()
 
     def wake_later(owner: Owner) -> None:

@@ -68,3 +68,22 @@ def test_a_change_after_the_window_wakes_at_once() -> None:
     limiter = WakeLimiter(every=1.0)
     limiter.admit(OWNER, now=100.0)
     assert limiter.admit(OWNER, now=101.2) == 0.0
+
+
+def test_every_child_watch_asks_the_api_server_only_for_the_operators_own_objects() -> None:
+    import kopf
+    from kopf._cogs.structs.references import Resource
+    from pollinate_operator import handlers  # noqa: F401 - registers the watches
+    from pollinate_operator.handlers.level_triggered import WATCHED_CHILDREN, watch_only_ours
+
+    settings = kopf.OperatorSettings()
+    watch_only_ours(settings)
+    kinds = {plural for _, _, plural in WATCHED_CHILDREN}
+    assert {"secrets", "services", "deployments", "ingresses", "networkpolicies", "jobs"} <= kinds
+    for group, version, plural in WATCHED_CHILDREN:
+        resource = Resource(group=group, version=version, plural=plural, namespaced=True)
+        assert settings.watching.label_selectors.collect(resource) == [
+            "app.kubernetes.io/managed-by=pollinate-operator"], plural
+    # The operator's own resources are not narrowed: a user's Federation has no such label.
+    federations = Resource(group="pollinate.dev", version="v1alpha1", plural="federations", namespaced=True)
+    assert settings.watching.label_selectors.collect(federations) == []
