@@ -75,6 +75,17 @@ MANIFEST = "manifest.json"
 # The peft release whose adapter_config.json `lora_adapter_config` reproduces.
 PEFT_FORMAT_VERSION = "0.21.2"
 
+# The most any object of each kind may hold. S3 objects are untrusted input: whoever can write
+# the bucket could plant a pointer, manifest or progress document of gigabytes, and each is
+# read into memory whole (by the server, the operator and sites). Each cap is far above what
+# Pollinate writes: a pointer is ~300 bytes; a manifest a few KB; progress ~1 KB a round for
+# ten sites; a checkpoint's JSON parts hold the per-round metrics; tensors are a LoRA adapter
+# (r=64 on every projection of a 70B model is under 2 GB in float32).
+MAX_POINTER_BYTES = 64 << 10
+MAX_MANIFEST_BYTES = 4 << 20
+MAX_JSON_BYTES = 64 << 20
+MAX_TENSOR_BYTES = 4 << 30
+
 
 class StoreError(Exception):
     """Base of the errors this module raises."""
@@ -89,6 +100,14 @@ class CorruptObject(StoreError):
             "it was not loaded"
         )
         self.key, self.expected, self.actual = key, expected, actual
+
+
+class ObjectTooLarge(CorruptObject):
+    """An object larger than its kind may be: refused before it is read."""
+
+    def __init__(self, key: str, size: int, limit: int, what: str) -> None:
+        super().__init__(key, f"{what} of at most {limit} bytes", f"{size} bytes")
+        self.size, self.limit = size, limit
 
 
 class StoreUnavailable(StoreError):
@@ -255,8 +274,9 @@ class ObjectStore:
             raise
         return True
 
-    def get(self, relative: str) -> bytes | None:
-        """An object's bytes, or None if it does not exist."""
+    def get(self, relative: str, max_bytes: int, what: str = "an object") -> bytes | None:
+        """An object's bytes, or None if it does not exist; ObjectTooLarge, before anything
+        more is read, if it holds more than `max_bytes` (`what` names the kind it should be)."""
 
         def read() -> bytes | None:
             try:
@@ -265,7 +285,18 @@ class ObjectStore:
                 if error_code(err) in ("NoSuchKey", "404", "NotFound"):
                     return None
                 raise
-            return response["Body"].read()  # inside the retry: a cut stream is retried too
+            body = response["Body"]
+            try:
+                declared = int(response.get("ContentLength") or 0)
+                if declared > max_bytes:
+                    raise ObjectTooLarge(self.key(relative), declared, max_bytes, what)
+                # Not trusting the declared length either: at most one byte past the cap.
+                data = body.read(max_bytes + 1)  # inside the retry: a cut stream is retried too
+            finally:
+                body.close()
+            if len(data) > max_bytes:
+                raise ObjectTooLarge(self.key(relative), len(data), max_bytes, what)
+            return data
 
         return call_with_retry(read, what=self._what("GET", relative), policy=self.retry)
 
@@ -316,8 +347,9 @@ def _tensor_bytes(tensors: Mapping[str, np.ndarray]) -> bytes:
     )
 
 
-def _verified(objects: ObjectStore, relative: str, expected_sha256: str) -> bytes:
-    data = objects.get(relative)
+def _verified(objects: ObjectStore, relative: str, expected_sha256: str,
+              max_bytes: int = MAX_JSON_BYTES) -> bytes:
+    data = objects.get(relative, max_bytes)
     if data is None:
         raise CorruptObject(objects.key(relative), f"sha256 {expected_sha256}", "no such object")
     actual = sha256_hex(data)
@@ -577,7 +609,7 @@ class FederationStore:
     def latest_checkpoint_pointer(self, training_round: str) -> CheckpointPointer | None:
         _check_name("training round", training_round)
         key = self.pointer_key(training_round)
-        data = self.objects.get(key)
+        data = self.objects.get(key, MAX_POINTER_BYTES, "a checkpoint pointer")
         if data is None:
             return None
         pointer = _parse_json(self.objects, key, data, "a JSON checkpoint pointer")
@@ -598,7 +630,7 @@ class FederationStore:
         if pointer is None:
             return None
         manifest_rel = self.checkpoint_dir(training_round, pointer.round) + f"/{MANIFEST}"
-        manifest_data = _verified(self.objects, manifest_rel, pointer.manifest_sha256)
+        manifest_data = _verified(self.objects, manifest_rel, pointer.manifest_sha256, MAX_MANIFEST_BYTES)
         manifest = _parse_json(self.objects, manifest_rel, manifest_data, "a checkpoint manifest")
         if manifest.get("round") != pointer.round:
             raise CorruptObject(
@@ -609,7 +641,8 @@ class FederationStore:
         parts: dict[str, bytes] = {}
         for name in _CHECKPOINT_PARTS:
             sha256 = _listed_sha256(self.objects, manifest_rel, manifest.get("objects"), name)
-            parts[name] = _verified(self.objects, f"{directory}/{name}", sha256)
+            parts[name] = _verified(self.objects, f"{directory}/{name}", sha256,
+                                    MAX_TENSOR_BYTES if name.endswith(".safetensors") else MAX_JSON_BYTES)
         return Checkpoint(
             round=int(manifest["round"]),
             adapter=_parse_tensors(self.objects, f"{directory}/adapter.safetensors",
@@ -713,13 +746,14 @@ class FederationStore:
         """Only the manifest of version v<version> (None if it has none): who published it
         and from what, without moving its weights."""
         relative = f"adapters/v{version}/{MANIFEST}"
-        data = self.objects.get(relative)
+        data = self.objects.get(relative, MAX_MANIFEST_BYTES, "an adapter manifest")
         return None if data is None else _parse_json(self.objects, relative, data, "an adapter manifest")
 
     def load_adapter(self, version: int) -> PublishedAdapter:
         """Version v<version>, its files verified against its manifest."""
         directory = f"adapters/v{version}"
-        manifest_data = self.objects.get(f"{directory}/{MANIFEST}")
+        manifest_data = self.objects.get(f"{directory}/{MANIFEST}", MAX_MANIFEST_BYTES,
+                                         "an adapter manifest")
         if manifest_data is None:
             available = ", ".join(f"v{v}" for v in self.adapter_versions()) or "none"
             raise AdapterVersionNotFound(
@@ -733,7 +767,8 @@ class FederationStore:
         for name in (ADAPTER_WEIGHTS, ADAPTER_CONFIG):
             sha256 = _listed_sha256(self.objects, f"{directory}/{MANIFEST}", manifest.get("files"),
                                     name)
-            blobs[name] = _verified(self.objects, f"{directory}/{name}", sha256)
+            blobs[name] = _verified(self.objects, f"{directory}/{name}", sha256,
+                                    MAX_TENSOR_BYTES if name == ADAPTER_WEIGHTS else MAX_JSON_BYTES)
         return PublishedAdapter(
             version, _parse_tensors(self.objects, f"{directory}/{ADAPTER_WEIGHTS}",
                                     blobs[ADAPTER_WEIGHTS]),
@@ -757,7 +792,7 @@ class FederationStore:
 
     def read_progress(self, training_round: str) -> RunProgress | None:
         key = self.progress_key(training_round)
-        data = self.objects.get(key)
+        data = self.objects.get(key, MAX_JSON_BYTES, "run progress JSON")
         if data is None:
             return None
         try:

@@ -84,3 +84,31 @@ def test_wrong_s3_credentials_are_a_clear_error(s3_env: Testbed, monkeypatch):
     with pytest.raises(ModelSourceError, match=r"cannot read base model s3://.* S3 said "
                                                r"SignatureDoesNotMatch"):
         resolve_model_source(uri)
+
+
+@pytest.mark.parametrize("rest", ["sub/../../../escaped.txt", "a\\..\\..\\escaped.txt", "a//b.txt",
+                                  ".pollinate-s3.json", "config.json.partial"])
+def test_a_planted_key_that_would_leave_the_model_folder_is_refused_and_nothing_is_written(
+        s3_env: Testbed, tmp_path: Path, rest: str):
+    # Keys are the bucket's, untrusted. Either this S3 server refuses to store the key (MinIO
+    # refuses '..' and empty segments; AWS stores them), or the download refuses it by name
+    # before writing any file. unit/fuzz/test_fuzz_s3_model_keys.py covers every key shape.
+    from botocore.exceptions import ClientError
+
+    bucket = s3_env.s3().bucket
+    prefix = f"test-models/{uuid.uuid4().hex[:8]}/planted/"
+    client = s3_env.s3_client()
+    client.put_object(Bucket=bucket, Key=f"{prefix}config.json", Body=b"{}")
+    try:
+        client.put_object(Bucket=bucket, Key=prefix + rest, Body=b"planted")
+    except ClientError as err:
+        assert err.response["Error"]["Code"] in ("XMinioInvalidResourceName", "XMinioInvalidObjectName")
+        return
+    listed = {o["Key"] for o in client.list_objects_v2(Bucket=bucket, Prefix=prefix).get("Contents", [])}
+    assert prefix + rest in listed, listed
+    cache = tmp_path / "cache"
+    with pytest.raises(ModelSourceError, match=r"base model object .* cannot be stored"):
+        resolve_model_source(f"s3://{bucket}/{prefix}")
+    assert not [p for p in cache.rglob("*") if p.is_file() and not p.name.endswith(".lock")], \
+        "a file was written before the keys were checked"
+    assert not list(tmp_path.rglob("escaped.txt"))

@@ -20,11 +20,15 @@ from pollinate_runtime.store import (
     ADAPTER_CONFIG,
     ADAPTER_WEIGHTS,
     MANIFEST,
+    MAX_JSON_BYTES,
+    MAX_MANIFEST_BYTES,
+    MAX_POINTER_BYTES,
     AdapterVersionNotFound,
     Checkpoint,
     CorruptObject,
     FederationStore,
     ObjectStore,
+    ObjectTooLarge,
     RetryPolicy,
     RunProgress,
     StoreUnavailable,
@@ -221,6 +225,30 @@ def test_a_manifest_changed_after_the_pointer_was_written_is_detected(
     with pytest.raises(CorruptObject) as caught:
         store.load_checkpoint("notes-v1")
     assert caught.value.key == key
+
+
+@pytest.mark.parametrize(("what", "relative", "limit"), [
+    ("a checkpoint pointer", "checkpoints/notes-v1/latest.json", MAX_POINTER_BYTES),
+    ("run progress JSON", "runs/notes-v1/progress.json", MAX_JSON_BYTES),
+    ("an adapter manifest", "adapters/v1/manifest.json", MAX_MANIFEST_BYTES),
+])
+def test_an_object_larger_than_its_kind_may_be_is_refused_unread(store, testbed, s3_env, prefix,
+                                                                  what, relative, limit):
+    # Whoever can write the bucket could plant gigabytes where a small document is read whole
+    # by the server, the operator and every site: refused by its size, naming key and cap.
+    store.save_checkpoint("notes-v1", checkpoint(1))
+    key = f"{prefix}/{relative}"
+    planted = b"{" + b" " * limit + b"}"
+    testbed.s3_client().put_object(Bucket=s3_env.bucket, Key=key, Body=planted)
+    read = {"a checkpoint pointer": lambda: store.load_checkpoint("notes-v1"),
+            "run progress JSON": lambda: store.read_progress("notes-v1"),
+            "an adapter manifest": lambda: store.adapter_manifest(1)}[what]
+    with pytest.raises(ObjectTooLarge) as caught:
+        read()
+    err = caught.value
+    assert (err.key, err.size, err.limit) == (key, len(planted), limit)
+    assert f"expected {what} of at most {limit} bytes, found {len(planted)} bytes" in str(err)
+    assert "not loaded" in str(err)
 
 
 # ---- adapter versions ---------------------------------------------------------------------

@@ -18,7 +18,7 @@ import shutil
 import sys
 import tempfile
 import time
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 from typing import Any
 
 import torch
@@ -161,13 +161,43 @@ def _split_s3_uri(uri: str) -> tuple[str, str]:
     return bucket, prefix
 
 
+S3_MANIFEST = ".pollinate-s3.json"
+PARTIAL_SUFFIX = ".partial"
+
+
+def model_file_path(key: str, prefix: str) -> PurePosixPath:
+    """Where the object `key` listed under `prefix` goes, relative to the model's folder.
+
+    Object keys come from the bucket, untrusted: one whose rest is `../../x`, absolute, holds a
+    backslash or an empty segment could write outside the model's folder or over the cache's
+    own files (its manifest, a download in progress). Such a key is refused, naming it; no
+    file of the model is written then."""
+    relative = key[len(prefix):] if key.startswith(prefix) else key
+    segments = relative.split("/")
+    why = None
+    if not relative:
+        why = "it names the folder itself"
+    elif "\\" in relative or "\0" in relative:
+        why = "it holds a backslash or a NUL"
+    elif any(seg in ("", ".", "..") for seg in segments):
+        why = "it has an empty, '.' or '..' segment (or starts with '/')"
+    elif any(len(seg.encode()) > 255 for seg in segments):
+        why = "a segment is longer than 255 bytes"
+    elif segments[-1] == S3_MANIFEST or segments[-1].endswith(PARTIAL_SUFFIX):
+        why = f"{S3_MANIFEST} and *{PARTIAL_SUFFIX} are the cache's own files"
+    if why:
+        raise ModelSourceError(f"base model object {key!r} cannot be stored: {why}; expected keys "
+                               f"under {prefix!r} that name files inside the model's folder")
+    return PurePosixPath(*segments)
+
+
 def download_s3_folder(uri: str, cache_dir: Path | None = None) -> Path:
     """Mirror `s3://bucket/prefix/` into the cache (files whose ETag is unchanged are kept)."""
     from botocore.exceptions import BotoCoreError, ClientError
 
     bucket, prefix = _split_s3_uri(uri)
     target = (cache_dir or models_cache()) / ("s3-" + hashlib.sha256(uri.encode()).hexdigest()[:16])
-    manifest_path = target / ".pollinate-s3.json"
+    manifest_path = target / S3_MANIFEST
     endpoint = os.environ.get("POLLINATE_S3_ENDPOINT") or os.environ.get("AWS_ENDPOINT_URL")
     where = f"{uri} (endpoint {endpoint or 'AWS default'})"
     with exclusive(target.with_suffix(".lock")):
@@ -188,14 +218,16 @@ def download_s3_folder(uri: str, cache_dir: Path | None = None) -> Path:
             ]
             if not objects:
                 raise ModelSourceError(f"base model {where} holds no files")
+            # Every key checked before any file is written.
+            files = [(obj, model_file_path(obj["Key"], prefix)) for obj in objects]
             target.mkdir(parents=True, exist_ok=True)
-            for obj in objects:
-                relative = obj["Key"][len(prefix):]
-                local = target / relative
+            for obj, path in files:
+                relative = str(path)
+                local = target.joinpath(*path.parts)
                 if known.get(relative) == obj["ETag"] and local.is_file():
                     continue
                 local.parent.mkdir(parents=True, exist_ok=True)
-                partial = local.with_name(local.name + ".partial")
+                partial = local.with_name(local.name + PARTIAL_SUFFIX)
                 client.download_file(bucket, obj["Key"], str(partial))
                 os.replace(partial, local)
                 known[relative] = obj["ETag"]
