@@ -98,6 +98,23 @@ def pytest_runtest_teardown(item: pytest.Item, nextitem: pytest.Item | None) -> 
 
 
 
+# Modules that `make test` (tools/test.sh) runs in a lane of their own, each on a testbed of
+# its own, beside the main lane: the engine's tests are the longest module and spend most of
+# their time waiting on rounds, restarts and timeouts, which the other lanes' work fills.
+LANES = {"engine": ("tests/integration/test_engine.py",)}
+
+
+def pytest_addoption(parser: pytest.Parser) -> None:
+    parser.addoption("--lane", choices=["main", *LANES], default=None,
+                     help="run only this lane's share of the selected tests (tools/test.sh): a "
+                          "named lane its modules, main every other")
+
+
+def lane_of(item: pytest.Item) -> str:
+    path = item.nodeid.split("::")[0]
+    return next((lane for lane, modules in LANES.items() if path in modules), "main")
+
+
 def pytest_configure(config: pytest.Config) -> None:
     config.pluginmanager.register(RunTimes(), RunTimes.NAME)
 
@@ -113,3 +130,9 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
         return any(m.name == "slow" for m in (marks if isinstance(marks, list) else [marks]))
 
     items.sort(key=lambda item: (item.get_closest_marker("execute") is not None, slow_module(item)))
+    lane = config.getoption("--lane")
+    if lane:
+        elsewhere = [item for item in items if lane_of(item) != lane]
+        if elsewhere:
+            config.hook.pytest_deselected(items=elsewhere)
+            items[:] = [item for item in items if lane_of(item) == lane]

@@ -1,70 +1,93 @@
 #!/usr/bin/env bash
-# `make test`: the control plane's binaries, then every test in two lanes, printing how long
+# `make test`: the control plane's binaries, then every test in three lanes, printing how long
 # each phase took.
 #
-# The tests that run pods for real (marker `execute`: the end-to-end demo and the node agent's)
-# run on testbeds of their own, and need Traefik, the ingress controller of execute mode and
-# the slowest binary to build cold (5-6 min on 2 cores). They form a second lane: Traefik builds
-# at the lowest CPU priority, then that lane's tests run beside the others. Most of the other
-# tests' time is spent waiting on processes (rounds, timeouts, restarts), not computing, and
-# they order themselves fast modules first (tests/conftest.py), so the two lanes share the
-# cores without starving each other. Each lane prints its own report; the run fails if either does.
+# - The execute lane: the tests that run pods for real (marker `execute`: the end-to-end demo
+#   and the node agent's), on testbeds of their own. They need Traefik, the ingress controller
+#   of execute mode and the slowest binary to build cold (5-6 min on 2 cores), which builds at
+#   the lowest CPU priority first.
+# - The engine lane: tests/integration/test_engine.py (tests/conftest.py LANES), on a testbed of
+#   its own (ports shifted by ENGINE_PORT_OFFSET). Its tests spend most of their time waiting
+#   on rounds, restarts and timeouts.
+# - The main lane: everything else, fast modules first (tests/conftest.py).
+# Each lane prints its own report; the run fails if any does.
 set -euo pipefail
 top=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 cd "$top"
 t0=$SECONDS
 phase() { printf '[test] %-52s %5s s\n' "$1" "$2" >&2; }
+ENGINE_PORT_OFFSET=1000
 
 t=$SECONDS
 bash tools/testbed/build.sh core >/dev/null
 phase "Go control plane (build.sh core)" $((SECONDS - t))
 
-lane=$(mktemp -d "${TMPDIR:-/tmp}/pollinate-execute-lane.XXXXXX")
-# A session of its own, so that stopping the tests (Ctrl-C) stops the whole lane with them;
-# build.sh never publishes half a binary.
-setsid bash -c '
-  cd "$1"; lane=$2; shift 2
-  rc=0; nice -n 19 bash tools/testbed/build.sh all >/dev/null 2>"$lane/build.log" || rc=$?
-  echo "$SECONDS" >"$lane/build.seconds"
-  if [ "$rc" != 0 ]; then echo "$rc" >"$lane/status"; exit; fi
-  start=$SECONDS
-  # Its own base for temporary folders, apart from the main lane'"'"'s numbered ones (left in
-  # place, like those: a pod'"'"'s folders may be bind mounts while its testbed stops).
-  base=$(mktemp -d "${TMPDIR:-/tmp}/pytest-execute-lane.XXXXXX")
-  rc=0; .venv/bin/python -m pytest -m execute -p no:cacheprovider --basetemp "$base" "$@" \
-    >"$lane/pytest.log" 2>&1 || rc=$?
-  echo $((SECONDS - start)) >"$lane/pytest.seconds"
-  echo "$rc" >"$lane/status"
-' _ "$top" "$lane" "$@" &
-lane_pid=$!
-trap 'kill -- -"$lane_pid" 2>/dev/null || true' INT TERM
+lanes=()
+lane_pids=()
+# start_lane NAME BUILD PYTEST_ARGS...: in the background, build.sh BUILD (none: nothing) at
+# the lowest CPU priority, then pytest with the arguments. In a session of its own, so that
+# stopping the tests (Ctrl-C) stops the whole lane with them; build.sh never publishes half
+# a binary.
+start_lane() {
+  local name=$1 build=$2 dir
+  shift 2
+  dir=$(mktemp -d "${TMPDIR:-/tmp}/pollinate-$name-lane.XXXXXX")
+  setsid bash -c '
+    cd "$1"; lane=$2; build=$3; shift 3
+    rc=0
+    if [ "$build" != none ]; then
+      nice -n 19 bash tools/testbed/build.sh "$build" >/dev/null 2>"$lane/build.log" || rc=$?
+    fi
+    echo "$SECONDS" >"$lane/build.seconds"
+    if [ "$rc" != 0 ]; then echo "$rc" >"$lane/status"; exit; fi
+    start=$SECONDS
+    # Its own base for temporary folders, apart from the main lane'"'"'s numbered ones (left in
+    # place, like those: a pod'"'"'s folders may be bind mounts while its testbed stops).
+    base=$(mktemp -d "${TMPDIR:-/tmp}/pytest-$(basename "$lane").XXXXXX")
+    rc=0; .venv/bin/python -m pytest -p no:cacheprovider --basetemp "$base" "$@" \
+      >"$lane/pytest.log" 2>&1 || rc=$?
+    echo $((SECONDS - start)) >"$lane/pytest.seconds"
+    echo "$rc" >"$lane/status"
+  ' _ "$top" "$dir" "$build" "$@" &
+  lanes+=("$name:$dir")
+  lane_pids+=($!)
+}
+trap 'for p in "${lane_pids[@]}"; do kill -- -"$p" 2>/dev/null || true; done' INT TERM
+
+start_lane execute all -m execute "$@"
+# torch with one thread in the lanes' own processes (the training unit tests; the engine's
+# server): beside the other lanes, two threads each spun for a core another lane held
+# (measured: 1.19x the wall time and 1.29x the CPU of one thread). Sites started by tests
+# already use one; the execute lane's pods size theirs from their CPU request, as in production.
+export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1} MKL_NUM_THREADS=${MKL_NUM_THREADS:-1}
+POLLINATE_TESTBED_PORT_OFFSET=$ENGINE_PORT_OFFSET start_lane engine none -m "not execute" --lane engine "$@"
 
 t=$SECONDS
 status=0
-# torch in the main lane's own process (the training unit tests) with one thread: beside the
-# other lane, two threads each spun for the core the other lane held (measured: 1.19x the wall
-# time and 1.29x the CPU of one thread). Sites started by tests already use one; the execute
-# lane's pods size theirs from their CPU request, as in production.
-OMP_NUM_THREADS=${OMP_NUM_THREADS:-1} MKL_NUM_THREADS=${MKL_NUM_THREADS:-1} \
-  .venv/bin/python -m pytest -m "not execute" "$@" || status=$?
-phase "tests, main lane (pytest -m 'not execute')" $((SECONDS - t))
+.venv/bin/python -m pytest -m "not execute" --lane main "$@" || status=$?
+[ "$status" = 5 ] && status=0  # nothing selected (a -k or a path that names no such test)
+phase "tests, main lane (pytest -m 'not execute' --lane main)" $((SECONDS - t))
 
 t=$SECONDS
-wait "$lane_pid" || true
-echo >&2
-echo "==================== lane 2: Traefik, then the tests that run pods (pytest -m execute)" >&2
-grep -v ': cached$' "$lane/build.log" >&2 || true
-cat "$lane/pytest.log" 2>/dev/null || true
-phase "Traefik, built in the background (build.sh all)" "$(cat "$lane/build.seconds" 2>/dev/null || echo '?')"
-phase "tests, execute lane (pytest -m execute)" "$(cat "$lane/pytest.seconds" 2>/dev/null || echo '?')"
-phase "waited for the execute lane after the main lane" $((SECONDS - t))
-lane_status=$(cat "$lane/status" 2>/dev/null || echo 1)
-rm -rf "$lane"
-# 5: nothing selected (a -k or a path that names no test that runs pods).
-if [ "$lane_status" != 0 ] && [ "$lane_status" != 5 ]; then
-  echo "[test] the execute lane failed (exit $lane_status; above)" >&2
-  status=1
-fi
-[ "$status" = 5 ] && status=0
+for i in "${!lanes[@]}"; do
+  name=${lanes[$i]%%:*}
+  dir=${lanes[$i]#*:}
+  wait "${lane_pids[$i]}" || true
+  echo >&2
+  echo "==================== lane $name" >&2
+  grep -v ': cached$' "$dir/build.log" >&2 2>/dev/null || true
+  cat "$dir/pytest.log" 2>/dev/null || true
+  [ "$name" = execute ] && phase "Traefik, built in the background (build.sh all)" \
+    "$(cat "$dir/build.seconds" 2>/dev/null || echo '?')"
+  phase "tests, $name lane" "$(cat "$dir/pytest.seconds" 2>/dev/null || echo '?')"
+  lane_status=$(cat "$dir/status" 2>/dev/null || echo 1)
+  rm -rf "$dir"
+  # 5: nothing selected (a -k or a path that names none of this lane's tests).
+  if [ "$lane_status" != 0 ] && [ "$lane_status" != 5 ]; then
+    echo "[test] the $name lane failed (exit $lane_status; above)" >&2
+    status=1
+  fi
+done
+phase "waited for the other lanes after the main lane" $((SECONDS - t))
 phase "make test in all" $((SECONDS - t0))
 exit "$status"

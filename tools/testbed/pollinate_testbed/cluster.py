@@ -75,13 +75,17 @@ class S3Settings:
 
 def default_state_dir() -> Path:
     """$POLLINATE_TESTBED_DIR, else .testbed at the top of the clone this package runs from
-    (so every command finds the same cluster whatever its working directory)."""
+    (so every command finds the same cluster whatever its working directory); a cluster on
+    shifted ports ($POLLINATE_TESTBED_PORT_OFFSET) gets .testbed-<offset>, so that it never
+    takes over, or stops, the processes of the one beside it."""
     if explicit := os.environ.get("POLLINATE_TESTBED_DIR"):
         return Path(explicit).resolve()
+    offset = int(os.environ.get("POLLINATE_TESTBED_PORT_OFFSET", "0"))
+    name = ".testbed" if offset == 0 else f".testbed-{offset}"
     clone = Path(__file__).resolve().parents[3]
     if (clone / "tools" / "testbed" / "build.sh").exists():
-        return clone / ".testbed"
-    return (Path.cwd() / ".testbed").resolve()
+        return clone / name
+    return (Path.cwd() / name).resolve()
 
 
 def build_binaries(ingress: bool = True) -> Path:
