@@ -38,6 +38,7 @@ from pathlib import Path
 from typing import Any
 
 from common import BENCH_DIR, REPO, Headline, load_average, parse_mode, print_notes, print_table, write_result
+from pollinate_runtime.app_bundle import ALLOWED_ENV
 from pollinate_runtime.superexec import WARM_ENV
 from round_sites import DATA_ENV, SITE_ENV, TIMINGS_ENV
 
@@ -102,6 +103,20 @@ def tiny_model_dir() -> Path:
     return cached_tiny_llama()
 
 
+def stock_bundle() -> bytes:
+    """Pollinate's app bundle with the stock ClientApp (round_sites:stock_app) in place of
+    Pollinate's: the sites here allow it by its hash (app_bundle.ALLOWED_ENV), as a site's
+    operator may allow a bundle of their choosing."""
+    from flwr.cli.build import build_fab_from_files
+    from pollinate_runtime.run_config import flower_app_pyproject
+
+    pollinate = 'clientapp = "pollinate_runtime.client_app:app"'
+    pyproject = flower_app_pyproject()
+    assert pollinate in pyproject, "the FAB no longer names Pollinate's ClientApp this way"
+    return build_fab_from_files(
+        {"pyproject.toml": pyproject.replace(pollinate, 'clientapp = "round_sites:stock_app"').encode()})[0]
+
+
 class TimedSite(Site):
     """`pollinate-client join` (round_sites.py: the same command, its trainer timed), with
     what the stock ClientApp needs to find the site's name, data and timings file."""
@@ -121,7 +136,8 @@ class TimedSite(Site):
                "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1",
                "PYTHONPATH": os.pathsep.join(p for p in (str(BENCH_DIR), os.environ.get("PYTHONPATH")) if p),
                TIMINGS_ENV: str(self.timings), SITE_ENV: self.name, DATA_ENV: str(self.data),
-               WARM_ENV: "1" if warm else "0"}
+               WARM_ENV: "1" if warm else "0",
+               ALLOWED_ENV: hashlib.sha256(stock_bundle()).hexdigest()}
         self.proc = _spawn(argv, self.log, env)
 
     def messages(self) -> list[dict[str, Any]]:
@@ -223,17 +239,11 @@ class LoopbackFederation:
         assert self.server is not None
         if case.mode != "stock":
             return self.server.start_run(config)
-        from flwr.cli.build import build_fab_from_files
         from flwr.common.serde import fab_to_proto, user_config_to_proto
         from flwr.proto.control_pb2 import StartRunRequest  # pylint: disable=no-name-in-module
         from flwr.supercore.fab import Fab
-        from pollinate_runtime.run_config import flower_app_pyproject
 
-        pollinate = 'clientapp = "pollinate_runtime.client_app:app"'
-        pyproject = flower_app_pyproject(config)
-        assert pollinate in pyproject, "the FAB no longer names Pollinate's ClientApp this way"
-        content, _ = build_fab_from_files(
-            {"pyproject.toml": pyproject.replace(pollinate, 'clientapp = "round_sites:stock_app"').encode()})
+        content = stock_bundle()
         fab = Fab(hashlib.sha256(content).hexdigest(), content, {})
         with self.server.control() as control:
             response = control._call("StartRun", StartRunRequest(  # what start_run does, other FAB

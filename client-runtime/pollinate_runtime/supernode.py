@@ -29,6 +29,12 @@ intervals without one, and refuses the site's key while its last connection stil
 online: a site that was killed and restarts waits out two intervals before it is let back in
 (about a minute by default, 20 s at 10), and a round notices a vanished site as late.
 
+A site runs only Pollinate's own client app (`only_pollinate_apps`): a run whose app bundle
+(FAB) is not Pollinate's (app_bundle.py: one per version, its hash computed here) gets an
+error reply naming both hashes for each message, and its bundle is never stored, installed or
+imported; the site stays connected for the next run. Flower 1.41 itself would install and
+import whatever bundle a run carries.
+
 The SuperExec the SuperNode starts is Pollinate's (superexec.py), which forks each ClientApp
 process from a warm one when `POLLINATE_WARM_CLIENTAPP=1` (opt-in for now).
 """
@@ -36,6 +42,8 @@ process from a warm one when `POLLINATE_WARM_CLIENTAPP=1` (opt-in for now).
 from __future__ import annotations
 
 import atexit
+import hashlib
+import inspect
 import os
 import subprocess
 import sys
@@ -165,9 +173,65 @@ def patient_claims(state_module: ModuleType, seconds: float = CLAIM_START_SECOND
     state_cls.claim_task = claim_task  # type: ignore[attr-defined]
 
 
+class ForeignApp(Exception):
+    """A run's app bundle is not one this site runs."""
+
+
+def only_pollinate_apps(loop_module: ModuleType, allowed: frozenset[str]) -> None:
+    """Have Flower's SuperNode loop refuse every run whose bundle hash is not in `allowed`,
+    the way it refuses a bundle that fails its own verification: an INVALID_FAB error reply
+    to the message, the run not stored, nothing launched."""
+    from logging import ERROR
+
+    from flwr.app import Error, Message
+    from flwr.common.constant import ErrorCode
+    from flwr.common.logger import log
+
+    from .app_bundle import refusal
+
+    original = getattr(loop_module, "_pull_and_store_message", None)
+    insert = getattr(loop_module, "_insert_message", None)
+    if original is None or insert is None or "get_fab" not in inspect.signature(original).parameters:
+        raise RuntimeError(f"{loop_module.__name__} no longer pulls runs' bundles as this expects; "
+                           "check the pinned flwr version")
+    if getattr(original, "allowed_bundles", None) is not None:
+        return
+
+    def pull_and_store_message(*, state: Any, object_store: Any, receive: Callable[[], Any],
+                               get_fab: Callable[[str, int], Any], **rest: Any) -> int | None:
+        pulled: list[Any] = []
+
+        def receive_and_keep() -> Any:
+            got = receive()
+            pulled[:] = [got[0]] if got else []
+            return got
+
+        def checked_fab(fab_hash: str, run_id: int) -> Any:
+            fab = get_fab(fab_hash, run_id)
+            if fab.hash_str not in allowed or hashlib.sha256(fab.content).hexdigest() != fab.hash_str:
+                raise ForeignApp(refusal(fab.hash_str, fab.content))
+            return fab
+
+        try:
+            return original(state=state, object_store=object_store, receive=receive_and_keep,
+                            get_fab=checked_fab, **rest)
+        except ForeignApp as refused:
+            message = pulled[0]
+            log(ERROR, "refused run %s: %s", message.metadata.run_id, refused)
+            reply = Message(Error(ErrorCode.INVALID_FAB, str(refused)), reply_to=message)
+            insert(reply, state, object_store)
+            return message.metadata.run_id
+
+    pull_and_store_message.allowed_bundles = allowed  # type: ignore[attr-defined]
+    loop_module._pull_and_store_message = pull_and_store_message  # type: ignore[attr-defined]
+
+
 def prepare(loop_module: ModuleType, env: dict[str, str] | os._Environ[str]) -> None:
     """Everything this module changes in Flower's SuperNode loop, as `env` asks."""
+    from .app_bundle import allowed_bundles
+
     pace(loop_module, poll_seconds_from(env))
+    only_pollinate_apps(loop_module, allowed_bundles(env))
     if warm_enabled(env):
         warm_superexec(loop_module)
 

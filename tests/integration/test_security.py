@@ -8,6 +8,7 @@ progress goes on without it."""
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import http.client
 import os
 import signal
@@ -22,11 +23,13 @@ from pathlib import Path
 import pytest
 from example_objects import example
 from flower_processes import BIN, FlowerServer, Site
+from flwr.supercore.fab import Fab
 from pollinate_operator import pki
 from pollinate_operator.api.federation import FederationSpec
 from pollinate_operator.clients.flower import FlowerControl, FlowerRefused
 from pollinate_operator.manifests import server as server_manifests
-from pollinate_runtime.run_config import RunConfig
+from pollinate_runtime.app_bundle import app_bundle_hash
+from pollinate_runtime.run_config import RunConfig, flower_app_pyproject
 from pollinate_runtime.site_session import ACTIVATION_REFUSED, REVOKED
 from pollinate_runtime.store import FederationStore, RunProgress
 from pollinate_testbed import Testbed
@@ -307,6 +310,29 @@ def run_server(testbed: Testbed, tmp_path_factory) -> Iterator[FlowerServer]:
     srv.stop()
 
 
+def start_foreign_run(server: FlowerServer, config: RunConfig, marker: Path) -> tuple[int, str]:
+    """A run whose app bundle is not Pollinate's, started with the operator's credential (so
+    the server gate lets it through): its ClientApp, were a site to import it, would write
+    `marker`. Returns the run id and the bundle's sha256."""
+    from flwr.cli.build import build_fab_from_files
+    from flwr.common.serde import fab_to_proto, user_config_to_proto
+    from flwr.proto.control_pb2 import StartRunRequest  # pylint: disable=no-name-in-module
+
+    # Pollinate's own bundle with the client app swapped: everything else as the server expects.
+    pyproject = flower_app_pyproject().replace('name = "pollinate"', 'name = "evil"').replace(
+        'clientapp = "pollinate_runtime.client_app:app"', 'clientapp = "evil_client:app"')
+    assert 'clientapp = "evil_client:app"' in pyproject
+    evil = (f"from pathlib import Path\nPath({str(marker)!r}).write_text('ran')\n"
+            "from flwr.clientapp import ClientApp\napp = ClientApp()\n")
+    content, _ = build_fab_from_files({"pyproject.toml": pyproject.encode(), "evil_client.py": evil.encode()})
+    fab_hash = hashlib.sha256(content).hexdigest()
+    with server.control() as control:
+        response = control._call("StartRun", StartRunRequest(
+            fab=fab_to_proto(Fab(fab_hash, content, {})),
+            override_config=user_config_to_proto(config.to_flower()), federation=""))
+    return int(response.run_id), fab_hash
+
+
 def progress(testbed: Testbed, name: str) -> RunProgress | None:
     s3 = testbed.s3()
     os.environ.setdefault("AWS_ACCESS_KEY_ID", s3.access_key)
@@ -332,7 +358,7 @@ def test_a_site_revoked_during_a_run_takes_no_part_in_later_rounds(
         eventually(lambda: set(SITE_TEXTS) <= online_sites(run_server), timeout=180, what="sites online")
         s3 = testbed.s3()
         name = f"revoked-{int(time.time() * 1000) % 10**9}"
-        run_id = run_server.start_run(RunConfig(
+        config = RunConfig(
             training_round=name, base_model=str(tiny_model_dir), lora_rank=4, lora_alpha=8.0,
             lora_dropout=0.0, rounds=4, min_sites=2, local_max_steps=4, batch_size=4,
             sequence_length=64, learning_rate=5e-3,
@@ -340,7 +366,23 @@ def test_a_site_revoked_during_a_run_takes_no_part_in_later_rounds(
             # reply: 60 s, several times what a round of the tiny model takes on a busy CI.
             round_timeout_seconds=60,
             s3_bucket=s3.bucket, s3_prefix="security-tests", s3_endpoint=s3.endpoint,
-            sites=tuple(SITE_TEXTS), site_nodes={s: int(n) for s, n in node_ids.items()}))
+            sites=tuple(SITE_TEXTS), site_nodes={s: int(n) for s, n in node_ids.items()})
+
+        # First a run carrying a bundle other than Pollinate's: every site refuses it, naming
+        # both hashes, runs none of it, and stays connected for the run after it.
+        marker = tmp_path / "foreign-client-app-ran"
+        foreign_id, foreign_hash = start_foreign_run(run_server, config.replace(
+            training_round=f"foreign-{name}"), marker)
+        state = run_server.wait_run(foreign_id, timeout=300)
+        assert (state.status, state.sub_status) == ("finished", "failed"), state
+        assert "no site answered" in state.details, state
+        assert not marker.exists(), "a site ran the foreign bundle's client app"
+        for site in sites.values():
+            assert f"refused run {foreign_id}" in site.output() and foreign_hash in site.output()
+            assert app_bundle_hash() in site.output()
+        assert set(SITE_TEXTS) <= online_sites(run_server)
+
+        run_id = run_server.start_run(config)
 
         def first_round_done() -> int | None:
             p = progress(testbed, name)

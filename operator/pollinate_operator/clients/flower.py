@@ -5,11 +5,9 @@ The operator starts, polls and stops runs here, and registers and unregisters si
 
 from __future__ import annotations
 
-import hashlib
 from dataclasses import dataclass
 
 import httpx
-from flwr.cli.build import build_fab_from_files
 from flwr.common.serde import fab_to_proto, run_from_proto, user_config_to_proto
 from flwr.proto.control_pb2 import (  # pylint: disable=no-name-in-module
     ListNodesRequest,
@@ -24,7 +22,8 @@ from flwr.supercore.fab import Fab
 from flwr.supercore.interceptors.http.runtime_version import RuntimeVersionHttpInterceptor
 from flwr.supercore.interceptors.http.utils import add_headers
 from flwr.supercore.protobuf.client import ProtobufCall, ProtobufRequestContext
-from pollinate_runtime.run_config import RunConfig, flower_app_pyproject
+from pollinate_runtime.app_bundle import app_bundle, app_bundle_hash
+from pollinate_runtime.run_config import RunConfig
 
 
 class FlowerUnavailable(ConnectionError):
@@ -73,10 +72,9 @@ class RegisteredNode:
     public_key_pem: bytes
 
 
-def app_bundle(config: RunConfig) -> Fab:
-    """The FAB for a run: a pyproject naming Pollinate's apps, which the images carry."""
-    content, _ = build_fab_from_files({"pyproject.toml": flower_app_pyproject(config).encode()})
-    return Fab(hashlib.sha256(content).hexdigest(), content, {})
+def pollinate_fab() -> Fab:
+    """Pollinate's app bundle, the same for every run: sites refuse any other."""
+    return Fab(app_bundle_hash(), app_bundle(), {})
 
 
 class FlowerControl:
@@ -110,7 +108,7 @@ class FlowerControl:
 
     def start_run(self, config: RunConfig) -> int:
         request = StartRunRequest(
-            fab=fab_to_proto(app_bundle(config)),
+            fab=fab_to_proto(pollinate_fab()),
             override_config=user_config_to_proto(config.to_flower()),
             federation="",
         )

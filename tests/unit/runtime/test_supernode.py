@@ -3,15 +3,17 @@ those waits change."""
 
 from __future__ import annotations
 
+import hashlib
 import inspect
 import subprocess
 import sys
 import time
 import types
 
+import pollinate_runtime
 import pytest
 from flwr.supernode import start_client_internal
-from pollinate_runtime import supernode
+from pollinate_runtime import app_bundle, supernode
 
 
 def test_flowers_supernode_loop_still_has_the_waits_the_pacing_replaces():
@@ -206,3 +208,124 @@ def test_the_command_gives_clientapps_the_longer_start() -> None:
     result = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=120)
     assert result.returncode == 0, result.stderr[-2000:]
     assert float(result.stdout.strip()) == supernode.CLAIM_START_SECONDS
+
+
+# ---- only Pollinate's own client app -------------------------------------------------------
+
+
+def fake_loop(fab_content: bytes, fab_hash: str | None = None) -> tuple[types.ModuleType, list]:
+    """A SuperNode loop module whose pull receives one message of run 7 and fetches its bundle,
+    as Flower's does; `inserted` collects the replies put in the node's state."""
+    from flwr.app import Metadata, RecordDict
+    from flwr.app.message.message import make_message
+    from flwr.supercore.fab import Fab
+
+    loop, inserted = types.ModuleType("loop"), []
+    message = make_message(Metadata(run_id=7, message_id="m1", src_node_id=0, dst_node_id=1,
+                                    reply_to_message_id="", group_id="1", created_at=time.time(),
+                                    ttl=60.0, message_type="train"), RecordDict())
+
+    def pull(*, state, object_store, node_config, receive, get_run, get_fab, pull_object,
+             confirm_message_received, trusted_entities):
+        got, _ = receive()
+        get_fab(fab_hash or hashlib.sha256(fab_content).hexdigest(), got.metadata.run_id)
+        loop.launched = True
+        return got.metadata.run_id
+
+    loop._pull_and_store_message = pull
+    loop._insert_message = lambda msg, state, store: inserted.append(msg)
+    loop.launched = False
+    loop.receive = lambda: (message, None)
+    loop.get_fab = lambda h, run_id: Fab(h, fab_content, {})
+    return loop, inserted
+
+
+def pull_once(loop: types.ModuleType) -> int | None:
+    return loop._pull_and_store_message(
+        state=None, object_store=None, node_config={}, receive=loop.receive, get_run=None,
+        get_fab=loop.get_fab, pull_object=None, confirm_message_received=None, trusted_entities=None)
+
+
+def foreign_bundle(version: str = "6.6.6") -> bytes:
+    from flwr.cli.build import build_fab_from_files
+
+    pyproject = (f'[project]\nname = "evil"\nversion = "{version}"\n[tool.flwr.app]\n'
+                 'publisher = "mallory"\n[tool.flwr.app.components]\n'
+                 'serverapp = "pollinate_runtime.server_app:app"\nclientapp = "evil:app"\n')
+    return build_fab_from_files({"pyproject.toml": pyproject.encode(), "evil.py": b"import os\n"})[0]
+
+
+def test_pollinates_own_bundle_runs():
+    loop, inserted = fake_loop(app_bundle.app_bundle())
+    supernode.only_pollinate_apps(loop, app_bundle.allowed_bundles({}))
+    assert pull_once(loop) == 7 and loop.launched and not inserted
+
+
+def test_a_foreign_bundle_is_refused_naming_both_hashes_and_nothing_runs():
+    from flwr.common.constant import ErrorCode
+
+    content = foreign_bundle()
+    loop, inserted = fake_loop(content)
+    supernode.only_pollinate_apps(loop, app_bundle.allowed_bundles({}))
+    assert pull_once(loop) == 7  # handled: the loop goes on to push the reply
+    assert not loop.launched
+    (reply,) = inserted
+    assert reply.error.code == ErrorCode.INVALID_FAB
+    foreign = hashlib.sha256(content).hexdigest()
+    assert foreign in reply.error.reason and app_bundle.app_bundle_hash() in reply.error.reason
+    assert "app 'evil' version '6.6.6'" in reply.error.reason
+    assert f"pollinate {pollinate_runtime.__version__}" in reply.error.reason
+
+
+def test_a_bundle_that_claims_pollinates_hash_with_other_bytes_is_refused():
+    loop, inserted = fake_loop(foreign_bundle(), fab_hash=app_bundle.app_bundle_hash())
+    supernode.only_pollinate_apps(loop, app_bundle.allowed_bundles({}))
+    pull_once(loop)
+    assert not loop.launched and len(inserted) == 1
+
+
+def test_a_site_may_allow_another_bundle_by_its_hash():
+    content = foreign_bundle()
+    loop, inserted = fake_loop(content)
+    also = " " + hashlib.sha256(content).hexdigest().upper()
+    allowed = app_bundle.allowed_bundles({app_bundle.ALLOWED_ENV: also})
+    supernode.only_pollinate_apps(loop, allowed)
+    assert pull_once(loop) == 7 and loop.launched and not inserted
+
+
+@pytest.mark.parametrize("raw", ["abc", "g" * 64, "a" * 63 + ",x"])
+def test_an_allowed_bundle_that_is_not_a_hash_is_named(raw):
+    with pytest.raises(ValueError, match=app_bundle.ALLOWED_ENV):
+        app_bundle.allowed_bundles({app_bundle.ALLOWED_ENV: raw})
+
+
+@pytest.mark.parametrize(("content", "said"), [
+    (b"not a zip", "not a readable FAB"),
+    (b"x" * (app_bundle.MAX_DESCRIBED_BYTES + 1), "an app bundle of"),
+])
+def test_a_malformed_bundle_is_described_without_being_trusted(content, said):
+    assert said in app_bundle.describe(content)
+
+
+def test_pollinates_bundle_is_one_per_version_and_the_one_the_operator_sends():
+    from pollinate_operator.clients.flower import pollinate_fab
+
+    app_bundle.app_bundle.cache_clear()
+    first = app_bundle.app_bundle()
+    app_bundle.app_bundle.cache_clear()
+    assert app_bundle.app_bundle() == first
+    assert pollinate_fab().hash_str == app_bundle.app_bundle_hash()
+    assert f"app 'pollinate' version '{pollinate_runtime.__version__}'" == app_bundle.describe(first)
+
+
+def test_flowers_supernode_loop_still_pulls_bundles_as_the_check_expects():
+    from flwr.supernode import start_client_internal as real
+
+    assert "get_fab = " not in inspect.getsource(real._pull_and_store_message)  # only the argument
+    assert "fab = get_fab(run_info.fab_hash, run_id)" in inspect.getsource(real._pull_and_store_message)
+    assert "get_fab=get_fab" in inspect.getsource(real)  # the loop passes it by name
+    copy = types.ModuleType("copy")
+    copy._pull_and_store_message, copy._insert_message = real._pull_and_store_message, real._insert_message
+    supernode.only_pollinate_apps(copy, frozenset())
+    with pytest.raises(RuntimeError, match="pinned flwr"):
+        supernode.only_pollinate_apps(types.ModuleType("moved"), frozenset())
