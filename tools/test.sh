@@ -42,8 +42,9 @@ start_lane() {
     if [ "$rc" != 0 ]; then echo "$rc" >"$lane/status"; exit; fi
     start=$SECONDS
     # Its own base for temporary folders, apart from the main lane'"'"'s numbered ones (left in
-    # place, like those: a pod'"'"'s folders may be bind mounts while its testbed stops).
-    base=$(mktemp -d "${TMPDIR:-/tmp}/pytest-$(basename "$lane").XXXXXX")
+    # place, like those: a pod'"'"'s folders may be bind mounts while its testbed stops). A short
+    # name: the tests put Unix sockets in these folders.
+    base=$(mktemp -d "${TMPDIR:-/tmp}/pt.XXXXXX")
     rc=0; .venv/bin/python -m pytest -p no:cacheprovider --basetemp "$base" "$@" \
       >"$lane/pytest.log" 2>&1 || rc=$?
     echo $((SECONDS - start)) >"$lane/pytest.seconds"

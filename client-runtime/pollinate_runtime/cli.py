@@ -28,7 +28,7 @@ from typing import Any, TextIO
 
 from . import __version__
 from .site_session import SITE_SECRET, Rejoin, Retry, run_supernode
-from .site_trainer import SiteOptions, SiteTrainer, TrainerServer
+from .site_trainer import SiteOptions, SiteTrainer, TrainerServer, trainer_socket_path
 from .supernode import DEFAULT_POLL_SECONDS, HEARTBEAT_ENV, HEARTBEAT_RANGE, POLL_ENV
 
 log = logging.getLogger("pollinate.client")
@@ -257,7 +257,7 @@ def join(args: argparse.Namespace) -> int:
         site=args.site, data=Path(args.data), device=args.device, quantization=args.quantization,
         general_eval=Path(args.general_eval) if args.general_eval else None),
         on_event=Reporter(args.site))
-    socket_path = work / f"trainer-{args.site}.sock"
+    socket_path = trainer_socket_path(work, args.site)
     server = TrainerServer(trainer, socket_path)
     server.start()
     log.info("site %s joining %s:%d (pollinate %s)", args.site, host, port, __version__)

@@ -57,6 +57,32 @@ def _authkey_path(socket_path: Path) -> Path:
     return socket_path.with_suffix(".key")
 
 
+# A Unix socket's path holds at most 107 bytes on Linux (103 on macOS): a work folder deep in a
+# home directory or a test's temporary tree leaves no room for the socket's own name.
+SOCKET_PATH_MAX = 100
+
+
+def trainer_socket_path(work: Path, site: str) -> Path:
+    """Where the site's trainer listens: in its work folder when the path fits a Unix socket,
+    else in a folder of this user's own (mode 0700) under the temporary directory, named by a
+    hash of the work folder and site (two sites never share it)."""
+    preferred = work / f"trainer-{site}.sock"
+    if len(os.fsencode(preferred.absolute())) <= SOCKET_PATH_MAX:
+        return preferred
+    import hashlib
+    import tempfile
+
+    private = Path(tempfile.gettempdir()) / f"pollinate-{os.getuid()}"
+    private.mkdir(mode=0o700, exist_ok=True)
+    owner = private.stat()
+    if owner.st_uid != os.getuid() or owner.st_mode & 0o077:
+        raise OSError(f"{private} is not this user's alone (owner {owner.st_uid}, mode "
+                      f"{owner.st_mode & 0o777:o}): the trainer's socket cannot go there; use a "
+                      "shorter --work-dir")
+    digest = hashlib.sha256(f"{preferred.absolute()}".encode()).hexdigest()[:16]
+    return private / f"trainer-{digest}.sock"
+
+
 def initial_adapter(shapes: dict[str, tuple[int, ...]], rank: int, seed: int) -> dict[str, np.ndarray]:
     """A full-rank starting adapter as PEFT initialises one (lora_A Kaiming-uniform, lora_B
     zero, so the adapter starts as the identity), from the site model's tensor shapes. Made

@@ -22,7 +22,7 @@ import numpy as np
 from flwr.app import Array, ArrayRecord
 from pollinate_runtime import messages as m
 from pollinate_runtime.cli import parse_server, supernode_command, supernode_env
-from pollinate_runtime.site_trainer import TrainerServer
+from pollinate_runtime.site_trainer import TrainerServer, trainer_socket_path
 from pollinate_runtime.wire import LAYOUT, PACKED_STYPE, TENSORS, to_record
 
 RECORD_KINDS = ("float64", "int8", "oversized", "scaled-1e6")
@@ -112,7 +112,7 @@ def main() -> int:
     args = parser.parse_args()
     work = Path(args.work_dir)
     work.mkdir(parents=True, exist_ok=True)
-    socket_path = work / f"trainer-{args.site}.sock"
+    socket_path = trainer_socket_path(work, args.site)
     server = TrainerServer(HostileTrainer(args.kind, args.site), socket_path)  # type: ignore[arg-type]
     server.start()
     env = supernode_env(work)
