@@ -14,6 +14,7 @@ import pytest
 import yaml
 from example_objects import create_s3_secret, example_federation, example_round
 from operator_process import OperatorProcess
+from pollinate_operator.manifests import names
 from pollinate_testbed.testing import Kubectl, eventually
 
 pytestmark = pytest.mark.cluster
@@ -109,6 +110,36 @@ def test_client_jobs_land_on_their_sites_gpu_nodes(ready_federation: str, kubect
     assert st["progress"] == "0/3"
     out = kubectl.run("get", "trainingrounds").stdout
     assert "clinical-notes" in out and "Running" in out
+
+
+def test_names_up_to_the_kubernetes_limit_derive_distinct_children(operator, kubectl: Kubectl) -> None:
+    # Before derived names were fitted with a hash, two TrainingRounds of 60 characters gave
+    # every site the same Job, and a name near 63 failed the operator's pass with a 422.
+    create_s3_secret(kubectl)
+    federation = ("clinical-notes-" * 17)[:250]
+    kubectl.apply(example_federation(federation))
+    eventually(lambda: status(kubectl, "federation", federation).get("phase") == "Ready",
+               timeout=90, what="a Federation with a 250-character name Ready")
+    shared = ("notes-" * 10)[:56]
+    rounds = [f"{shared}-one", f"{shared}-two", ("notes-v" * 36)[:249] + "1"]
+    assert [len(r) for r in rounds] == [60, 60, 250]
+    for name in rounds:
+        kubectl.apply(example_round(name, federation=federation))
+
+    def all_jobs() -> list[dict] | None:
+        jobs = kubectl.json("get", "jobs")["items"]
+        return jobs if len(jobs) == 9 else None
+
+    jobs = eventually(all_jobs, timeout=120, what="three client Jobs for each of three rounds")
+    assert len({j["metadata"]["name"] for j in jobs}) == 9
+    owners = sorted(j["metadata"]["ownerReferences"][0]["name"] for j in jobs)
+    assert owners == sorted(rounds * 3)
+    for name in rounds:
+        eventually(lambda n=name: status(kubectl, "traininground", n).get("phase") == "Running",
+                   timeout=60, what=f"TrainingRound of {len(name)} characters Running")
+        for site in ("hospital-a", "hospital-b", "clinic-c"):
+            selector = f"{names.training_round_selector(name)},{names.SITE_LABEL}={site}"
+            assert kubectl.json("get", "pods", "-l", selector)["items"], (name, site)
 
 
 def test_site_without_a_free_gpu_is_reported_after_the_pending_timeout(

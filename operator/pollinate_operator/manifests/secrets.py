@@ -22,7 +22,7 @@ def _secret(name: str, namespace: str, federation: str, data: dict[str, bytes],
         "type": type,
         "metadata": {
             "name": name, "namespace": namespace,
-            "labels": {names.FEDERATION_LABEL: federation, **names.MANAGED_BY},
+            "labels": {names.FEDERATION_LABEL: names.label_value(federation), **names.MANAGED_BY},
             "annotations": annotations or {},
         },
         "data": {k: _b64(v) for k, v in data.items()},

@@ -185,7 +185,7 @@ def network_policy(name: str, namespace: str, settings: Settings) -> dict:
          "podSelector": {"matchLabels": settings.ingress_controller_labels}},
         # No namespaceSelector: this Federation's own namespace only.
         {"podSelector": {"matchLabels": {
-            names.FEDERATION_LABEL: name, names.COMPONENT_LABEL: "site-client"}}},
+            names.FEDERATION_LABEL: names.label_value(name), names.COMPONENT_LABEL: "site-client"}}},
         {"namespaceSelector": _namespace(settings.operator_namespace),
          "podSelector": {"matchLabels": settings.operator_labels}},
     ]
