@@ -147,7 +147,7 @@ class FederatedRun:
         self.site_states: dict[str, dict[str, Any]] = {}
         self._spill = tempfile.TemporaryDirectory(prefix="pollinate-spill-")
         self.aggregator = self._make_aggregator()
-        self.rng = random.Random(config.training_round)
+        self.rng = random.Random(config.run_key)
 
     def _make_aggregator(self) -> Aggregator:
         c = self.config
@@ -432,13 +432,13 @@ class FederatedRun:
     def write_progress(self, round: int, phase: str = "Running", adapter_version: int | None = None,
                        last_checkpoint: str | None = None, message: str = "") -> None:
         self.store.write_progress(RunProgress(
-            training_round=self.config.training_round, round=round, total_rounds=self.config.rounds,
+            training_round=self.config.run_key, round=round, total_rounds=self.config.rounds,
             phase=phase, rounds=self.status_metrics(), sites=self.site_states,
             last_checkpoint=last_checkpoint, adapter_version=adapter_version, message=message))
 
     def checkpoint(self, round: int, adapter: AdapterState) -> str:
         privacy = getattr(self.aggregator, "privacy", None)
-        pointer = self.store.save_checkpoint(self.config.training_round, Checkpoint(
+        pointer = self.store.save_checkpoint(self.config.run_key, Checkpoint(
             round=round, adapter=adapter, strategy_state=self.aggregator.state_dict(),
             privacy_state=privacy.state_dict() if privacy else None,
             metrics=self.metrics,
@@ -446,7 +446,7 @@ class FederatedRun:
         return pointer.manifest_key
 
     def resume(self) -> tuple[int, AdapterState | None]:
-        checkpoint = self.store.load_checkpoint(self.config.training_round)
+        checkpoint = self.store.load_checkpoint(self.config.run_key)
         if checkpoint is None:
             return 0, None
         self.aggregator.load_state_dict(checkpoint.strategy_state)
@@ -455,7 +455,7 @@ class FederatedRun:
             privacy.load_state_dict(checkpoint.privacy_state)
         self.metrics = list(checkpoint.metrics)
         log.info("resuming %s after round %d from its checkpoint",
-                 self.config.training_round, checkpoint.round)
+                 self.config.run_key, checkpoint.round)
         return checkpoint.round, checkpoint.adapter
 
     def _published_version(self) -> int | None:
@@ -468,7 +468,7 @@ class FederatedRun:
             except CorruptObject as err:  # someone else's broken version must not stop this run
                 log.warning("skipping adapter version v%d: %s", version, err)
                 continue
-            if manifest and manifest.get("trainingRound") == self.config.training_round:
+            if manifest and manifest.get("trainingRound") == self.config.run_key:
                 return version
         return None
 
@@ -515,7 +515,7 @@ class FederatedRun:
             target_modules=list(c.lora_target_modules), revision=c.base_model_revision)
         parent = int(c.initial_adapter_version.lstrip("v")) if c.initial_adapter_version else None
         published = self.store.publish_adapter(
-            adapter, config, training_round=c.training_round, round=c.rounds, sites=examples,
+            adapter, config, training_round=c.run_key, round=c.rounds, sites=examples,
             metrics={"rounds": self.status_metrics()}, parent_version=parent)
         log.info("published adapter v%d", published.version)
         return published.version

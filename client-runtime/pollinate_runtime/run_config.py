@@ -12,6 +12,8 @@ import dataclasses
 from dataclasses import dataclass, field, fields
 from typing import Any
 
+from . import __version__
+
 STRATEGIES = ("fedavg", "fedprox", "fedadam", "trimmedmean", "median")
 TRANSPORT_DTYPES = ("float16", "float32")
 
@@ -22,8 +24,10 @@ class RunConfigError(ValueError):
 
 @dataclass(frozen=True)
 class RunConfig:
-    # Identity: where the run's state lives in S3 and what it reports to.
+    # Identity: where the run's state lives in S3 and what it reports to. A TrainingRound
+    # deleted and created again under its name has another uid: its run is a new one.
     training_round: str = "default"
+    training_round_uid: str = ""
     namespace: str = "default"
     federation: str = "default"
     # Base model and adapter.
@@ -94,6 +98,11 @@ class RunConfig:
         if self.noise_multiplier > 0 and self.clipping_norm <= 0:
             raise RunConfigError("noise-multiplier > 0 needs clipping-norm > 0")
 
+    @property
+    def run_key(self) -> str:
+        """The run's own folder name in S3 (checkpoints/<run key>/, runs/<run key>/)."""
+        return run_key(self.training_round, self.training_round_uid)
+
     def rank_of(self, site: str) -> int:
         return self.site_ranks.get(site, self.lora_rank)
 
@@ -156,11 +165,20 @@ def _parse(f: dataclasses.Field, key: str, raw: Any) -> Any:
         raise RunConfigError(f"run config {key}={raw!r}: expected {type(default).__name__}") from err
 
 
+def run_key(training_round: str, uid: str) -> str:
+    """A TrainingRound's name with the first 8 characters of its uid: a TrainingRound created
+    again under an old name never finds, resumes or reports the old one's state. Without a uid
+    (a run started by hand) the name alone."""
+    return f"{training_round}-{uid[:8]}" if uid else training_round
+
+
 def flower_app_pyproject(config: RunConfig | None = None) -> str:
-    """The pyproject.toml of Pollinate's Flower app bundle (FAB).
+    """The pyproject.toml of Pollinate's Flower app bundle (FAB; app_bundle.py).
 
     The FAB carries no code: server and client apps are installed in the images (and on a
-    laptop with pip), so a run only names them and ships its configuration defaults.
+    laptop with pip), so a run only names them and declares every setting with its default
+    (Flower takes a run's own values as overrides of declared keys only). `config` changes
+    the defaults, for a bench that starts runs the way `flwr run` does.
     """
     defaults = (config or RunConfig()).to_flower()
     lines = [
@@ -170,7 +188,7 @@ def flower_app_pyproject(config: RunConfig | None = None) -> str:
         "",
         "[project]",
         'name = "pollinate"',
-        'version = "0.1.0"',
+        f'version = "{__version__}"',
         'description = "Federated LoRA fine-tuning"',
         'license = "Apache-2.0"',
         "dependencies = []",

@@ -1,19 +1,20 @@
 """Training state in S3: checkpoints with a pointer, published adapter versions, run progress.
 
-Layout under the Federation's bucket and prefix (DESIGN.md, "Storage layout in S3"):
+Layout under the Federation's bucket and prefix (DESIGN.md, "Storage layout in S3"); a run's
+key is its TrainingRound's name and the start of its uid (run_config.run_key):
 
-    checkpoints/<training-round>/round-<k>/adapter.safetensors   global adapter (float32)
-    checkpoints/<training-round>/round-<k>/strategy.safetensors  server optimiser state (m, v)
-    checkpoints/<training-round>/round-<k>/privacy.json          DP accountant ledger
-    checkpoints/<training-round>/round-<k>/metrics.json          per-round metrics so far
-    checkpoints/<training-round>/round-<k>/state.json            anything else the server resumes
-    checkpoints/<training-round>/round-<k>/manifest.json         sha256 and size of each above
-    checkpoints/<training-round>/latest.json                     pointer: round, manifest sha256
-    adapters/v<n>/adapter_model.safetensors                      as PEFT writes it
-    adapters/v<n>/adapter_config.json                            as PEFT writes it
-    adapters/v<n>/manifest.json                                  round, sites, metrics, checksums,
-                                                                 base model, parent version
-    runs/<training-round>/progress.json                          round k/N, metrics, sites
+    checkpoints/<run-key>/round-<k>/adapter.safetensors   global adapter (float32)
+    checkpoints/<run-key>/round-<k>/strategy.safetensors  server optimiser state (m, v)
+    checkpoints/<run-key>/round-<k>/privacy.json          DP accountant ledger
+    checkpoints/<run-key>/round-<k>/metrics.json          per-round metrics so far
+    checkpoints/<run-key>/round-<k>/state.json            anything else the server resumes
+    checkpoints/<run-key>/round-<k>/manifest.json         sha256 and size of each above
+    checkpoints/<run-key>/latest.json                     pointer: round, manifest sha256
+    adapters/v<n>/adapter_model.safetensors               as PEFT writes it
+    adapters/v<n>/adapter_config.json                     as PEFT writes it
+    adapters/v<n>/manifest.json                           round, sites, metrics, checksums,
+                                                          base model, parent version
+    runs/<run-key>/progress.json                          round k/N, metrics, sites
 
 The pointer protocol: every object of a checkpoint is written, then its manifest (checksums of
 all of them), and only then the pointer naming the manifest and the manifest's checksum. A

@@ -172,6 +172,22 @@ def test_operator_runs_a_training_round_on_a_real_flower_server(
         row = kubectl.run("get", "federation", "clinical-notes").stdout.splitlines()[1].split()
         assert row[4] == done["adapterVersion"]  # NAME PHASE ENDPOINT SITES LATEST-ADAPTER AGE
 
+        # Deleted and created again under its name: a new run (keyed by the new uid) that
+        # trains from round 0 and publishes the next version; the old version stays.
+        old_uid = kubectl.json("get", "traininground", "notes-v1")["metadata"]["uid"]
+        kubectl.run("delete", "traininground", "notes-v1", "--timeout=60s")
+        kubectl.apply(yaml.safe_dump(tr))
+        again = eventually(lambda: (st := status()).get("phase") in ("Succeeded", "Failed") and st,
+                           timeout=300, what="the re-created TrainingRound finished")
+        assert kubectl.json("get", "traininground", "notes-v1")["metadata"]["uid"] != old_uid
+        assert again["phase"] == "Succeeded", again.get("conditions")
+        assert again["runKey"] != done["runKey"] and again["runId"] != done["runId"]
+        assert int(again["adapterVersion"][1:]) == int(done["adapterVersion"][1:]) + 1
+        assert [m["round"] for m in again["metrics"]] == [0, 1, 2] and "resumedFromRound" not in again
+        store = FederationStore(ObjectStore(testbed.s3_client(), testbed.s3().bucket,
+                                            f"operator-flower/{kubectl.namespace}"))
+        assert store.adapter_manifest(int(done["adapterVersion"][1:]))["trainingRound"] == done["runKey"]
+
         # Deleting a TrainingRound stops its Flower run and removes its Jobs; its S3 data stays.
         tr["metadata"]["name"] = "notes-v2"
         tr["spec"]["rounds"] = 50
@@ -183,12 +199,14 @@ def test_operator_runs_a_training_round_on_a_real_flower_server(
         run_id = int(eventually(lambda: v2_status().get("runId"), timeout=90, interval=2,
                                 what="notes-v2 submitted"))
         eventually(lambda: v2_status().get("round", 0) >= 1, timeout=300, what="notes-v2 round 1")
+        key = v2_status()["runKey"]  # notes-v2 and the start of its uid: its folders in S3
+        assert key.startswith("notes-v2-") and len(key) == len("notes-v2-") + 8
         v2_jobs = ["get", "jobs", "-l", "pollinate.dev/traininground=notes-v2"]
         assert len(kubectl.json(*v2_jobs)["items"]) == 3
         store = FederationStore(ObjectStore(testbed.s3_client(), testbed.s3().bucket,
                                             f"operator-flower/{kubectl.namespace}"))
-        kept = store.objects.list("checkpoints/notes-v2/") + store.objects.list("runs/notes-v2/")
-        assert "runs/notes-v2/progress.json" in kept and "checkpoints/notes-v2/latest.json" in kept
+        kept = store.objects.list(f"checkpoints/{key}/") + store.objects.list(f"runs/{key}/")
+        assert f"runs/{key}/progress.json" in kept and f"checkpoints/{key}/latest.json" in kept
         kubectl.run("delete", "traininground", "notes-v2", "--timeout=60s")
 
         def stopped() -> bool:
@@ -198,9 +216,9 @@ def test_operator_runs_a_training_round_on_a_real_flower_server(
 
         eventually(stopped, timeout=60, what="Flower run stopped")
         eventually(lambda: not kubectl.json(*v2_jobs)["items"], what="notes-v2 Jobs removed")
-        assert set(kept) <= set(store.objects.list("checkpoints/notes-v2/")
-                                + store.objects.list("runs/notes-v2/")), "S3 data of notes-v2 deleted"
-        assert store.read_progress("notes-v2").round >= 1
+        assert set(kept) <= set(store.objects.list(f"checkpoints/{key}/")
+                                + store.objects.list(f"runs/{key}/")), "S3 data of notes-v2 deleted"
+        assert store.read_progress(key).round >= 1
 
 
 def test_a_suspended_round_resumes_after_its_last_checkpoint_without_redoing_rounds(
@@ -227,16 +245,17 @@ def test_a_suspended_round_resumes_after_its_last_checkpoint_without_redoing_rou
         eventually(first_run_stopped, timeout=60, what="the first Flower run stopped")
         store = FederationStore(ObjectStore(testbed.s3_client(), testbed.s3().bucket,
                                             f"operator-flower/{kubectl.namespace}"))
+        key = first["runKey"]
 
         def settled_checkpoint() -> int | None:
-            before = store.latest_checkpoint_pointer("notes-v1")
+            before = store.latest_checkpoint_pointer(key)
             time.sleep(5)  # a server app still finishing a checkpoint would move the pointer
-            after = store.latest_checkpoint_pointer("notes-v1")
+            after = store.latest_checkpoint_pointer(key)
             return after.round if after and before and after.round == before.round else None
 
         k = eventually(settled_checkpoint, timeout=60, what="checkpoint pointer settled")
         assert 1 <= k < rounds, f"the run went to round {k} before it was suspended"
-        progress_round = store.read_progress("notes-v1").round
+        progress_round = store.read_progress(key).round
         resumed_at = dt.datetime.now(dt.UTC)
         kubectl.run("patch", "traininground", "notes-v1", "--type=merge", "-p", '{"spec":{"suspend":false}}')
 
@@ -249,7 +268,7 @@ def test_a_suspended_round_resumes_after_its_last_checkpoint_without_redoing_rou
         assert [m["round"] for m in done["metrics"]] == list(range(rounds + 1))
         # Rounds up to k were not redone: their checkpoints predate the resume, the others follow it.
         listing = testbed.s3_client().list_objects_v2(
-            Bucket=testbed.s3().bucket, Prefix=f"operator-flower/{kubectl.namespace}/checkpoints/notes-v1/")
+            Bucket=testbed.s3().bucket, Prefix=f"operator-flower/{kubectl.namespace}/checkpoints/{key}/")
         written = {int(o["Key"].split("/round-")[1].split("/")[0]): o["LastModified"]
                    for o in listing["Contents"] if o["Key"].endswith("/manifest.json")}
         assert sorted(written) == list(range(1, rounds + 1))

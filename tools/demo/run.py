@@ -92,7 +92,7 @@ def main(argv: list[str] | None = None) -> int:
         os.environ.update({"AWS_ACCESS_KEY_ID": s3.access_key, "AWS_SECRET_ACCESS_KEY": s3.secret_key})
         store = FederationStore.connect(fed["bucket"], fed.get("prefix", "clinical-notes"),
                                         endpoint_url=s3.endpoint)
-        progress = store.read_progress("notes-v1")
+        progress = store.read_progress(final["runKey"]) if final.get("runKey") else None
         rounds = progress.rounds if progress else final.get("metrics", [])
         report = write_report(out, "notes-v1", final, rounds, extra={
             "sites": ", ".join(f"{s} ({c})" for s, c in SITE_CORPORA.items()),

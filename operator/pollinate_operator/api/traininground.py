@@ -102,6 +102,7 @@ class TrainingRoundStatus(ApiModel):
     round: int | None = None
     rounds: int | None = None
     run_id: str | None = None
+    run_key: str | None = None
     run_submissions: int | None = None
     resumed_from_round: int | None = None
     sites_ready: str | None = None

@@ -15,7 +15,7 @@ from ..clients import kube, storage
 from ..clients.flower import FlowerControl, FlowerRefused, FlowerUnavailable
 from ..manifests import clients as client_manifests
 from ..manifests import names, server
-from ..manifests.run import run_config
+from ..manifests.run import run_config, run_key
 from ..manifests.security import owner_reference
 from ..metrics import count_training_round
 from ..reconcile import traininground as plan
@@ -32,7 +32,7 @@ def _parse_time(value: str | None) -> dt.datetime | None:
 
 
 def observe_jobs(namespace: str, training_round: str) -> dict[str, plan.JobObserved]:
-    selector = f"{names.TRAINING_ROUND_LABEL}={training_round}"
+    selector = names.training_round_selector(training_round)
     pods_by_site: dict[str, list[plan.PodObserved]] = {}
     for pod in sorted(kube.list_pods(namespace, selector),
                       key=lambda p: p["metadata"].get("creationTimestamp", "")):
@@ -59,13 +59,14 @@ def observe_jobs(namespace: str, training_round: str) -> dict[str, plan.JobObser
     return jobs
 
 
-def _find_run(control: FlowerControl, namespace: str, training_round: str) -> int | None:
+def _find_run(control: FlowerControl, namespace: str, training_round: str, uid: str) -> int | None:
     """A live run of this TrainingRound the server already has (submitted by a pass whose
-    status write was lost): adopted instead of submitting a duplicate."""
+    status write was lost): adopted instead of submitting a duplicate. One of an earlier
+    TrainingRound of the same name (another uid) is not this one's."""
     for run in control.list_runs():
         config = run.override_config
         if (config.get("training-round") == training_round and config.get("namespace") == namespace
-                and run.status != "finished"):
+                and config.get("training-round-uid") == uid and run.status != "finished"):
             return run.run_id
     return None
 
@@ -104,6 +105,8 @@ def reconcile(name: str, namespace: str, body: kopf.Body, settings: Settings,
 
     run_id = int(previous.run_id) if previous.run_id else None
     live = fed is not None and previous.phase not in plan.TERMINAL
+    uid = str(body.meta.get("uid") or "")
+    key = run_key(name, uid)
 
     def observe_flower() -> FlowerObserved:
         if not (live and (fed_ready or previous.run_id)):
@@ -113,7 +116,7 @@ def reconcile(name: str, namespace: str, body: kopf.Body, settings: Settings,
         if control is None:
             return FlowerObserved(run_id)
         try:
-            found = run_id if run_id is not None else _find_run(control, namespace, name)
+            found = run_id if run_id is not None else _find_run(control, namespace, name, uid)
             state = control.get_run(found) if found is not None else None
             run = plan.RunObserved(state.status, state.sub_status, state.details) if state else None
             registered = (_registered_nodes(control, spec.federation, namespace, fed)
@@ -126,7 +129,7 @@ def reconcile(name: str, namespace: str, body: kopf.Body, settings: Settings,
             return FlowerObserved(run_id)
 
     def observe_progress() -> plan.Progress | None:
-        return storage.read_progress(fed, spec.federation, namespace, name) if live and fed else None
+        return storage.read_progress(fed, spec.federation, namespace, key) if live and fed else None
 
     # Three independent reads (the Flower server, S3, the API server): side by side, a pass
     # costs the slowest of them, not their sum.
@@ -141,7 +144,7 @@ def reconcile(name: str, namespace: str, body: kopf.Body, settings: Settings,
         now=dt.datetime.now(dt.UTC), generation=body.meta.get("generation", 0),
         federation=fed, federation_ready=fed_ready, jobs=jobs,
         run=flower.run, server_reachable=flower.reachable, progress=progress,
-        registered_nodes=flower.registered,
+        registered_nodes=flower.registered, run_key=key,
         previous=previous.model_copy(update={"run_id": str(run_id) if run_id else None}),
     )
     decision = plan.decide(name, spec, observed)
@@ -151,7 +154,7 @@ def reconcile(name: str, namespace: str, body: kopf.Body, settings: Settings,
             control.stop_run(run_id)
             logger.info("stopped Flower run %s", run_id)
         if decision.submit_run and control and fed is not None:
-            config = run_config(name, namespace, spec, spec.federation, fed, flower.registered)
+            config = run_config(name, namespace, spec, spec.federation, fed, flower.registered, uid)
             run_id = control.start_run(config)
             status = status.model_copy(update={"run_id": str(run_id)})
             logger.info("submitted Flower run %s (%d rounds)", run_id, spec.rounds)

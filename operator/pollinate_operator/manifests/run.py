@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
-from pollinate_runtime.run_config import RunConfig
+from pollinate_runtime.run_config import RunConfig, run_key
+
+__all__ = ["participating_sites", "run_config", "run_key"]
 
 from ..api.federation import FederationSpec
 from ..api.traininground import TrainingRoundSpec
@@ -14,15 +16,17 @@ def participating_sites(tr: TrainingRoundSpec, fed: FederationSpec) -> list[str]
 
 def run_config(
     name: str, namespace: str, tr: TrainingRoundSpec, federation: str, fed: FederationSpec,
-    node_ids: dict[str, int] | None = None,
+    node_ids: dict[str, int] | None = None, uid: str = "",
 ) -> RunConfig:
-    """`node_ids`: the Flower node id of each registered site key (the Federation's status)."""
+    """`node_ids`: the Flower node id of each registered site key (the Federation's status);
+    `uid`: the TrainingRound's, which keys its state in S3 (run_config.run_key)."""
     s = tr.strategy
     sites = participating_sites(tr, fed)
     s3 = fed.storage.s3
     local_epochs = tr.local.epochs or (0 if tr.local.max_steps else 1)
     return RunConfig(
         training_round=name,
+        training_round_uid=uid,
         namespace=namespace,
         federation=federation,
         base_model=fed.base_model.reference,

@@ -84,6 +84,8 @@ class TrainingRoundObserved:
     # authentication; empty without). A restarted server forgets them until the Federation
     # registers them again, and a run must not be submitted naming nodes it does not have.
     registered_nodes: dict[str, int] = field(default_factory=dict)
+    # The run's folder name in S3 (run_config.run_key: the name and the uid's start).
+    run_key: str | None = None
 
 
 @dataclass(frozen=True)
@@ -179,7 +181,8 @@ def decide(name: str, spec: TrainingRoundSpec, obs: TrainingRoundObserved) -> De
     gen = obs.generation
     now = _iso(obs.now)
     conditions: list[Condition] = list(prev.conditions)
-    base = prev.model_copy(update={"observed_generation": gen, "rounds": spec.rounds})
+    base = prev.model_copy(update={"observed_generation": gen, "rounds": spec.rounds,
+                                   "run_key": obs.run_key or prev.run_key})
 
     def finish(phase: Phase, reason: str, message: str, *, stop: bool, events: list[Event],
                status_update: dict | None = None) -> Decision:

@@ -222,13 +222,16 @@ def test_job_names_stay_short_enough_for_pod_labels() -> None:
 
 def test_run_config_carries_the_whole_training_round(
         fed_spec: FederationSpec, tr_spec: TrainingRoundSpec) -> None:
-    config = run.run_config("notes-v1", "research", tr_spec, "clinical-notes", fed_spec)
+    config = run.run_config("notes-v1", "research", tr_spec, "clinical-notes", fed_spec,
+                            uid="5e6f7a8b-0000-4000-8000-000000000002")
+    assert config.run_key == "notes-v1-5e6f7a8b"  # a re-created TrainingRound is a new run
     assert config.sites == ("hospital-a", "hospital-b", "clinic-c")
     assert config.local_max_steps == 4 and config.local_epochs == 0
     assert config.s3_prefix == "clinical-notes"
     assert config.lora_rank == 8 and config.lora_target_modules == ("q_proj", "v_proj")
     flat = config.to_flower()
     assert flat["training-round"] == "notes-v1"
+    assert flat["training-round-uid"] == "5e6f7a8b-0000-4000-8000-000000000002"
     assert type(config).from_flower(flat) == config
 
 

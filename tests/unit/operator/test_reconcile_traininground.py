@@ -310,3 +310,11 @@ def test_status_records_the_generation_it_describes(fed_spec, tr_spec) -> None:
     d = decide("notes-v1", tr_spec, observe(fed_spec, generation=4))
     assert d.status.observed_generation == 4
     assert all(c.observed_generation == 4 for c in d.status.conditions)
+
+
+def test_status_names_the_runs_folder_in_s3_and_keeps_it(fed_spec, tr_spec) -> None:
+    d = decide("notes-v1", tr_spec, observe(fed_spec, run_key="notes-v1-5e6f7a8b"))
+    assert d.status.run_key == "notes-v1-5e6f7a8b"
+    assert d.status.to_wire()["runKey"] == "notes-v1-5e6f7a8b"
+    later = decide("notes-v1", tr_spec, observe(fed_spec, previous=d.status))
+    assert later.status.run_key == "notes-v1-5e6f7a8b"

@@ -216,6 +216,28 @@ def test_a_restarted_run_resumes_after_its_last_checkpoint_and_ends_where_an_unb
         np.testing.assert_allclose(final.adapter[name], values, rtol=0, atol=1e-7)
 
 
+def test_a_training_round_created_again_under_its_name_runs_anew_and_publishes_a_new_version() -> None:
+    clock = Clock()
+    objects = MemoryObjects()
+    store = FederationStore(objects)
+    old_uid, new_uid = "1a2b3c4d-0000-4000-8000-000000000001", "5e6f7a8b-0000-4000-8000-000000000002"
+    federated_run(SitesGrid(clock, [1, 2, 3]), clock, objects, training_round_uid=old_uid).run()
+    assert store.adapter_versions() == [1]
+
+    # Deleted and created again: same name, another uid. Nothing of the first is resumed or
+    # reported; it trains every round and publishes v2, and v1 stays.
+    again = SitesGrid(clock, [1, 2, 3])
+    run = federated_run(again, clock, objects, training_round_uid=new_uid)
+    assert run.resume() == (0, None)
+    run.run()
+    assert trained_rounds(again) == [1, 2, 3, 4]
+    assert store.adapter_versions() == [1, 2]
+    progress = store.read_progress("notes-v1-5e6f7a8b")
+    assert progress is not None and progress.adapter_version == 2
+    assert store.read_progress("notes-v1-1a2b3c4d").adapter_version == 1
+    assert store.adapter_manifest(2)["trainingRound"] == "notes-v1-5e6f7a8b"
+
+
 def test_a_resumed_run_without_its_strategy_state_would_end_elsewhere() -> None:
     """The check above is not vacuous: FedAdam restarted with fresh moments at round 3 ends
     somewhere else than the unbroken run."""
