@@ -194,8 +194,20 @@ def test_operator_restarts_mid_reconcile_without_duplicating_children(
     assert len(kubectl.json("get", "jobs")["items"]) == 3
 
 
-def test_deleting_a_federation_collects_its_children(ready_federation: str, kubectl: Kubectl) -> None:
+def test_deleting_a_federation_collects_its_children_and_fails_its_running_round(
+        ready_federation: str, kubectl: Kubectl) -> None:
+    kubectl.apply(example_round())
+    eventually(lambda: len(kubectl.json("get", "jobs")["items"]) == 3, what="notes-v1's client Jobs")
+    eventually(lambda: status(kubectl, "traininground", "notes-v1").get("phase") == "Running",
+               what="notes-v1 Running")
     kubectl.run("delete", "federation", "clinical-notes", "--wait=true", "--timeout=60s")
+    # The round cannot go on without its server and keys: it fails naming the Federation, and
+    # its client Jobs (owned by the round, not the Federation) go, freeing their GPUs.
+    failed = eventually(lambda: (st := status(kubectl, "traininground", "notes-v1")).get("phase")
+                        == "Failed" and st, timeout=60, what="notes-v1 Failed")
+    reason = next(c for c in failed["conditions"] if c["type"] == "Failed")
+    assert reason["reason"] == "FederationDeleted" and "'clinical-notes' was deleted" in reason["message"]
+    eventually(lambda: not kubectl.json("get", "jobs")["items"], timeout=60, what="client Jobs deleted")
     for kind in ("deployment", "service", "ingress", "networkpolicy"):
         eventually(lambda kind=kind: kubectl.run("get", kind, "clinical-notes-server", check=False)
                    .returncode != 0, what=f"{kind} collected")

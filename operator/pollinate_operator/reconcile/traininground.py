@@ -200,6 +200,13 @@ def decide(name: str, spec: TrainingRoundSpec, obs: TrainingRoundObserved) -> De
         return Decision(base, delete_jobs=tuple(obs.jobs))
 
     fed = obs.federation
+    if fed is None and (prev.run_id or prev.start_time or prev.phase in ("Running", "Suspended")):
+        # Its server, keys and storage settings went with it: nothing can bring the run back,
+        # and client Jobs left running would reconnect for ever, holding their GPUs.
+        return finish("Failed", "FederationDeleted",
+                      f"Federation {spec.federation!r} was deleted while this TrainingRound ran; "
+                      "its server and site keys are gone (checkpoints and adapters stay in S3)",
+                      stop=False, events=[])
     if fed is None:
         message = f"spec.federation {spec.federation!r}: no Federation of that name in this namespace"
         conds = set_condition(conditions, "FederationFound", False, "FederationNotFound", message, gen, now)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import datetime as dt
 
+import pytest
 from pollinate_operator.api import FederationSpec, TrainingRoundSpec, TrainingRoundStatus
 from pollinate_operator.api.traininground import RoundMetrics
 from pollinate_operator.reconcile.traininground import (
@@ -318,3 +319,21 @@ def test_status_names_the_runs_folder_in_s3_and_keeps_it(fed_spec, tr_spec) -> N
     assert d.status.to_wire()["runKey"] == "notes-v1-5e6f7a8b"
     later = decide("notes-v1", tr_spec, observe(fed_spec, previous=d.status))
     assert later.status.run_key == "notes-v1-5e6f7a8b"
+
+
+@pytest.mark.parametrize("phase", ["Running", "Suspended"])
+def test_a_federation_deleted_under_a_run_fails_it_naming_the_federation_and_frees_the_gpus(
+        fed_spec, tr_spec, phase) -> None:
+    running = decide("notes-v1", tr_spec, observe(fed_spec, jobs=running_jobs(*SITES)))
+    previous = running.status.model_copy(update={"phase": phase, "run_id": "7"})
+    d = decide("notes-v1", tr_spec, observe(None, jobs=running_jobs(*SITES), previous=previous))
+    assert d.status.phase == "Failed"
+    failed = next(c for c in d.status.conditions if c.type == "Failed")
+    assert failed.reason == "FederationDeleted" and "'clinical-notes' was deleted" in failed.message
+    assert set(d.delete_jobs) == set(SITES) and not d.stop_run
+    assert [e.reason for e in d.events] == ["FederationDeleted"]
+
+
+def test_a_round_waiting_for_a_federation_not_yet_created_stays_pending(fed_spec, tr_spec) -> None:
+    d = decide("notes-v1", tr_spec, observe(None))
+    assert d.status.phase == "Pending" and not d.delete_jobs
