@@ -3,6 +3,7 @@ columns and `kubectl explain` documentation, straight from `crds/`."""
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import pytest
@@ -47,6 +48,20 @@ def test_federation_is_immutable_on_a_traininground(crds: None, kubectl: Kubectl
                    "-p", '{"spec":{"federation":"other"}}', check=False)
     assert result.returncode != 0
     assert "federation is immutable" in result.stderr
+
+
+@pytest.mark.parametrize("patch", [
+    {"rounds": 7}, {"strategy": {"name": "median"}}, {"local": {"maxSteps": 9}},
+    {"sites": ["hospital-a", "hospital-b"]}, {"minSites": 3}, {"initialAdapterVersion": "v1"}])
+def test_what_a_run_is_cannot_change_under_it_but_suspend_can(crds: None, kubectl: Kubectl,
+                                                              patch: dict) -> None:
+    kubectl.run("apply", "-f", str(ROOT / "examples/traininground.yaml"))
+    (field,) = patch
+    result = kubectl.run("patch", "traininground", "notes-v1", "--type=merge",
+                         "-p", json.dumps({"spec": patch}), check=False)
+    assert result.returncode != 0, f"spec.{field} changed"
+    assert f"spec.{field} cannot change once the TrainingRound exists" in result.stderr, result.stderr
+    kubectl.run("patch", "traininground", "notes-v1", "--type=merge", "-p", '{"spec":{"suspend":true}}')
 
 
 def test_kubectl_explain_documents_the_api(crds: None, testbed: Testbed) -> None:

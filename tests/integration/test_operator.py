@@ -94,6 +94,41 @@ def test_federation_creates_its_server_secrets_and_policy(operator, kubectl: Kub
     assert st["sitesSummary"] == "0/4"
 
 
+def test_a_federation_never_takes_over_objects_it_did_not_create(operator, kubectl: Kubectl) -> None:
+    # A CA Secret and a Service already there under the names the Federation would use: a CA
+    # someone planted must never become the Federation's, and a user's Service must not
+    # become the operator's (nor be garbage-collected with the Federation).
+    create_s3_secret(kubectl)
+    kubectl.run("create", "secret", "generic", "clinical-notes-ca", "--from-literal=ca.crt=planted",
+                "--from-literal=ca.key=planted")
+    kubectl.run("create", "service", "clusterip", "clinical-notes-server", "--tcp=80:80")
+    planted = kubectl.json("get", "secret", "clinical-notes-ca")
+    kubectl.apply(example_federation())
+
+    def conflict() -> dict | None:
+        ready = condition(kubectl, "federation", "clinical-notes", "Ready")
+        return ready if ready and ready["reason"] == "NameConflict" else None
+
+    ready = eventually(conflict, timeout=60, what="the Federation reporting the taken name")
+    assert ready["status"] == "False"
+    assert "Secret " + kubectl.namespace + "/clinical-notes-ca already exists" in ready["message"]
+    assert "its controller: none" in ready["message"]
+    assert status(kubectl, "federation", "clinical-notes")["phase"] == "Pending"
+    assert "NameConflict" in {e["reason"] for e in events(kubectl, "clinical-notes")}
+    after = kubectl.json("get", "secret", "clinical-notes-ca")
+    assert after["data"] == planted["data"] and not after["metadata"].get("ownerReferences")
+    assert not kubectl.json("get", "deployments")["items"], "nothing is applied while a name is taken"
+
+    # The Secret removed, the Service is next in the way; removed too, the Federation is Ready.
+    kubectl.run("delete", "secret", "clinical-notes-ca")
+    eventually(lambda: (c := conflict()) and "Service " in c["message"], timeout=60,
+               what="the Service named as the next taken name")
+    assert not kubectl.json("get", "service", "clinical-notes-server")["metadata"].get("ownerReferences")
+    kubectl.run("delete", "service", "clinical-notes-server")
+    eventually(lambda: status(kubectl, "federation", "clinical-notes").get("phase") == "Ready",
+               timeout=90, what="Federation Ready once the names are free")
+
+
 def test_client_jobs_land_on_their_sites_gpu_nodes(ready_federation: str, kubectl: Kubectl) -> None:
     kubectl.apply(example_round())
     for site in ("hospital-a", "hospital-b", "clinic-c"):

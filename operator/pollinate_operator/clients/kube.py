@@ -93,9 +93,47 @@ def request(method: str, resource_path: str, *, query: list[tuple[str, str]] | N
     return json.loads(data) if data else {}
 
 
+class NotOurs(Exception):
+    """An object the operator would create exists and is controlled by someone else (or by
+    no one): taking it over could hand a user's Secret to the garbage collector, or adopt a CA
+    or token someone else planted."""
+
+    def __init__(self, kind: str, namespace: str, name: str, controller: str) -> None:
+        super().__init__(
+            f"{kind} {namespace}/{name} already exists and is not this object's (its controller: "
+            f"{controller}); the operator never takes over an object it did not create: delete "
+            "or rename it")
+        self.kind, self.namespace, self.name = kind, namespace, name
+
+
+def controller_ref(obj: Mapping[str, Any]) -> dict | None:
+    refs = (obj.get("metadata") or {}).get("ownerReferences") or []
+    return next((r for r in refs if r.get("controller")), None)
+
+
+def check_ours(existing: Mapping[str, Any] | None, owner_uid: str) -> None:
+    """Raise NotOurs unless `existing` is absent or controlled by the object with `owner_uid`."""
+    if existing is None:
+        return
+    ref = controller_ref(existing)
+    if ref is None or ref.get("uid") != owner_uid:
+        meta = existing.get("metadata") or {}
+        controller = f"{ref.get('kind')} {ref.get('name')}" if ref else "none"
+        raise NotOurs(existing.get("kind", "object"), meta.get("namespace", ""), meta.get("name", ""),
+                      controller)
+
+
 def apply(body: dict) -> dict:
-    """Create or update `body` by server-side apply; returns the object as stored."""
+    """Create or update `body` by server-side apply; returns the object as stored. A body
+    with a controller reference is applied only over nothing or over its owner's own object
+    (NotOurs otherwise)."""
     meta = body["metadata"]
+    owner = controller_ref(body)
+    if owner is not None:
+        existing = request("GET", path(body["apiVersion"], body["kind"], meta["namespace"], meta["name"]))
+        if existing is not None:
+            existing.setdefault("kind", body["kind"])
+        check_ours(existing, owner["uid"])
     stored = request(
         "PATCH", path(body["apiVersion"], body["kind"], meta["namespace"], meta["name"]),
         query=[("fieldManager", FIELD_MANAGER), ("force", "true")], body=body,
@@ -164,16 +202,30 @@ class SecretData:
     data: dict[str, bytes]
     annotations: dict[str, str]
     labels: dict[str, str] = field(default_factory=dict)
+    controller_uid: str | None = None
 
 
 def _secret_data(secret: dict) -> SecretData:
     meta = secret["metadata"]
+    ref = controller_ref(secret)
     return SecretData({k: base64.b64decode(v) for k, v in (secret.get("data") or {}).items()},
-                      dict(meta.get("annotations") or {}), dict(meta.get("labels") or {}))
+                      dict(meta.get("annotations") or {}), dict(meta.get("labels") or {}),
+                      ref.get("uid") if ref else None)
 
 
 def read_secret(namespace: str, name: str) -> SecretData | None:
+    """A Secret someone names (a Federation's own TLS Secret, S3 credentials)."""
     secret = request("GET", path("v1", "Secret", namespace, name))
+    return None if secret is None else _secret_data(secret)
+
+
+def read_owned_secret(namespace: str, name: str, owner_uid: str) -> SecretData | None:
+    """A Secret the operator made for the object with `owner_uid`: None if absent, NotOurs if
+    it exists but that object does not control it (never read a CA or token someone planted)."""
+    secret = request("GET", path("v1", "Secret", namespace, name))
+    if secret is not None:
+        secret.setdefault("kind", "Secret")
+    check_ours(secret, owner_uid)
     return None if secret is None else _secret_data(secret)
 
 

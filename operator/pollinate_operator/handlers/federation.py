@@ -39,17 +39,21 @@ def flower_address(name: str, namespace: str, settings: Settings) -> str:
     return settings.flower_address_override or server.in_cluster_address(name, namespace, settings)
 
 
-def control_token(name: str, namespace: str) -> str | None:
-    stored = kube.read_secret(namespace, names.control_token_secret(name))
+def control_token(name: str, namespace: str, owner_uid: str) -> str | None:
+    stored = kube.read_owned_secret(namespace, names.control_token_secret(name), owner_uid)
     token = stored.data.get(secrets.CONTROL_TOKEN_KEY) if stored else None
     return token.decode() if token else None
 
 
-def open_control(name: str, namespace: str, spec: FederationSpec, settings: Settings) -> FlowerControl | None:
+def open_control(name: str, namespace: str, spec: FederationSpec, settings: Settings,
+                 owner_uid: str) -> FlowerControl | None:
     """The Federation's server's control API with the operator's credential, or None while
-    its CA or token is not stored yet (the Federation's reconcile makes them)."""
-    tls = kube.read_secret(namespace, server.tls_secret_name(name, spec))
-    token = control_token(name, namespace)
+    its CA or token is not stored yet (the Federation's reconcile makes them). `owner_uid`:
+    the Federation's; a token or CA Secret it does not control is never used (NotOurs)."""
+    tls_name = server.tls_secret_name(name, spec)
+    tls = (kube.read_secret(namespace, tls_name) if spec.server.tls.secret_name
+           else kube.read_owned_secret(namespace, tls_name, owner_uid))
+    token = control_token(name, namespace, owner_uid)
     if tls is None or "ca.crt" not in tls.data or token is None:
         return None
     return FlowerControl(flower_address(name, namespace, settings), tls.data["ca.crt"], token)
@@ -60,7 +64,7 @@ def list_flower_nodes(control: FlowerControl) -> list[plan.FlowerNode]:
 
 
 def _ensure_control_token(name: str, namespace: str, body: kopf.Body) -> str:
-    token = control_token(name, namespace)
+    token = control_token(name, namespace, body.meta["uid"])
     if token is None:
         token = secrets.new_control_token()
         kube.apply(_owned(secrets.control_token_secret(name, namespace, token), body))
@@ -77,8 +81,8 @@ def _ensure_tls(name: str, namespace: str, spec: FederationSpec, body: kopf.Body
                 f"spec.server.tls.secretName {spec.server.tls.secret_name!r}: Secret missing or "
                 "without ca.crt, tls.crt and tls.key", delay=30)
         return ServerTLS(given.data["ca.crt"], given.data.get("tls.crt", b""))
-    ca_secret = kube.read_secret(namespace, names.ca_secret(name))
-    tls_secret = kube.read_secret(namespace, names.server_tls_secret(name))
+    ca_secret = kube.read_owned_secret(namespace, names.ca_secret(name), body.meta["uid"])
+    tls_secret = kube.read_owned_secret(namespace, names.server_tls_secret(name), body.meta["uid"])
     observed = plan.TLSObserved(
         ca_cert_pem=ca_secret.data.get("ca.crt") if ca_secret else None,
         ca_rotation=int(ca_secret.annotations.get(names.ROTATION_ANNOTATION, -1)) if ca_secret else None,
@@ -111,9 +115,10 @@ def _ensure_site_keys(name: str, namespace: str, spec: FederationSpec, ca_pem: b
     """Every site has a key Secret carrying the current CA (and its own public key, for a site
     that brought one); return site -> public key PEM, removed sites' included (their keys
     are unregistered before their Secrets go)."""
+    # Only this Federation's own: a Secret someone else labelled as a site key is no key of it.
     stored = {s.labels[names.SITE_LABEL]: s
               for s in kube.list_secrets(namespace, names.site_secrets_selector(name))
-              if "site.pub" in s.data}
+              if "site.pub" in s.data and s.controller_uid == body.meta["uid"]}
     keys = {site: public_pem(s.data["site.pub"]) for site, s in stored.items()}
     for index, site in enumerate(spec.sites):
         found = stored.get(site.name)
@@ -141,8 +146,21 @@ def _ensure_site_keys(name: str, namespace: str, spec: FederationSpec, ca_pem: b
 
 def reconcile(name: str, namespace: str, body: kopf.Body, settings: Settings,
               logger: logging.Logger) -> FederationStatus:
-    spec = FederationSpec.model_validate(dict(body["spec"]))
     previous = FederationStatus.from_stored(dict(body.get("status") or {}))
+    try:
+        return _reconcile(name, namespace, body, settings, logger, previous)
+    except kube.NotOurs as clash:
+        # Nothing more is applied; the Federation says which object is in the way.
+        message = str(clash)
+        if not any(c.reason == "NameConflict" and c.message == message for c in previous.conditions):
+            kopf.event(body, type="Warning", reason="NameConflict", message=message)
+        logger.warning("%s", message)
+        return plan.name_conflict_status(previous, message, body.meta.get("generation", 0))
+
+
+def _reconcile(name: str, namespace: str, body: kopf.Body, settings: Settings,
+               logger: logging.Logger, previous: FederationStatus) -> FederationStatus:
+    spec = FederationSpec.model_validate(dict(body["spec"]))
     tls = _ensure_tls(name, namespace, spec, body, logger)
     ca_pem = tls.ca_pem
     token = _ensure_control_token(name, namespace, body)

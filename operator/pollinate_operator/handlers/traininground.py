@@ -112,7 +112,7 @@ def reconcile(name: str, namespace: str, body: kopf.Body, settings: Settings,
         if not (live and (fed_ready or previous.run_id)):
             return FlowerObserved(run_id)
         assert fed is not None
-        control = open_control(spec.federation, namespace, fed, settings)
+        control = open_control(spec.federation, namespace, fed, settings, fed_body["metadata"]["uid"])
         if control is None:
             return FlowerObserved(run_id)
         try:
@@ -193,7 +193,8 @@ def stop_run_on_delete(name: str, namespace: str, body: kopf.Body, settings: Set
     if fed_body is None:
         return
     fed = FederationSpec.model_validate(fed_body["spec"])
-    control = open_control(body["spec"]["federation"], namespace, fed, settings)
+    control = open_control(body["spec"]["federation"], namespace, fed, settings,
+                           fed_body["metadata"]["uid"])
     if control is None:
         return
     try:

@@ -216,3 +216,16 @@ def federation_status(
         sites=sites,
         conditions=conditions,
     )
+
+
+def name_conflict_status(previous: FederationStatus, message: str, generation: int,
+                         now: str | None = None) -> FederationStatus:
+    """The status of a Federation one of whose children's names is taken by an object it does
+    not control: not Ready (or Degraded, if it was), saying which object is in the way."""
+    phase = "Degraded" if previous.phase in ("Ready", "Degraded") else "Pending"
+    conditions = set_condition(list(previous.conditions), "Ready", False, "NameConflict", message,
+                               generation, now)
+    conditions = set_condition(conditions, "Degraded", phase == "Degraded", "NameConflict",
+                               message if phase == "Degraded" else "", generation, now)
+    return previous.model_copy(update={"phase": phase, "conditions": conditions,
+                                       "observed_generation": generation})
