@@ -46,7 +46,19 @@ def _pem_key(key: ec.EllipticCurvePrivateKey) -> bytes:
     )
 
 
+# X.509 (RFC 5280) allows a common name of at most 64 characters.
+COMMON_NAME_MAX = 64
+
+
+def _common_name(text: str) -> str:
+    """`text`, or its start and a hash of all of it when longer than a common name may be."""
+    if len(text) <= COMMON_NAME_MAX:
+        return text
+    return f"{text[:COMMON_NAME_MAX - 11]}-{hashlib.sha256(text.encode()).hexdigest()[:10]}"
+
+
 def new_ca(common_name: str, now: dt.datetime | None = None) -> CertificateAuthority:
+    common_name = _common_name(common_name)
     now = now or dt.datetime.now(dt.UTC)
     key = ec.generate_private_key(ec.SECP384R1())
     name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, common_name)])
@@ -77,7 +89,7 @@ def new_server_certificate(
     sans += [x509.IPAddress(ipaddress.ip_address(ip)) for ip in (ip_addresses or ["127.0.0.1"])]
     cert = (
         x509.CertificateBuilder()
-        .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, dns_names[0])]))
+        .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, _common_name(dns_names[0]))]))
         .issuer_name(ca_cert.subject).public_key(key.public_key())
         .serial_number(x509.random_serial_number())
         .not_valid_before(now - dt.timedelta(minutes=5)).not_valid_after(now + SERVER_VALIDITY)

@@ -115,3 +115,14 @@ def test_site_secret_is_labelled_with_its_site_and_carries_key_and_ca(
     assert decoded(secret) == {"site.key": site_key.private_openssh,
                                "site.pub": site_key.public_openssh, "ca.crt": ca.cert_pem}
     assert secret["metadata"]["annotations"] == {}
+
+
+def test_a_federation_name_of_any_length_gets_a_ca_and_a_server_certificate() -> None:
+    long = "clinical-notes-" * 17
+    ca = pki.new_ca(f"pollinate research/{long} CA")
+    other = pki.new_ca(f"pollinate research/{long}x CA")
+    cert = pki.new_server_certificate(ca, [f"{'a' * 63}.{'b' * 63}.svc.cluster.local"])
+    assert cert.cert_pem and pki.certificate_names(cert.cert_pem)
+    subject = x509.load_pem_x509_certificate(ca.cert_pem).subject.rfc4514_string()
+    assert len(subject) <= 3 + 64 and subject != x509.load_pem_x509_certificate(
+        other.cert_pem).subject.rfc4514_string()
