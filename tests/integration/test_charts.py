@@ -53,10 +53,11 @@ VENV_BIN = Path(sys.executable).parent
 #     S3 credentials read by clients/storage.py; watch: wake_owners_of (a deleted site key is
 #     replaced at once; the watch asks only for the operator's own, by label);
 #   services, deployments, ingresses, networkpolicies create/patch: server-side apply of the
-#     server's objects (manifests/server.py); apply of a new object needs "create"; and
+#     server's objects (manifests/server.py); apply of a new object needs "create"; get:
+#     clients/kube.apply reads a child first and never takes over one it does not own; and
 #     list/watch: handlers/level_triggered.wake_owners_of (a changed child is applied again);
 #   deployments/status get: kube.deployment_ready_replicas;
-#   jobs list/create/patch/delete, pods list: handlers/traininground.py (client Jobs);
+#   jobs get/list/create/patch/delete, pods list: handlers/traininground.py (client Jobs);
 #   events create: kopf.event in handlers/traininground.py, and kopf's own.
 NAMESPACED_RULES: dict[tuple[str, ...], set[str]] = {
     ("pollinate.dev", "federations"): {"get", "list", "watch", "patch"},
@@ -66,14 +67,14 @@ NAMESPACED_RULES: dict[tuple[str, ...], set[str]] = {
     ("pollinate.dev", "federations/finalizers"): {"update"},
     ("pollinate.dev", "trainingrounds/finalizers"): {"update"},
     ("", "secrets"): {"get", "list", "watch", "create", "patch", "delete"},
-    ("", "services"): {"list", "watch", "create", "patch"},
+    ("", "services"): {"get", "list", "watch", "create", "patch"},
     ("", "pods"): {"list"},
     ("", "events"): {"create"},
-    ("apps", "deployments"): {"list", "watch", "create", "patch"},
+    ("apps", "deployments"): {"get", "list", "watch", "create", "patch"},
     ("apps", "deployments/status"): {"get"},
-    ("batch", "jobs"): {"list", "watch", "create", "patch", "delete"},
-    ("networking.k8s.io", "ingresses"): {"list", "watch", "create", "patch"},
-    ("networking.k8s.io", "networkpolicies"): {"list", "watch", "create", "patch"},
+    ("batch", "jobs"): {"get", "list", "watch", "create", "patch", "delete"},
+    ("networking.k8s.io", "ingresses"): {"get", "list", "watch", "create", "patch"},
+    ("networking.k8s.io", "networkpolicies"): {"get", "list", "watch", "create", "patch"},
 }
 # Only when serving every namespace: kopf's CRD watch and its (optional) cluster peering,
 # whose one object it may patch is the operator's (handlers/__init__.py: peering.name).

@@ -75,9 +75,11 @@ tests/integration/test_charts.py asserts this exact set and runs the operator un
   verbs: [get, list, watch, create, patch, delete]
 # The Flower server's Service; watched (as are the Ingress and the NetworkPolicy) so that a
 # changed or deleted one is applied again at once, instead of being re-sent on every pass.
+# Every child is read (get) before it is applied: one that exists and is not the owner's own
+# is never taken over (clients/kube.py NotOurs); list and watch show as much already.
 - apiGroups: [""]
   resources: [services]
-  verbs: [list, watch, create, patch]
+  verbs: [get, list, watch, create, patch]
 # Client pods, to tell an unschedulable site (no free GPU) from a slow one.
 - apiGroups: [""]
   resources: [pods]
@@ -90,7 +92,7 @@ tests/integration/test_charts.py asserts this exact set and runs the operator un
 # a change to it wakes its Federation's pass at once.
 - apiGroups: [apps]
   resources: [deployments]
-  verbs: [list, watch, create, patch]
+  verbs: [get, list, watch, create, patch]
 - apiGroups: [apps]
   resources: [deployments/status]
   verbs: [get]
@@ -98,11 +100,11 @@ tests/integration/test_charts.py asserts this exact set and runs the operator un
 # watched so a change to one wakes its TrainingRound's pass at once.
 - apiGroups: [batch]
   resources: [jobs]
-  verbs: [list, watch, create, patch, delete]
+  verbs: [get, list, watch, create, patch, delete]
 # The server's Ingress (the fleet path only) and the NetworkPolicy around it.
 - apiGroups: [networking.k8s.io]
   resources: [ingresses, networkpolicies]
-  verbs: [list, watch, create, patch]
+  verbs: [get, list, watch, create, patch]
 {{- end -}}
 
 {{/*
