@@ -18,6 +18,8 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
+from .manifests.names import fit
+
 CA_VALIDITY = dt.timedelta(days=3650)
 SERVER_VALIDITY = dt.timedelta(days=365)
 
@@ -52,9 +54,7 @@ COMMON_NAME_MAX = 64
 
 def _common_name(text: str) -> str:
     """`text`, or its start and a hash of all of it when longer than a common name may be."""
-    if len(text) <= COMMON_NAME_MAX:
-        return text
-    return f"{text[:COMMON_NAME_MAX - 11]}-{hashlib.sha256(text.encode()).hexdigest()[:10]}"
+    return fit(text, COMMON_NAME_MAX)
 
 
 def new_ca(common_name: str, now: dt.datetime | None = None) -> CertificateAuthority:
