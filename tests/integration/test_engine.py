@@ -160,11 +160,11 @@ def rounds_trained(log: str) -> list[int]:
 
 
 SERVER_LOST_LINE = "the server stopped answering"
-# Every site here declares a 10 s heartbeat (Flower's least; its default is 30): a killed site
-# counts as offline, and its restarted self is let back in, after 20 s instead of a minute.
 # Five reconnection attempts (join's default is 10) give up on a killed server within about
-# half a minute, after which `join` starts another SuperNode: what the killed-server test proves.
-SITE_FLAGS = ("--heartbeat-seconds", "10", "--max-retries", "5")
+# half a minute, after which `join` starts another SuperNode: what the killed-server test
+# proves. The heartbeat stays Flower's 30 s: with 10 s, the killed-site test once waited 900 s
+# for its site under a loaded CI (not yet explained; `--heartbeat-seconds` is unit-tested).
+SITE_FLAGS = ("--max-retries", "5")
 
 
 def unique(name: str) -> str:
@@ -340,8 +340,8 @@ def test_site_killed_mid_round_is_left_out_at_the_timeout(
     name = unique("dropout")
     victim = sites["site-c"]
     seen = len(victim.output())  # the log also holds earlier runs' rounds
-    # Flower refuses the victim's key until its dead connection's heartbeats lapse (20 s
-    # here) and `join` retries every 10 s: with a 30 s round timeout, round 1 closes before
+    # Flower refuses the victim's key until its dead connection's heartbeats lapse (about a
+    # minute) and `join` retries every 10 s: with a 30 s round timeout, round 1 closes before
     # the victim can be back (a site back in time is sent the round again: the next test),
     # and 20 rounds of 200 local steps last well past its return.
     run_id = server.start_run(run_config(testbed, tiny_model_dir, name, rounds=20, min_sites=2,
@@ -375,8 +375,8 @@ def test_site_killed_mid_round_is_left_out_at_the_timeout(
 
 def test_a_killed_site_that_comes_back_rejoins_the_same_run(
         testbed: Testbed, server: FlowerServer, sites, tiny_model_dir: Path) -> None:
-    # Flower refuses the key while its dead connection still counts as online (two missed
-    # heartbeats: 20 s here); `join` retries meanwhile, and the server sends the round
+    # Flower refuses the key while its dead connection still counts as online (about a
+    # minute of missed heartbeats); `join` retries meanwhile, and the server sends the round
     # again to a node that is back before the round's deadline.
     name = unique("rejoin")
     victim = sites["site-c"]
