@@ -8,6 +8,7 @@ import uuid
 from collections.abc import Iterator
 from pathlib import Path
 
+import process_logs
 import pytest
 from operator_process import OperatorProcess
 from pollinate_testbed import Testbed
@@ -63,15 +64,27 @@ def operator(testbed: Testbed, crds: None, tmp_path_factory) -> Iterator[Operato
 
 @pytest.hookimpl(wrapper=True)
 def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo):
-    """A failing test that used the operator shows the operator's last log lines: in CI the
-    log file is gone with the machine."""
+    """A failing test shows the last log lines of the operator it used and of the Flower
+    processes (servers, sites) that wrote to their logs while it ran: in CI the files are gone
+    with the machine."""
     report = yield
     if report.failed:
         for op in getattr(item, "funcargs", {}).values():
             if isinstance(op, OperatorProcess):
-                report.sections.append(("operator log (last 80 lines)",
-                                        "\n".join(op.logs().splitlines()[-80:])))
+                report.sections.append(("operator log (last 80 lines, without its timers' "
+                                        "successes)", process_logs.tail(op.logs(), 80)))
+        for log in process_logs.written_since(item.stash.get(TEST_STARTED, 0.0)):
+            report.sections.append((f"{log.parent.name}/{log.name} (last 60 lines)",
+                                    process_logs.tail(log.read_text(errors="replace"), 60)))
     return report
+
+
+TEST_STARTED = pytest.StashKey[float]()
+
+
+@pytest.hookimpl(tryfirst=True)
+def pytest_runtest_setup(item: pytest.Item) -> None:
+    item.stash[TEST_STARTED] = time.time()
 
 
 @pytest.fixture(scope="session")

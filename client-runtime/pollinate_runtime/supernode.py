@@ -29,6 +29,10 @@ intervals without one, and refuses the site's key while its last connection stil
 online: a site that was killed and restarts waits out two intervals before it is let back in
 (about a minute by default, 20 s at 10), and a round notices a vanished site as late.
 
+A ClientApp task that ends as failed without replying gets Flower's "ClientApp stopped
+responding" error as its reply (`answer_failed_clientapps`), as a ClientApp that stops sending
+heartbeats already does: without it the SuperNode waits for that reply forever.
+
 A site runs only Pollinate's own client app (`only_pollinate_apps`): a run whose app bundle
 (FAB) is not Pollinate's (app_bundle.py: one per version, its hash computed here) gets an
 error reply naming both hashes for each message, and its bundle is never stored, installed or
@@ -173,6 +177,41 @@ def patient_claims(state_module: ModuleType, seconds: float = CLAIM_START_SECOND
     state_cls.claim_task = claim_task  # type: ignore[attr-defined]
 
 
+def answer_failed_clientapps(nodestate_module: ModuleType) -> None:
+    """Have Flower's SuperNode state (`nodestate_module.InMemoryNodeState`) answer a message
+    whose ClientApp task ended as failed without a reply, with Flower's own "ClientApp stopped
+    responding" error, as it already does for an AgentApp that fails.
+
+    Flower 1.41 inserts that error only when a ClientApp's task token lapses. A ClientApp that
+    ends by itself without pushing a reply (its heartbeat was refused and it stopped itself,
+    it could not read its message, or pushing the reply failed) finishes its task as failed,
+    so no token lapses, and the SuperNode, which handles one message at a time, waits for
+    that reply forever: the site answers no later round or run until it is restarted."""
+    state_cls = getattr(nodestate_module, "InMemoryNodeState", None)
+    original = getattr(state_cls, "finish_task", None)
+    crashed = getattr(nodestate_module, "CLIENT_APP_CRASHED_ERROR", None)
+    if (original is None or crashed is None or not hasattr(state_cls, "_store_error_replies")
+            or not hasattr(state_cls, "get_tasks")):
+        raise RuntimeError(f"{nodestate_module.__name__} no longer finishes tasks as this expects; "
+                           "check the pinned flwr version")
+    if getattr(original, "answers_failed_clientapps", False):
+        return
+    from flwr.common.constant import SubStatus
+    from flwr.supercore.constant import TaskType
+
+    def finish_task(self: Any, task_id: int, sub_status: str, details: str) -> bool:
+        finished = original(self, task_id, sub_status, details)
+        if finished and sub_status == SubStatus.FAILED:
+            tasks = self.get_tasks(task_ids=[task_id])
+            if tasks and tasks[0].type == TaskType.CLIENT_APP:
+                # Only messages of the run taken and not yet answered get one.
+                self._store_error_replies({tasks[0].run_id}, crashed)
+        return finished
+
+    finish_task.answers_failed_clientapps = True  # type: ignore[attr-defined]
+    state_cls.finish_task = finish_task  # type: ignore[attr-defined]
+
+
 class ForeignApp(Exception):
     """A run's app bundle is not one this site runs."""
 
@@ -265,8 +304,10 @@ def main() -> None:
     from flwr.supercore.corestate import in_memory_corestate
     from flwr.supernode import fleet_http_connection, start_client_internal
     from flwr.supernode.cli import flower_supernode
+    from flwr.supernode.nodestate import in_memory_nodestate
 
     patient_claims(in_memory_corestate)
+    answer_failed_clientapps(in_memory_nodestate)
 
     try:
         prepare(start_client_internal, os.environ)

@@ -14,6 +14,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import process_logs
 from pollinate_operator import pki
 from pollinate_operator.clients.flower import FlowerControl, FlowerUnavailable, RunState
 from pollinate_runtime.run_config import RunConfig
@@ -38,6 +39,7 @@ def wait_for_port(port: int, timeout: float = 30.0) -> None:
 
 
 def _spawn(argv: list[str], log: Path, env: dict[str, str]) -> subprocess.Popen:
+    process_logs.started(log)
     handle = open(log, "ab")  # noqa: SIM115 - the child owns it
     proc = subprocess.Popen(argv, stdout=handle, stderr=subprocess.STDOUT, env=env,
                             start_new_session=True)
@@ -205,7 +207,7 @@ class Site(_Stoppable):
         self.work.mkdir(parents=True, exist_ok=True)
         argv = [str(BIN / "pollinate-client"), "join", "--server", server.address, "--site", self.name,
                 "--data", str(self.data), "--ca", str(server.ca_path), "--work-dir", str(self.work),
-                "--device", "cpu", *extra]
+                "--device", "cpu", "--verbose", *extra]
         if self.key:
             argv += ["--key", str(self.key)]
         env = {**os.environ, "PATH": f"{BIN}{os.pathsep}{os.environ['PATH']}", "HF_HUB_OFFLINE": "1",

@@ -197,17 +197,22 @@ def test_patient_claims_refuses_a_flower_whose_task_state_moved():
 
 
 @pytest.mark.slow  # starts a Python process with Flower's imports
-def test_the_command_gives_clientapps_the_longer_start() -> None:
+def test_the_command_gives_clientapps_the_longer_start_and_answers_failed_ones() -> None:
     # main() as `pollinate-client join` runs it, with Flower's SuperNode swapped for a probe
-    # that reports how long a claimed ClientApp would have to start.
+    # that reports how long a claimed ClientApp would have to start, and whether a ClientApp
+    # that fails without a reply is answered for.
     probe = ("import flwr.supernode.cli as cli\n"
              "from flwr.supercore.corestate.in_memory_corestate import InMemoryCoreState\n"
-             "cli.flower_supernode = lambda: print(InMemoryCoreState.claim_task.patient_seconds)\n"
+             "from flwr.supernode.nodestate.in_memory_nodestate import InMemoryNodeState\n"
+             "cli.flower_supernode = lambda: print(InMemoryCoreState.claim_task.patient_seconds,\n"
+             "    InMemoryNodeState.finish_task.answers_failed_clientapps)\n"
              "from pollinate_runtime import supernode\n"
              "supernode.main()\n")
     result = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=120)
     assert result.returncode == 0, result.stderr[-2000:]
-    assert float(result.stdout.strip()) == supernode.CLAIM_START_SECONDS
+    seconds, answers = result.stdout.split()
+    assert float(seconds) == supernode.CLAIM_START_SECONDS
+    assert answers == "True"
 
 
 # ---- only Pollinate's own client app -------------------------------------------------------
@@ -329,3 +334,67 @@ def test_flowers_supernode_loop_still_pulls_bundles_as_the_check_expects():
     supernode.only_pollinate_apps(copy, frozenset())
     with pytest.raises(RuntimeError, match="pinned flwr"):
         supernode.only_pollinate_apps(types.ModuleType("moved"), frozenset())
+
+
+# ---- a ClientApp that ends without replying ------------------------------------------------
+
+
+@pytest.fixture
+def answering_state(monkeypatch):
+    """The SuperNode's state with `answer_failed_clientapps` applied (undone afterwards) and
+    one message of run 1 that a ClientApp task has taken."""
+    from flwr.app import Message, RecordDict
+    from flwr.app.metadata import Metadata
+    from flwr.supercore.constant import TaskType
+    from flwr.supercore.object_store import ObjectStoreFactory
+    from flwr.supernode.nodestate import in_memory_nodestate
+
+    cls = in_memory_nodestate.InMemoryNodeState
+    monkeypatch.setattr(cls, "finish_task", cls.finish_task)
+    supernode.answer_failed_clientapps(in_memory_nodestate)
+    supernode.answer_failed_clientapps(in_memory_nodestate)  # once is enough: not wrapped twice
+    state = cls(ObjectStoreFactory().store())
+    message = Message(metadata=Metadata(run_id=1, message_id="", src_node_id=1, dst_node_id=5,
+                                        reply_to_message_id="", group_id="2", created_at=time.time(),
+                                        ttl=600, message_type="train"), content=RecordDict())
+    message.metadata.__dict__["_message_id"] = message.object_id
+    state.store_message(message)
+    assert state.get_messages_legacy(run_ids=[1], is_reply=False, limit=1)  # the ClientApp took it
+    task_id = state.create_task(task_type=TaskType.CLIENT_APP, run_id=1, fab_hash="f")
+    assert state.claim_task(task_id) and state.activate_task(task_id)
+    return state, task_id, message
+
+
+def test_a_clientapp_that_fails_without_a_reply_is_answered_for(answering_state):
+    from flwr.common.constant import ErrorCode, SubStatus
+
+    state, task_id, message = answering_state
+    assert state.finish_task(task_id, SubStatus.FAILED, "pushing the reply failed")
+    replies = state.get_messages_legacy(is_reply=True)
+    assert [r.metadata.reply_to_message_id for r in replies] == [message.metadata.message_id]
+    assert replies[0].error.code == ErrorCode.CLIENT_APP_CRASHED
+
+
+def test_a_failed_clientapp_whose_reply_arrived_gets_no_second_one(answering_state):
+    from flwr.app import Message, RecordDict
+    from flwr.common.constant import SubStatus
+
+    state, task_id, message = answering_state
+    reply = Message(RecordDict(), reply_to=message)
+    reply.metadata.__dict__["_message_id"] = reply.object_id
+    state.store_message(reply)
+    assert state.finish_task(task_id, SubStatus.FAILED, "its context could not be saved")
+    assert [r.object_id for r in state.get_messages_legacy(is_reply=True)] == [reply.object_id]
+
+
+def test_a_clientapp_that_completes_is_left_to_its_own_reply(answering_state):
+    from flwr.common.constant import SubStatus
+
+    state, task_id, _ = answering_state
+    assert state.finish_task(task_id, SubStatus.COMPLETED, "")
+    assert not state.get_messages_legacy(is_reply=True)
+
+
+def test_answering_refuses_a_flower_whose_node_state_moved():
+    with pytest.raises(RuntimeError, match="no longer finishes tasks"):
+        supernode.answer_failed_clientapps(types.ModuleType("moved"))
