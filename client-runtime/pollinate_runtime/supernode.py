@@ -33,6 +33,10 @@ A ClientApp task that ends as failed without replying gets Flower's "ClientApp s
 responding" error as its reply (`answer_failed_clientapps`), as a ClientApp that stops sending
 heartbeats already does: without it the SuperNode waits for that reply forever.
 
+The loop pushes the reply to the message it pulled before it pulls another
+(`reply_before_pulling_again`): Flower's waits for any reply, and one left over from an earlier
+message would leave the site one reply behind for the rest of the run.
+
 A site runs only Pollinate's own client app (`only_pollinate_apps`): a run whose app bundle
 (FAB) is not Pollinate's (app_bundle.py: one per version, its hash computed here) gets an
 error reply naming both hashes for each message, and its bundle is never stored, installed or
@@ -265,12 +269,53 @@ def only_pollinate_apps(loop_module: ModuleType, allowed: frozenset[str]) -> Non
     loop_module._pull_and_store_message = pull_and_store_message  # type: ignore[attr-defined]
 
 
+def reply_before_pulling_again(loop_module: ModuleType) -> None:
+    """Have Flower's SuperNode loop push the reply to the message it just pulled before it
+    pulls another, whatever other replies its state holds.
+
+    Flower 1.41 handles one message at a time: pull it, then wait for *a* reply, push it, pull
+    again. Any reply that is not the current message's (left over from an earlier message: a
+    ClientApp whose reply was stored twice, an error reply for a message whose ClientApp
+    replied after all) satisfies that wait; the current reply then stays in the state, pushed
+    only after the next message is pulled, which the server never sends while it waits for
+    this reply. The site falls one reply behind for good and misses every round after it. Here
+    the loop keeps pushing until the current message is answered (Flower deletes a message
+    from the state once its reply is pushed or could not be)."""
+    pull = getattr(loop_module, "_pull_and_store_message", None)
+    push = getattr(loop_module, "_push_messages", None)
+    if pull is None or push is None or "receive" not in inspect.signature(pull).parameters:
+        raise RuntimeError(f"{loop_module.__name__} no longer pulls and pushes messages as this "
+                           "expects; check the pinned flwr version")
+    if getattr(push, "one_reply_per_message", False):
+        return
+    current: list[str] = []  # the message pulled last, until its reply is pushed
+
+    def pull_and_store_message(*, receive: Callable[[], Any], **rest: Any) -> int | None:
+        def receive_and_note() -> Any:
+            got = receive()
+            current[:] = [got[0].metadata.message_id] if got else []
+            return got
+
+        return pull(receive=receive_and_note, **rest)
+
+    def push_messages(*, state: Any, **rest: Any) -> None:
+        push(state=state, **rest)
+        while current and current[0] in state.msg_store:
+            push(state=state, **rest)
+        current.clear()
+
+    push_messages.one_reply_per_message = True  # type: ignore[attr-defined]
+    loop_module._pull_and_store_message = pull_and_store_message  # type: ignore[attr-defined]
+    loop_module._push_messages = push_messages  # type: ignore[attr-defined]
+
+
 def prepare(loop_module: ModuleType, env: dict[str, str] | os._Environ[str]) -> None:
     """Everything this module changes in Flower's SuperNode loop, as `env` asks."""
     from .app_bundle import allowed_bundles
 
     pace(loop_module, poll_seconds_from(env))
     only_pollinate_apps(loop_module, allowed_bundles(env))
+    reply_before_pulling_again(loop_module)
     if warm_enabled(env):
         warm_superexec(loop_module)
 

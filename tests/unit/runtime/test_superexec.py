@@ -84,9 +84,11 @@ def test_the_superexec_is_flower_superexec_with_its_flags():
 def stand_in(name: str) -> types.ModuleType:
     module = types.ModuleType(name)
     module.subprocess = subprocess  # type: ignore[attr-defined]
-    # What only_pollinate_apps wraps (tests/unit/runtime/test_supernode.py tests it).
-    module._pull_and_store_message = lambda *, get_fab, **_: None  # type: ignore[attr-defined]
+    # What only_pollinate_apps and reply_before_pulling_again wrap (test_supernode.py tests
+    # them).
+    module._pull_and_store_message = lambda *, get_fab, receive, **_: None  # type: ignore[attr-defined]
     module._insert_message = lambda *_: None  # type: ignore[attr-defined]
+    module._push_messages = lambda **_: None  # type: ignore[attr-defined]
     return module
 
 

@@ -197,22 +197,24 @@ def test_patient_claims_refuses_a_flower_whose_task_state_moved():
 
 
 @pytest.mark.slow  # starts a Python process with Flower's imports
-def test_the_command_gives_clientapps_the_longer_start_and_answers_failed_ones() -> None:
+def test_the_command_applies_every_change_to_flowers_supernode() -> None:
     # main() as `pollinate-client join` runs it, with Flower's SuperNode swapped for a probe
-    # that reports how long a claimed ClientApp would have to start, and whether a ClientApp
-    # that fails without a reply is answered for.
+    # that reports what this module changed: how long a claimed ClientApp has to start, and
+    # whether failed ClientApps are answered for and each reply is pushed before the next pull.
     probe = ("import flwr.supernode.cli as cli\n"
              "from flwr.supercore.corestate.in_memory_corestate import InMemoryCoreState\n"
              "from flwr.supernode.nodestate.in_memory_nodestate import InMemoryNodeState\n"
+             "from flwr.supernode import start_client_internal as loop\n"
              "cli.flower_supernode = lambda: print(InMemoryCoreState.claim_task.patient_seconds,\n"
-             "    InMemoryNodeState.finish_task.answers_failed_clientapps)\n"
+             "    InMemoryNodeState.finish_task.answers_failed_clientapps,\n"
+             "    loop._push_messages.one_reply_per_message)\n"
              "from pollinate_runtime import supernode\n"
              "supernode.main()\n")
     result = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=120)
     assert result.returncode == 0, result.stderr[-2000:]
-    seconds, answers = result.stdout.split()
+    seconds, answers, one_reply = result.stdout.split()
     assert float(seconds) == supernode.CLAIM_START_SECONDS
-    assert answers == "True"
+    assert answers == one_reply == "True"
 
 
 # ---- only Pollinate's own client app -------------------------------------------------------
@@ -398,3 +400,97 @@ def test_a_clientapp_that_completes_is_left_to_its_own_reply(answering_state):
 def test_answering_refuses_a_flower_whose_node_state_moved():
     with pytest.raises(RuntimeError, match="no longer finishes tasks"):
         supernode.answer_failed_clientapps(types.ModuleType("moved"))
+
+
+# ---- the reply to the message pulled, before the next pull --------------------------------
+
+
+def flower_message(message_id_hint: str):
+    from flwr.app import Message, RecordDict
+    from flwr.app.metadata import Metadata
+
+    return Message(metadata=Metadata(run_id=1, message_id="", src_node_id=1, dst_node_id=5,
+                                     reply_to_message_id="", group_id=message_id_hint,
+                                     created_at=time.time(), ttl=600, message_type="train"),
+                   content=RecordDict())
+
+
+class ReplyLater:
+    """Stands in for the loop module's `time`: the first wait for a reply is when the
+    ClientApp's reply to `message` arrives."""
+
+    def __init__(self, state, store, message) -> None:
+        self.state, self.store, self.message = state, store, message
+
+    def sleep(self, seconds: float) -> None:
+        from flwr.app import Message, RecordDict
+
+        if self.message is not None:
+            start_client_internal._insert_message(Message(RecordDict(), reply_to=self.message),
+                                                  self.state, self.store)
+            self.message = None
+
+    def __getattr__(self, name: str):
+        return getattr(time, name)
+
+
+@pytest.fixture
+def loop_with_a_stale_reply(monkeypatch):
+    """Flower's real push step and state, a message M2 just pulled, and in the state a reply
+    to an earlier message M1 that is gone: returns (loop module, state, M1, M2, sent)."""
+    from flwr.app import Message, RecordDict
+    from flwr.supercore.object_store import ObjectStoreFactory
+    from flwr.supernode.nodestate.in_memory_nodestate import InMemoryNodeState
+
+    store = ObjectStoreFactory().store()
+    state = InMemoryNodeState(store)
+    earlier, current = flower_message("1"), flower_message("2")
+    for m in (earlier, current):
+        m.metadata.__dict__["_message_id"] = m.object_id
+    start_client_internal._insert_message(Message(RecordDict(), reply_to=earlier), state, store)
+    monkeypatch.setattr(start_client_internal, "time", ReplyLater(state, store, current))
+
+    loop = types.ModuleType("loop")
+
+    def pull(*, state, object_store, receive, **_):
+        got = receive()
+        start_client_internal._insert_message(got[0], state, object_store)
+        return got[0].metadata.run_id
+
+    loop._pull_and_store_message = pull
+    loop._push_messages = start_client_internal._push_messages
+    sent: list[str] = []
+
+    def send(message, tree, runtime):
+        sent.append(message.metadata.reply_to_message_id)
+        return set(), "session"
+
+    def step() -> None:
+        loop._pull_and_store_message(state=state, object_store=store, receive=lambda: (current, None))
+        loop._push_messages(state=state, object_store=store, send=send, push_object=None)
+
+    loop.step = step
+    return loop, state, earlier, current, sent
+
+
+def test_flowers_loop_alone_falls_one_reply_behind(loop_with_a_stale_reply):
+    # Why reply_before_pulling_again exists: if Flower waits for the current reply itself,
+    # this fails and the patch may go.
+    loop, state, earlier, current, sent = loop_with_a_stale_reply
+    loop.step()
+    assert sent == [earlier.metadata.message_id]
+    assert current.metadata.message_id in state.msg_store  # its reply waits for the next pull
+
+
+def test_a_site_pushes_the_current_reply_before_pulling_again(loop_with_a_stale_reply):
+    loop, state, earlier, current, sent = loop_with_a_stale_reply
+    supernode.reply_before_pulling_again(loop)
+    supernode.reply_before_pulling_again(loop)  # once is enough: not wrapped twice
+    loop.step()
+    assert sent == [earlier.metadata.message_id, current.metadata.message_id]
+    assert not state.msg_store
+
+
+def test_reply_before_pulling_again_refuses_a_flower_whose_loop_moved():
+    with pytest.raises(RuntimeError, match="no longer pulls and pushes"):
+        supernode.reply_before_pulling_again(types.ModuleType("moved"))
