@@ -133,13 +133,23 @@ class Rejoin:
         return GiveUp(message)
 
 
+# Flower's exit message (flwr_exit): "Exit Code: N", then why, on the lines that follow.
+EXIT_MESSAGE = "Exit Code:"
+EXIT_MESSAGE_LINES = 12
+
+
 def relay_output(lines: Iterable[str], tail: deque[str], verbose: bool,
                  supernode_exited: threading.Event, activated: threading.Event | None = None,
-                 log: logging.Logger | None = None) -> None:
+                 log: logging.Logger | None = None, last_words: list[str] | None = None) -> None:
     """Keep the SuperNode's last lines (to explain its exit), note its activation, and pass
-    on what a person should see."""
+    on what a person should see. Flower's exit message goes to `last_words` as well: the
+    SuperExec retrying its gone SuperNode while the SuperNode shuts down (seconds on a loaded
+    machine) can push it out of the tail."""
     for line in lines:
         line = line.rstrip()
+        if last_words is not None and (
+                EXIT_MESSAGE in line or 0 < len(last_words) < EXIT_MESSAGE_LINES):
+            last_words.append(line)
         if supernode_exited.is_set() and "Connection attempt failed" in line:
             # The orphaned SuperExec calling its gone SuperNode until it notices: kept out of
             # the tail too, where it would push out the line that says why the SuperNode exited.
@@ -159,9 +169,10 @@ def run_supernode(command: list[str], env: dict[str, str], verbose: bool,
     proc = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
     current.append(proc)
     tail: deque[str] = deque(maxlen=50)
+    last_words: list[str] = []
     exited, activated = threading.Event(), threading.Event()
-    relay = threading.Thread(target=relay_output, args=(proc.stdout, tail, verbose, exited, activated, log),
-                             daemon=True)
+    relay = threading.Thread(target=relay_output, args=(proc.stdout, tail, verbose, exited, activated, log,
+                                                        last_words), daemon=True)
     relay.start()
     code = proc.wait()
     exited.set()
@@ -169,4 +180,4 @@ def run_supernode(command: list[str], env: dict[str, str], verbose: bool,
     # pid is gone, which an unreaped (zombie) SuperNode is not: reading to the end of the
     # output before reaping would wait forever. Reaped now, the pipe closes within a second.
     relay.join(timeout=15)
-    return SupernodeExit(code, tuple(tail), activated.is_set())
+    return SupernodeExit(code, (*last_words, *tail), activated.is_set())

@@ -12,8 +12,8 @@ The warm process is multiprocessing's fork server: a fresh interpreter (started 
 first message, so the first round gains too) that imports `WARM_MODULES` and nothing else,
 holds no threads and no connections, and forks once per message. The child then runs
 Flower's own `flwr-clientapp` entry point with the arguments Flower built, so the protocol,
-the token and the exit status are Flower's. `POLLINATE_WARM_CLIENTAPP=1` turns it on; by
-default each message gets a fresh process, as under stock Flower.
+the token and the exit status are Flower's. It is the default; `POLLINATE_WARM_CLIENTAPP=0`
+gives each message a fresh process, as under stock Flower.
 """
 
 from __future__ import annotations
@@ -55,12 +55,10 @@ class Rerouted:
 
 
 def warm_enabled(env: dict[str, str] | os._Environ[str]) -> bool:
-    # Off unless asked for: it is new, and a run of the engine tests that restarts the server
-    # under it has lost a site's reply once, not yet explained (README, known gaps).
-    raw = env.get(WARM_ENV, "0").strip().lower()
-    if raw in ("1", "true", "yes", "on"):
+    raw = env.get(WARM_ENV, "1").strip().lower()
+    if raw in ("1", "true", "yes", "on", ""):
         return True
-    if raw in ("0", "false", "no", "off", ""):
+    if raw in ("0", "false", "no", "off"):
         return False
     raise ValueError(f"{WARM_ENV}={raw!r}: expected 1 (fork from a warm process) or 0 "
                      "(a fresh process per message)")

@@ -44,7 +44,8 @@ imported; the site stays connected for the next run. Flower 1.41 itself would in
 import whatever bundle a run carries.
 
 The SuperExec the SuperNode starts is Pollinate's (superexec.py), which forks each ClientApp
-process from a warm one when `POLLINATE_WARM_CLIENTAPP=1` (opt-in for now).
+process from a warm one (`POLLINATE_WARM_CLIENTAPP=0`: a fresh interpreter per message, as
+Flower does).
 """
 
 from __future__ import annotations

@@ -189,7 +189,11 @@ def test_hub_defaults_render_one_recreated_hardened_operator(helm: Helm) -> None
     objects = helm.template(HUB)
     assert sorted(o["kind"] for o in objects) == [
         "ClusterRole", "ClusterRoleBinding", "CustomResourceDefinition", "CustomResourceDefinition",
-        "Deployment", "Service", "ServiceAccount"]
+        "Deployment", "Service", "ServiceAccount", "ValidatingAdmissionPolicy",
+        "ValidatingAdmissionPolicyBinding"]
+    # Cluster-wide, the policy binds in every namespace (tests/integration/test_admission.py).
+    assert "matchResources" not in one(objects, "ValidatingAdmissionPolicyBinding")["spec"]
+    assert not by_kind(helm.template(HUB, "--set", "admission.enabled=false"), "ValidatingAdmissionPolicy")
     deployment = one(objects, "Deployment")
     assert deployment["spec"]["replicas"] == 1
     assert deployment["spec"]["strategy"] == {"type": "Recreate"}

@@ -132,21 +132,24 @@ def ingress(name: str, namespace: str, spec: FederationSpec, settings: Settings)
     if ing is None:
         return None
     svc = names.server(name)
-    annotations = {
-        # Flower serves TLS itself: the controller re-encrypts and verifies the server's
-        # certificate against the Federation's CA (ca.crt of the server's TLS Secret) under
-        # the Service's name, which that certificate carries.
+    # Flower serves TLS itself: the controller re-encrypts and verifies the server's
+    # certificate against the Federation's CA (ca.crt of the server's TLS Secret) under the
+    # Service's name, which that certificate carries. A Federation's own annotations cannot
+    # change that (they are applied before these; the hub chart's admission policy refuses
+    # them too).
+    verified_hop = {
         "nginx.ingress.kubernetes.io/backend-protocol": "HTTPS",
         "nginx.ingress.kubernetes.io/proxy-ssl-secret": f"{namespace}/{tls_secret_name(name, spec)}",
         "nginx.ingress.kubernetes.io/proxy-ssl-verify": "on",
         "nginx.ingress.kubernetes.io/proxy-ssl-name": f"{svc}.{namespace}.svc",
         "nginx.ingress.kubernetes.io/proxy-ssl-server-name": "on",
-        # Arrays travel in 5 MiB chunks; SuperNodes long-poll.
+    }
+    tuning = {  # a Federation may change these: arrays travel in 5 MiB chunks; SuperNodes long-poll
         "nginx.ingress.kubernetes.io/proxy-body-size": "64m",
         "nginx.ingress.kubernetes.io/proxy-read-timeout": "3600",
         "nginx.ingress.kubernetes.io/proxy-buffering": "off",
-        **(ing.annotations or {}),
     }
+    annotations = {**tuning, **(ing.annotations or {}), **verified_hop}
     body: dict = {
         "apiVersion": "networking.k8s.io/v1",
         "kind": "Ingress",

@@ -99,6 +99,23 @@ def test_ingress_verifies_the_servers_certificate_against_the_federations_ca(
     assert name in server.tls_dns_names("clinical-notes", "research", fed_spec)
 
 
+def test_a_federations_annotations_cannot_turn_off_the_verified_hop_but_may_tune(
+        fed_spec: FederationSpec) -> None:
+    ingress = fed_spec.server.ingress.model_copy(update={"annotations": {
+        "nginx.ingress.kubernetes.io/proxy-ssl-verify": "off",
+        "nginx.ingress.kubernetes.io/backend-protocol": "HTTP",
+        "nginx.ingress.kubernetes.io/proxy-body-size": "256m",
+        "cert-manager.io/cluster-issuer": "letsencrypt"}})
+    spec = fed_spec.model_copy(update={"server": fed_spec.server.model_copy(update={"ingress": ingress})})
+    ing = server.ingress("clinical-notes", "research", spec, SETTINGS)
+    assert ing is not None
+    notes = ing["metadata"]["annotations"]
+    assert notes["nginx.ingress.kubernetes.io/proxy-ssl-verify"] == "on"
+    assert notes["nginx.ingress.kubernetes.io/backend-protocol"] == "HTTPS"
+    assert notes["nginx.ingress.kubernetes.io/proxy-body-size"] == "256m"
+    assert notes["cert-manager.io/cluster-issuer"] == "letsencrypt"
+
+
 def test_the_ingress_presents_the_users_server_certificate_when_there_is_one(
         fed_spec: FederationSpec) -> None:
     tls = fed_spec.server.tls.model_copy(update={"secret_name": "corp-issued"})

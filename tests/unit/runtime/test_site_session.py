@@ -6,6 +6,7 @@ from __future__ import annotations
 import threading
 from collections import deque
 
+from pollinate_runtime import site_session
 from pollinate_runtime.site_session import (
     ACTIVATION_REFUSED,
     REVOKED,
@@ -134,6 +135,22 @@ def test_the_reason_a_supernode_exited_survives_its_superexecs_retries() -> None
     tail: deque[str] = deque(maxlen=50)
     relay_output(iter(lines), tail, verbose=False, supernode_exited=exited)
     assert explain_supernode_exit(tail) == ACTIVATION_REFUSED
+
+
+def test_flowers_exit_message_survives_retries_logged_while_the_supernode_shuts_down() -> None:
+    # The SuperNode has said why it exits but has not ended yet: its SuperExec's retries
+    # are still relayed (they are only dropped once the SuperNode is gone).
+    lines = ["INFO:      Starting Flower SuperNode", "ERROR:     Exit Code: 305",
+             "Failed to initialize the connection to the SuperLink.",
+             "[code: 2004] No SuperNode found with the given public key",
+             *["WARNING: Connection attempt failed, retrying in 0.25 seconds"] * 200]
+    tail: deque[str] = deque(maxlen=50)
+    last_words: list[str] = []
+    relay_output(iter(lines), tail, verbose=False, supernode_exited=threading.Event(),
+                 last_words=last_words)
+    assert last_words[:3] == lines[1:4] and len(last_words) == site_session.EXIT_MESSAGE_LINES
+    ended = SupernodeExit(1, (*last_words, *tail), activated=False)
+    assert ended.trouble() == ("refused", ACTIVATION_REFUSED)
 
 
 def test_activation_is_noticed_however_long_the_supernode_ran_after_it() -> None:

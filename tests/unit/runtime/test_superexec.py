@@ -50,11 +50,11 @@ def test_warm_superexec_refuses_a_loop_that_no_longer_uses_subprocess():
         supernode.warm_superexec(type(sys)("moved"))
 
 
-@pytest.mark.parametrize(("raw", "warm"), [("1", True), ("", False), ("on", True), ("0", False),
-                                           ("false", False)])
-def test_warm_clientapps_can_be_turned_off(raw, warm):
+@pytest.mark.parametrize(("raw", "warm"), [("1", True), ("", True), ("on", True), ("0", False),
+                                           ("false", False), (" Off ", False)])
+def test_warm_clientapps_are_the_default_and_can_be_turned_off(raw, warm):
     assert superexec.warm_enabled({superexec.WARM_ENV: raw}) is warm
-    assert superexec.warm_enabled({}) is False  # opt-in for now
+    assert superexec.warm_enabled({}) is True
 
 
 def test_a_bad_warm_setting_is_refused_naming_the_variable():
@@ -96,7 +96,7 @@ def test_the_paced_supernode_reroutes_its_superexec_unless_turned_off():
     warm, cold = stand_in("warm"), stand_in("cold")
     warm.time = cold.time = time  # type: ignore[attr-defined]
     supernode.prepare(warm, {superexec.WARM_ENV: "1"})
-    supernode.prepare(cold, {})
+    supernode.prepare(cold, {superexec.WARM_ENV: "0"})
     assert isinstance(warm.subprocess, superexec.Rerouted)
     assert warm.subprocess.command == superexec.SUPEREXEC_COMMAND
     assert cold.subprocess is subprocess
