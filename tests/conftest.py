@@ -112,9 +112,10 @@ def pytest_runtest_teardown(item: pytest.Item, nextitem: pytest.Item | None) -> 
 
 
 # Modules that `make test` (tools/test.sh) runs in a lane of their own, each on a testbed of
-# its own, beside the main lane: the engine's tests are the longest module and spend most of
-# their time waiting on rounds, restarts and timeouts, which the other lanes' work fills.
-LANES = {"engine": ("tests/integration/test_engine.py",)}
+# its own, beside the main lane: the engine's tests and the operator's with a real Flower
+# server are the longest modules and spend much of their time waiting on rounds, restarts and
+# timeouts, which the other lanes' work fills.
+LANES = {"engine": ("tests/integration/test_engine.py", "tests/integration/test_operator_flower.py")}
 
 
 def pytest_addoption(parser: pytest.Parser) -> None:

@@ -6,7 +6,8 @@
 #   and the node agent's), on testbeds of their own. They need Traefik, the ingress controller
 #   of execute mode and the slowest binary to build cold (5-6 min on 2 cores), which builds at
 #   the lowest CPU priority first.
-# - The engine lane: tests/integration/test_engine.py (tests/conftest.py LANES), on a testbed of
+# - The engine lane: tests/integration/test_engine.py and test_operator_flower.py
+#   (tests/conftest.py LANES), on a testbed of
 #   its own (ports shifted by ENGINE_PORT_OFFSET). Its tests spend most of their time waiting
 #   on rounds, restarts and timeouts.
 # - The main lane: everything else, fast modules first (tests/conftest.py).

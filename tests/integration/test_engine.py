@@ -17,6 +17,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 from flower_processes import FlowerServer, Site, free_port
+from pollinate_operator.clients.flower import FlowerUnavailable
 from pollinate_runtime.run_config import RunConfig
 from pollinate_runtime.store import MAX_TENSOR_BYTES, FederationStore, RunProgress
 from pollinate_testbed import Testbed
@@ -335,6 +336,17 @@ def test_a_server_killed_until_every_site_gave_up_resumes_from_its_last_checkpoi
     assert after is not None and after.round == 4
 
 
+def run_has_ended(server: FlowerServer, run_id: int, what: str) -> None:
+    """Fail at once, saying why, if the run ended: a test waiting for something the run
+    would have done otherwise waits out its whole timeout."""
+    try:
+        with server.control() as control:
+            state = control.get_run(run_id)
+    except FlowerUnavailable:  # a busy SuperLink: asked again at the next poll
+        return
+    assert not (state and state.finished), f"run {run_id} ended {what}: {state}"
+
+
 def test_site_killed_mid_round_is_left_out_at_the_timeout(
         testbed: Testbed, server: FlowerServer, sites, tiny_model_dir: Path) -> None:
     name = unique("dropout")
@@ -343,9 +355,11 @@ def test_site_killed_mid_round_is_left_out_at_the_timeout(
     # Flower refuses the victim's key until its dead connection's heartbeats lapse (about a
     # minute) and `join` retries every 10 s: with a 30 s round timeout, round 1 closes before
     # the victim can be back (a site back in time is sent the round again: the next test),
-    # and 20 rounds of 200 local steps last well past its return.
+    # and 20 rounds last well past its return. 60 local steps: a round of the two others must
+    # fit the 30 s on a loaded machine too (200 steps took up to 19 s of training there, after
+    # 11 s to start the ClientApp, and the run failed at minSites before site-c was back).
     run_id = server.start_run(run_config(testbed, tiny_model_dir, name, rounds=20, min_sites=2,
-                                         local_max_steps=200, round_timeout_seconds=30))
+                                         local_max_steps=60, round_timeout_seconds=30))
     deadline = time.monotonic() + 300
     while time.monotonic() < deadline and "round 1: training" not in victim.output()[seen:]:
         time.sleep(0.2)
@@ -356,7 +370,10 @@ def test_site_killed_mid_round_is_left_out_at_the_timeout(
 
     def back_in_a_later_round() -> RunProgress | None:
         p = store(testbed).read_progress(name)
-        return p if p and any(r["round"] > 1 and "site-c" in r["examples"] for r in p.rounds) else None
+        if p and any(r["round"] > 1 and "site-c" in r["examples"] for r in p.rounds):
+            return p
+        run_has_ended(server, run_id, "before site-c was back")
+        return None
 
     # What is tested ends once site-c has taken part again: the rest of the run is stopped
     # rather than trained out.
