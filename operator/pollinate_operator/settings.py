@@ -5,6 +5,9 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass, field
 
+from .reconcile.admission import ENV as ADMISSION_ENV
+from .reconcile.admission import AdmissionPolicy
+
 
 def _env(name: str, default: str) -> str:
     return os.environ.get(f"POLLINATE_{name}", default)
@@ -51,6 +54,8 @@ class Settings:
     # Watching only some namespaces: no cluster-wide scans or peering, which a namespaced
     # Role does not allow.
     namespaced: bool = False
+    # The hub chart's admission values, repeated by the operator (reconcile/admission.py).
+    admission: AdmissionPolicy = field(default_factory=AdmissionPolicy)
 
     @classmethod
     def from_env(cls) -> Settings:
@@ -67,4 +72,5 @@ class Settings:
                 "POLLINATE_INGRESS_CONTROLLER_LABELS", _env("INGRESS_CONTROLLER_LABELS", ""),
             ) or defaults.ingress_controller_labels,
             operator_namespace=_env("OPERATOR_NAMESPACE", defaults.operator_namespace),
+            admission=AdmissionPolicy.from_json(os.environ.get(ADMISSION_ENV, "")),
         )

@@ -12,7 +12,8 @@ from pathlib import Path
 
 import pytest
 import yaml
-from example_objects import example
+from example_objects import create_s3_secret, example
+from operator_process import OperatorProcess
 from pollinate_testbed import Testbed
 from pollinate_testbed.testing import Kubectl, eventually
 
@@ -217,3 +218,48 @@ def test_more_names_than_it_checks_one_by_one_need_the_right_to_read_them_all(
     bind_role(kubectl, "all-notes", [{"apiGroups": [""], "resources": ["configmaps"], "verbs": ["get"]}])
     eventually(lambda: author.create(fed).returncode == 0, timeout=30,
                what="accepted with the right to read them all")
+
+
+def operator_admission_env(testbed: Testbed) -> str:
+    """POLLINATE_ADMISSION as the hub chart's Deployment gives it to the operator."""
+    rendered = subprocess.run(
+        [str(testbed.bin_dir / "helm"), "template", "pollinate", str(HUB), "--show-only",
+         "templates/deployment.yaml"], capture_output=True, text=True, check=True, timeout=120).stdout
+    (container,) = yaml.safe_load(rendered)["spec"]["template"]["spec"]["containers"]
+    return next(e["value"] for e in container["env"] if e["name"] == "POLLINATE_ADMISSION")
+
+
+def test_without_the_policy_the_operator_refuses_what_needs_no_author_and_says_so(
+        testbed: Testbed, crds: None, kubectl: Kubectl, tmp_path: Path) -> None:
+    # A cluster without the policy (older than 1.34, or admission.enabled=false): the operator,
+    # given the chart's values, applies nothing for a Federation with a foreign image and says
+    # why; fixed, it goes on.
+    operator = OperatorProcess(testbed, tmp_path / "operator.log",
+                               {"POLLINATE_ADMISSION": operator_admission_env(testbed)})
+    operator.start()
+    try:
+        create_s3_secret(kubectl)
+        fed = example("federation")
+        fed["spec"]["server"]["nodeAuthentication"] = False
+        fed["spec"]["clientImage"] = "docker.io/mallory/miner:1"
+        kubectl.apply(yaml.safe_dump(fed))
+
+        def ready() -> dict:
+            st = kubectl.json("get", "federation", "clinical-notes").get("status", {})
+            return next((c for c in st.get("conditions", []) if c["type"] == "Ready"), {})
+
+        refused = eventually(lambda: ready().get("reason") == "PolicyViolation" and ready(), timeout=60,
+                             what="the Federation refused by the operator")
+        assert refused["status"] == "False"
+        assert refused["message"].startswith('spec.clientImage: image "docker.io/mallory/miner:1" is not '
+                                             "under an allowed prefix")
+        reasons = {e["reason"] for e in kubectl.json("get", "events", "--field-selector",
+                                                     "involvedObject.name=clinical-notes")["items"]}
+        assert "PolicyViolation" in reasons
+        assert not kubectl.json("get", "deployments")["items"], "nothing is applied for a refused spec"
+        kubectl.run("patch", "federation", "clinical-notes", "--type=merge",
+                    "-p", '{"spec":{"clientImage":"ghcr.io/pollinate-dev/client:0.1.0"}}')
+        eventually(lambda: kubectl.json("get", "deployments")["items"], timeout=60,
+                   what="the server applied once the image is allowed")
+    finally:
+        operator.stop()

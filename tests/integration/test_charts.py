@@ -213,6 +213,10 @@ def test_hub_defaults_render_one_recreated_hardened_operator(helm: Helm) -> None
     assert container["livenessProbe"]["httpGet"] == {"path": "/healthz", "port": "healthz"}
     assert ports == {"metrics": 8080, "healthz": 8081}
     env = {e["name"]: e.get("value", e.get("valueFrom")) for e in container["env"]}
+    # The admission policy's values, which the operator repeats (reconcile/admission.py).
+    admission = json.loads(env.pop("POLLINATE_ADMISSION"))
+    assert admission["allowedImagePrefixes"] == ["ghcr.io/pollinate-dev/"]
+    assert admission["allowHostPath"] is False and admission["deniedIngressAnnotations"]
     assert env == {"POLLINATE_RESYNC_SECONDS": "10", "POLLINATE_SETTLED_RESYNC_SECONDS": "60",
                    "POLLINATE_METRICS_PORT": "8080",
                    # The servers' NetworkPolicies admit the controller and the operator by

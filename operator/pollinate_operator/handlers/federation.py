@@ -14,6 +14,7 @@ from ..clients import kube, storage
 from ..clients.flower import FlowerControl, FlowerRefused, FlowerUnavailable
 from ..manifests import names, secrets, server
 from ..manifests.security import owner_reference
+from ..reconcile import admission
 from ..reconcile import federation as plan
 from ..settings import Settings
 from .level_triggered import reconcile_on_every_pass, wake_owners_of
@@ -147,15 +148,21 @@ def _ensure_site_keys(name: str, namespace: str, spec: FederationSpec, ca_pem: b
 def reconcile(name: str, namespace: str, body: kopf.Body, settings: Settings,
               logger: logging.Logger) -> FederationStatus:
     previous = FederationStatus.from_stored(dict(body.get("status") or {}))
+
+    def blocked(reason: str, message: str) -> FederationStatus:
+        # Nothing more is applied; the Federation says why, with one Event per new reason.
+        if not any(c.reason == reason and c.message == message for c in previous.conditions):
+            kopf.event(body, type="Warning", reason=reason, message=message)
+        logger.warning("%s", message)
+        return plan.blocked_status(previous, reason, message, body.meta.get("generation", 0))
+
+    refused = admission.refusals(FederationSpec.model_validate(dict(body["spec"])), settings.admission)
+    if refused:
+        return blocked("PolicyViolation", "; ".join(refused))
     try:
         return _reconcile(name, namespace, body, settings, logger, previous)
     except kube.NotOurs as clash:
-        # Nothing more is applied; the Federation says which object is in the way.
-        message = str(clash)
-        if not any(c.reason == "NameConflict" and c.message == message for c in previous.conditions):
-            kopf.event(body, type="Warning", reason="NameConflict", message=message)
-        logger.warning("%s", message)
-        return plan.name_conflict_status(previous, message, body.meta.get("generation", 0))
+        return blocked("NameConflict", str(clash))
 
 
 def _reconcile(name: str, namespace: str, body: kopf.Body, settings: Settings,

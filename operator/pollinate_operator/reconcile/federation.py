@@ -218,14 +218,16 @@ def federation_status(
     )
 
 
-def name_conflict_status(previous: FederationStatus, message: str, generation: int,
-                         now: str | None = None) -> FederationStatus:
-    """The status of a Federation one of whose children's names is taken by an object it does
-    not control: not Ready (or Degraded, if it was), saying which object is in the way."""
+def blocked_status(previous: FederationStatus, reason: str, message: str, generation: int,
+                   now: str | None = None) -> FederationStatus:
+    """The status of a Federation the operator will not reconcile as it is (`reason`: a child's
+    name is taken by an object it does not control, NameConflict; the spec breaks the
+    cluster's admission policy, PolicyViolation): not Ready (or Degraded, if it was), saying
+    why; nothing more is applied."""
     phase = "Degraded" if previous.phase in ("Ready", "Degraded") else "Pending"
-    conditions = set_condition(list(previous.conditions), "Ready", False, "NameConflict", message,
+    conditions = set_condition(list(previous.conditions), "Ready", False, reason, message,
                                generation, now)
-    conditions = set_condition(conditions, "Degraded", phase == "Degraded", "NameConflict",
+    conditions = set_condition(conditions, "Degraded", phase == "Degraded", reason,
                                message if phase == "Degraded" else "", generation, now)
     return previous.model_copy(update={"phase": phase, "conditions": conditions,
                                        "observed_generation": generation})

@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 from pollinate_operator.api.federation import FederationStatus
 from pollinate_operator.clients.kube import NotOurs, check_ours
-from pollinate_operator.reconcile.federation import name_conflict_status
+from pollinate_operator.reconcile.federation import blocked_status
 
 OURS = "0b7c4a9e-1111-4111-8111-000000000001"
 
@@ -45,7 +45,7 @@ def test_anything_else_is_refused_naming_the_object_and_its_controller(existing:
 @pytest.mark.parametrize(("before", "after"), [(None, "Pending"), ("Pending", "Pending"),
                                                ("Ready", "Degraded")])
 def test_a_taken_name_makes_the_federation_not_ready_saying_which(before, after) -> None:
-    status = name_conflict_status(FederationStatus(phase=before), "Secret x/y already exists", 3)
+    status = blocked_status(FederationStatus(phase=before), "NameConflict", "Secret x/y already exists", 3)
     assert status.phase == after and status.observed_generation == 3
     ready = next(c for c in status.conditions if c.type == "Ready")
     assert (ready.status, ready.reason) == ("False", "NameConflict")
