@@ -48,6 +48,11 @@ KNOWN_FAILURES = [
 # Flower's last words when its retries ran out on a server that is not there.
 GAVE_UP = re.compile(r"Giving up reconnection|Exit Code: 305|Connection refused|ConnectError|"
                      r"Temporary failure in name resolution|Name or service not known")
+# A TLS handshake that timed out: Flower gives up at once on any error that mentions SSL (as
+# for a certificate it does not trust), but a server too busy to finish a handshake in time
+# is a server to try again, not a wrong --ca.
+HANDSHAKE_TIMED_OUT = re.compile(r"handshake operation timed out|"
+                                 r"_ssl\.c:\d+: The (read|write) operation timed out")
 # The SuperNode logs its node id once the server has activated it.
 ACTIVATED = "SuperNode ID:"
 # The ClientApp under way shares the SuperNode's output; when the SuperNode ends it can no
@@ -76,6 +81,8 @@ class SupernodeExit:
 
     def trouble(self) -> tuple[Trouble, str | None]:
         """What kind of end this was, and what to tell the person if it is the last one."""
+        if HANDSHAKE_TIMED_OUT.search("\n".join(self.tail)):
+            return "lost", SERVER_LOST
         reason = explain_supernode_exit(self.tail)
         if reason == ACTIVATION_REFUSED:
             return "refused", reason

@@ -2,7 +2,7 @@
 <flower-superlink flags>` is `flower-superlink` behind Pollinate's gate (`server_gate`: the
 control API only for the operator's token, named by the file in $POLLINATE_CONTROL_TOKEN_FILE;
 the runtime API only for the server's own processes) and with a longer wait for its database
-lock.
+lock, and with two minutes for a claimed ServerApp process to start (`patient_claims`).
 
 Flower 1.41 keeps the SuperLink's state (nodes, runs, messages and their objects) in SQLite
 and gives up on a lock after 5 s (`busy_timeout`). When every site of a round replies at
@@ -22,8 +22,10 @@ from __future__ import annotations
 
 import os
 import sys
+from datetime import timedelta
 from pathlib import Path
 from types import ModuleType
+from typing import Any
 
 from .server_gate import CONTROL_TOKEN_FILE_ENV, ServerGate
 
@@ -63,6 +65,43 @@ def put_behind_gate(main_module: ModuleType, token_file: Path | None) -> None:
     main_module.create_app = gated_create_app  # type: ignore[attr-defined]
 
 
+# How long the server's ServerApp process has to start once its task is claimed.
+CLAIM_START_SECONDS = 120.0
+
+
+def patient_claims(state_module: ModuleType, seconds: float = CLAIM_START_SECONDS) -> None:
+    """Have Flower's SQL task state (`state_module.SqlCoreState`, which the SuperLink's state
+    extends) give a claimed task `seconds` to start, not Flower's 30 s.
+
+    The SuperLink runs each run's ServerApp as a task: a new Python process that must call in
+    within 30 s of its claim, or its token lapses and the task is handed to another process.
+    On a loaded server (seen in CI: three test lanes on two cores) starting Python and
+    importing Flower and the server app took longer: every attempt was refused (401) and the
+    run never started. The sites' side has the same patch (supernode.patient_claims)."""
+    state_cls = getattr(state_module, "SqlCoreState", None)
+    original = getattr(state_cls, "claim_task", None)
+    needed = ("TaskModel", "update", "uint64_to_int64", "now")
+    if original is None or not all(hasattr(state_module, name) for name in needed):
+        raise RuntimeError(f"{state_module.__name__} no longer claims tasks as this expects; "
+                           "check the pinned flwr version")
+    if getattr(original, "patient_seconds", None) is not None:
+        return
+    task = state_module.TaskModel
+
+    def claim_task(self: Any, task_id: int) -> str | None:
+        token = original(self, task_id)
+        if token is not None:
+            with self.session() as session:
+                session.execute(
+                    state_module.update(task)
+                    .where(task.task_id == state_module.uint64_to_int64(task_id), task.token == token)
+                    .values(active_until=state_module.now() + timedelta(seconds=seconds)))
+        return token
+
+    claim_task.patient_seconds = seconds  # type: ignore[attr-defined]
+    state_cls.claim_task = claim_task  # type: ignore[attr-defined]
+
+
 def control_token_file(env: dict[str, str] | os._Environ[str]) -> Path | None:
     value = env.get(CONTROL_TOKEN_FILE_ENV, "").strip()
     return Path(value) if value else None
@@ -70,6 +109,7 @@ def control_token_file(env: dict[str, str] | os._Environ[str]) -> Path | None:
 
 def main() -> None:
     from flwr.supercore import sql_mixin
+    from flwr.supercore.corestate import sql_corestate
     from flwr.superlink import main as superlink_app
     from flwr.superlink.cli import flower_superlink
 
@@ -80,6 +120,7 @@ def main() -> None:
               "(start or stop a run, register a site key) will be refused", file=sys.stderr)
     put_behind_gate(superlink_app, token_file)
     lengthen_lock_wait(sql_mixin)
+    patient_claims(sql_corestate)
     sys.argv[0] = "flower-superlink"
     flower_superlink()
 

@@ -234,8 +234,8 @@ def test_malformed_updates_are_rejected_attributed_and_never_abort_a_round(
     try:
         wait_online(server, node_ids, "hostile sites online")
         name = unique("hostile")
-        # Twelve sites, each message a fresh ClientApp process: on two busy cores a round
-        # takes minutes, not the 120 s the other tests allow.
+        # Twenty-two sites on two busy cores: a round takes minutes, not the 120 s the other
+        # tests allow.
         run_id = server.start_run(run_config(testbed, tiny_model_dir, name, rounds=2,
                                              round_timeout_seconds=400, max_examples_per_site=1000))
         state = server.wait_run(run_id, timeout=1200)
@@ -430,15 +430,17 @@ def test_sites_lost_for_good_below_min_sites_fail_the_run_naming_min_sites_and_t
         wait_online(server, node_ids, "site-d and site-e online")
         name = unique("lost")
         # Round 2 closes at its timeout without the killed sites: 60 s, half the other tests',
-        # still ten times what a round of the tiny model takes here.
+        # still several times what a round takes here. 200 local steps (seconds of training):
+        # a site forks its ClientApp from a warm process in milliseconds, and must not have
+        # answered round 2 by the time the test sees round 1 done and kills it.
         run_id = server.start_run(run_config(testbed, tiny_model_dir, name, rounds=3, min_sites=4,
-                                             round_timeout_seconds=60))
+                                             local_max_steps=200, round_timeout_seconds=60))
         def round_one_done() -> bool:
             p = store(testbed).read_progress(name)
             return bool(p and p.round >= 1)
 
-        # Progress is written before round 2 is sent, and a site needs a new ClientApp process
-        # and its training before it can answer: killed now, they never answer round 2.
+        # Progress is written before round 2 is sent, and a site needs its training before it
+        # can answer: killed now, they never answer round 2.
         eventually(round_one_done, timeout=300, interval=0.1, what="round 1 done")
         for site in extra.values():
             site.kill()  # for good

@@ -23,6 +23,7 @@ from flwr.app import Array, ArrayRecord
 from pollinate_runtime import messages as m
 from pollinate_runtime.cli import parse_server, supernode_command, supernode_env
 from pollinate_runtime.site_trainer import TrainerServer, trainer_socket_path
+from pollinate_runtime.superexec import WARM_ENV
 from pollinate_runtime.wire import LAYOUT, PACKED_STYPE, TENSORS, to_record
 
 RECORD_KINDS = ("float64", "int8", "oversized", "scaled-1e6")
@@ -117,9 +118,12 @@ def main() -> int:
     server.start()
     env = supernode_env(work)
     if args.kind in RECORD_KINDS:
-        # The SuperNode's ClientApp processes inherit this environment.
+        # The SuperNode's ClientApp processes inherit this environment. Each is a fresh
+        # `flwr-clientapp` interpreter, which sitecustomize recognises: a ClientApp forked
+        # from the warm one (the default) starts no interpreter and imports nothing anew.
         here = Path(__file__).parent
         env[HOSTILE_RECORD_ENV] = args.kind
+        env[WARM_ENV] = "0"
         env["PYTHONPATH"] = os.pathsep.join(
             [str(here / "hostile_record"), str(here), env.get("PYTHONPATH", "")])
     # The SuperNode a real site runs (`pollinate-client join`'s), with its hostile trainer.

@@ -127,6 +127,16 @@ def test_a_tls_failure_is_not_taken_for_a_lost_server() -> None:
     assert SupernodeExit(1, tail, activated=False).trouble()[0] == "fatal"
 
 
+def test_a_tls_handshake_that_timed_out_is_a_busy_server_to_retry_not_a_certificate_problem() -> None:
+    # Seen in CI with the machine loaded: Flower gives up at once on any error naming SSL.
+    tail = ("ERROR:     SSL/TLS handshake error detected.", "ERROR:     Exit Code: 305",
+            "Failed to initialize the connection to the SuperLink.",
+            "_ssl.c:989: The handshake operation timed out")
+    ended = SupernodeExit(1, tail, activated=False)
+    assert ended.trouble() == ("lost", SERVER_LOST)
+    assert isinstance(Rejoin(rejoin_seconds=0).after(ended, 0.0), Retry)
+
+
 def test_the_reason_a_supernode_exited_survives_its_superexecs_retries() -> None:
     exited = threading.Event()
     exited.set()

@@ -100,3 +100,68 @@ def test_the_command_opens_flowers_state_with_the_longer_wait() -> None:
     result = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=120)
     assert result.returncode == 0, result.stderr[-2000:]
     assert result.stdout.strip() == str(superlink.LOCK_WAIT_MS)
+
+
+# ---- a ServerApp process slow to start -----------------------------------------------------
+
+
+@pytest.fixture
+def server_tasks(monkeypatch, tmp_path: Path):
+    """Flower's own SQL task state (what the SuperLink's extends), on a clock the test moves;
+    the class patch is undone afterwards."""
+    from datetime import UTC, datetime, timedelta
+
+    from flwr.supercore.corestate import sql_corestate
+    from flwr.supercore.object_store import ObjectStoreFactory
+
+    class TaskState(sql_corestate.SqlCoreState):  # the two methods only messages need
+        def get_node_id(self) -> int:
+            return 0
+
+        def store_message_and_object_tree(self, *args, **kwargs):
+            raise NotImplementedError
+
+    clock = {"at": datetime(2026, 12, 7, tzinfo=UTC)}
+    monkeypatch.setattr(sql_corestate, "now", lambda: clock["at"])
+    monkeypatch.setattr(sql_corestate.SqlCoreState, "claim_task", sql_corestate.SqlCoreState.claim_task)
+    state = TaskState(str(tmp_path / "state.db"), ObjectStoreFactory().store())
+    state.initialize()
+
+    def advance(seconds: float) -> None:
+        clock["at"] += timedelta(seconds=seconds)
+
+    def claim() -> str:
+        token = state.claim_task(state.create_task(task_type="flwr-serverapp", run_id=1, fab_hash="f"))
+        assert token is not None
+        return token
+
+    return state, claim, advance, sql_corestate
+
+
+def test_flower_gives_a_claimed_serverapp_30_s_to_start(server_tasks) -> None:
+    # What patient_claims is for: if Flower waits longer itself, the patch may go.
+    state, claim, advance, _ = server_tasks
+    token = claim()
+    advance(29)
+    assert state.get_task_by_token(token) is not None
+    advance(2)
+    assert state.get_task_by_token(token) is None
+
+
+def test_a_serverapp_slow_to_start_keeps_its_claim_for_two_minutes(server_tasks) -> None:
+    state, claim, advance, module = server_tasks
+    superlink.patient_claims(module)
+    superlink.patient_claims(module)  # once is enough: not wrapped twice
+    token = claim()
+    advance(superlink.CLAIM_START_SECONDS - 5)
+    task = state.get_task_by_token(token)
+    assert task is not None
+    # Once it has started, a ServerApp that goes quiet is given up on as Flower does.
+    assert state.activate_task(task.task_id)
+    advance(61)
+    assert state.get_task_by_token(token) is None
+
+
+def test_patient_claims_refuses_a_flower_whose_task_state_moved() -> None:
+    with pytest.raises(RuntimeError, match="no longer claims tasks"):
+        superlink.patient_claims(types.ModuleType("moved"))
