@@ -29,6 +29,10 @@ from typing import Any
 
 from .server_gate import CONTROL_TOKEN_FILE_ENV, ServerGate
 
+# How long a claimed task's process has to start: the same for the server's ServerApp as for a
+# site's ClientApp.
+from .supernode import CLAIM_START_SECONDS
+
 LOCK_WAIT_MS = 20_000
 BUSY_TIMEOUT = "busy_timeout"
 
@@ -63,10 +67,6 @@ def put_behind_gate(main_module: ModuleType, token_file: Path | None) -> None:
         return ServerGate(create_app(*args, **kwargs), token_file)
 
     main_module.create_app = gated_create_app  # type: ignore[attr-defined]
-
-
-# How long the server's ServerApp process has to start once its task is claimed.
-CLAIM_START_SECONDS = 120.0
 
 
 def patient_claims(state_module: ModuleType, seconds: float = CLAIM_START_SECONDS) -> None:

@@ -156,18 +156,18 @@ def reconcile(name: str, namespace: str, body: kopf.Body, settings: Settings,
         logger.warning("%s", message)
         return plan.blocked_status(previous, reason, message, body.meta.get("generation", 0))
 
-    refused = admission.refusals(FederationSpec.model_validate(dict(body["spec"])), settings.admission)
+    spec = FederationSpec.model_validate(dict(body["spec"]))
+    refused = admission.refusals(spec, settings.admission)
     if refused:
         return blocked("PolicyViolation", "; ".join(refused))
     try:
-        return _reconcile(name, namespace, body, settings, logger, previous)
+        return _reconcile(name, namespace, spec, body, settings, logger, previous)
     except kube.NotOurs as clash:
         return blocked("NameConflict", str(clash))
 
 
-def _reconcile(name: str, namespace: str, body: kopf.Body, settings: Settings,
+def _reconcile(name: str, namespace: str, spec: FederationSpec, body: kopf.Body, settings: Settings,
                logger: logging.Logger, previous: FederationStatus) -> FederationStatus:
-    spec = FederationSpec.model_validate(dict(body["spec"]))
     tls = _ensure_tls(name, namespace, spec, body, logger)
     ca_pem = tls.ca_pem
     token = _ensure_control_token(name, namespace, body)
