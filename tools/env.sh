@@ -36,4 +36,12 @@ if [ "$(cat .venv/.pollinate-env 2>/dev/null)" != "$key" ]; then
 fi
 "$uv" pip install --quiet --python .venv/bin/python --no-deps --no-build-isolation \
   -e tools/testbed -e client-runtime -e operator
+# As the client image's build does (images/client.Dockerfile): the testbed's pods run this
+# environment, and find the bundled model converted here instead of each converting it.
+# The conversion itself is kept in $cache/models, keyed by the GGUF's bytes, for the next clone.
+if ! ls .venv/share/pollinate/models/*/config.json >/dev/null 2>&1; then
+  t0=$SECONDS
+  POLLINATE_CACHE=$cache .venv/bin/pollinate-client prepare-model --shipped >/dev/null
+  log "bundled model installed with the runtime in $((SECONDS - t0)) s"
+fi
 log "ready: $(.venv/bin/python -V) in $top/.venv"

@@ -30,7 +30,11 @@ def exclusive(lock_path: Path) -> Iterator[None]:
 
 def publish(tmp: Path, target: Path) -> None:
     """Move a finished folder into place so readers never see a half-written one."""
-    tmp.chmod(0o755)  # mkdtemp makes it private; other users (a pod's) may read the cache
+    # mkdtemp makes the folder private, and some writers (safetensors) their files: other
+    # users may read an entry (an image's pods run as another user than its build).
+    tmp.chmod(0o755)
+    for path in tmp.rglob("*"):
+        path.chmod(path.stat().st_mode | (0o555 if path.is_dir() else 0o444))
     if target.exists():
         shutil.rmtree(target)
     os.replace(tmp, target)

@@ -409,6 +409,19 @@ def keygen(args: argparse.Namespace) -> int:
     return 0
 
 
+def prepare_model(args: argparse.Namespace) -> int:
+    """Convert the bundled base model (SmolLM2-135M-Instruct, GGUF) now rather than at the first
+    round: into the user cache, or with --shipped among the models installed with the runtime,
+    where every later process of this installation (an image's pods) finds it read-only."""
+    from .train.sources import ModelSourceError, ship_converted, smollm2_gguf, smollm2_path
+    try:
+        folder = ship_converted(smollm2_gguf()) if args.shipped else smollm2_path()
+    except (ModelSourceError, OSError) as err:
+        raise JoinError(f"cannot prepare the bundled model: {err}") from err
+    print(folder)
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="pollinate-client", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -445,6 +458,9 @@ def build_parser() -> argparse.ArgumentParser:
     k.add_argument("--out", required=True,
                    help="where the private key goes (created 0600, never overwritten)")
     k.add_argument("--comment", default="", help="a label after the public key (e.g. alice@laptop)")
+    p = sub.add_parser("prepare-model", help="convert the bundled base model now, not at the first round")
+    p.add_argument("--shipped", action="store_true",
+                   help="install it with the runtime (an image's build step), not in the user cache")
     e = sub.add_parser("eval", help="score an adapter version on local data")
     e.add_argument("--data", required=True)
     e.add_argument("--adapter-dir", help="a PEFT adapter folder (adapter_model.safetensors + config)")
@@ -463,7 +479,7 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.DEBUG if getattr(args, "verbose", False) else logging.INFO,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:
-        commands = {"join": join, "keygen": keygen, "eval": evaluate}
+        commands = {"join": join, "keygen": keygen, "eval": evaluate, "prepare-model": prepare_model}
         return commands[args.command](args)
     except JoinError as err:
         print(f"pollinate-client: error: {err}", file=sys.stderr)

