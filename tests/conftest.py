@@ -87,6 +87,14 @@ def pytest_runtest_setup(item: pytest.Item) -> None:
     item.stash[TEST_STARTED] = time.time()
 
 
+def pytest_runtest_logstart(nodeid: str) -> None:
+    # For tools/cpu_by_test.py: which test each pytest process was running when, so the CPU of
+    # the processes a test started (servers, sites, pods) is charged to it.
+    if trace := os.environ.get("POLLINATE_TEST_TRACE"):
+        with open(trace, "a") as f:
+            f.write(f"{time.time():.2f} {os.getpid()} {nodeid}\n")
+
+
 @pytest.fixture(scope="session")
 def tiny_model_dir() -> Path:
     """The tiny pretrained Llama of tests/support/tiny_lm.py as a Hugging Face folder, built
