@@ -34,7 +34,8 @@ def publish(tmp: Path, target: Path) -> None:
     # users may read an entry (an image's pods run as another user than its build).
     tmp.chmod(0o755)
     for path in tmp.rglob("*"):
-        path.chmod(path.stat().st_mode | (0o555 if path.is_dir() else 0o444))
+        if not path.is_symlink():  # a link's own mode means nothing; its target may be absent
+            path.chmod(path.stat().st_mode | (0o555 if path.is_dir() else 0o444))
     if target.exists():
         shutil.rmtree(target)
     os.replace(tmp, target)

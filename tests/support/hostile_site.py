@@ -3,6 +3,9 @@ the real Flower wire, but its trainer sends a malformed or poisoned update.
 
     python -m hostile_site --kind nan --server 127.0.0.1:9092 --ca ca.crt --key k --work-dir w
 
+`--kind nan,inf` goes wrong one way in round 1 and another in round 2 (round r takes the
+(r-1)th kind, cycling): one site process, with its SuperNode and ClientApps, tests two kinds.
+
 Pollinate's ClientApp casts whatever the trainer returns to the transport dtype, so the
 RECORD_KINDS go one step further: their ClientApp process writes the Flower record itself
 (hostile_record/sitecustomize.py swaps the ClientApp's encoder), in a dtype the server does
@@ -36,42 +39,59 @@ HOSTILE_RECORD_ENV = "POLLINATE_HOSTILE_RECORD"
 OVERSIZED_EXTRA_BYTES = 32 << 20  # the tiny test adapter is a few kilobytes
 
 
+def kind_in_round(kinds: tuple[str, ...], round_: int) -> str:
+    """The kind a site scheduled `kinds` plays in `round_` (1, 2, ...)."""
+    return kinds[(max(round_, 1) - 1) % len(kinds)]
+
+
+def parse_kinds(text: str) -> tuple[str, ...]:
+    kinds = tuple(text.split(","))
+    wrong = [k for k in kinds if k not in KINDS]
+    if wrong:
+        raise argparse.ArgumentTypeError(f"{wrong}: expected kinds of {KINDS}")
+    if len(kinds) > 1 and set(kinds) & set(RECORD_KINDS):
+        # Their ClientApp's environment names one kind for the whole run.
+        raise argparse.ArgumentTypeError(f"{RECORD_KINDS} cannot change from round to round")
+    return kinds
+
+
 class HostileTrainer:
     """Stands in for SiteTrainer: same requests, bad answers."""
 
-    def __init__(self, kind: str, site: str) -> None:
-        self.kind = kind
+    def __init__(self, kinds: tuple[str, ...], site: str) -> None:
+        self.kinds = kinds
         self.site = site
 
     def handle(self, request: dict[str, Any]) -> dict[str, Any]:
+        kind = kind_in_round(self.kinds, int(request.get("round", 1)))
         adapter = {k: np.array(v, dtype=np.float32) for k, v in (request.get("adapter") or {}).items()}
-        metrics = {m.NUM_EXAMPLES: EXAMPLE_CLAIMS.get(self.kind, 100.0), m.TRAIN_LOSS: 0.1}
+        metrics = {m.NUM_EXAMPLES: EXAMPLE_CLAIMS.get(kind, 100.0), m.TRAIN_LOSS: 0.1}
         if request["kind"] != "train":
             return {"adapter": None, "metrics": {}}
-        if self.kind == "crash":
+        if kind == "crash":
             raise RuntimeError("CUDA out of memory (simulated)")
         first = sorted(adapter)[0]
-        if self.kind == "nan":
+        if kind == "nan":
             adapter[first].flat[0] = np.nan
-        elif self.kind == "inf":
+        elif kind == "inf":
             adapter[first].flat[0] = np.inf
-        elif self.kind == "wrong-shape":
+        elif kind == "wrong-shape":
             adapter[first] = np.zeros((adapter[first].shape[0] + 1, 3), dtype=np.float32)
-        elif self.kind == "wrong-name":
+        elif kind == "wrong-name":
             adapter["base_model.model.lm_head.lora_A.weight"] = adapter.pop(first)
-        elif self.kind == "missing":
+        elif kind == "missing":
             adapter.pop(first)
-        elif self.kind == "huge-norm":
+        elif kind == "huge-norm":
             # Huge, yet inside float16's range: the norm check must catch it, not the cast.
             adapter[first] = adapter[first] + 1e4
-        elif self.kind == "empty":
+        elif kind == "empty":
             adapter = {}
-        elif self.kind == "poison":
+        elif kind == "poison":
             # Pull every coordinate far (but within the norm bound) in one direction.
             adapter = {k: v - 0.5 * np.sign(v + 1e-3) for k, v in adapter.items()}
         # RECORD_KINDS: an honest adapter here; their ClientApp spoils the record it is sent in.
         answer: dict[str, Any] = {"adapter": adapter or None, "metrics": metrics}
-        if self.kind == "stale-round":
+        if kind == "stale-round":
             answer["round"] = int(request.get("round", 0)) - 1
         return answer
 
@@ -104,7 +124,8 @@ def hostile_record(kind: str, adapter: dict[str, np.ndarray], dtype: str) -> Arr
 
 def main() -> int:
     parser = argparse.ArgumentParser()
-    parser.add_argument("--kind", choices=KINDS, required=True)
+    parser.add_argument("--kind", type=parse_kinds, required=True,
+                        help="a kind, or kinds by round: nan,inf")
     parser.add_argument("--site", required=True)
     parser.add_argument("--server", required=True)
     parser.add_argument("--ca", required=True)
@@ -115,14 +136,15 @@ def main() -> int:
     work.mkdir(parents=True, exist_ok=True)
     socket_path = trainer_socket_path(work, args.site)
     server = TrainerServer(HostileTrainer(args.kind, args.site), socket_path)  # type: ignore[arg-type]
+    record_kind = args.kind[0] if args.kind[0] in RECORD_KINDS else None
     server.start()
     env = supernode_env(work)
-    if args.kind in RECORD_KINDS:
+    if record_kind:
         # The SuperNode's ClientApp processes inherit this environment. Each is a fresh
         # `flwr-clientapp` interpreter, which sitecustomize recognises: a ClientApp forked
         # from the warm one (the default) starts no interpreter and imports nothing anew.
         here = Path(__file__).parent
-        env[HOSTILE_RECORD_ENV] = args.kind
+        env[HOSTILE_RECORD_ENV] = record_kind
         env[WARM_ENV] = "0"
         env["PYTHONPATH"] = os.pathsep.join(
             [str(here / "hostile_record"), str(here), env.get("PYTHONPATH", "")])
