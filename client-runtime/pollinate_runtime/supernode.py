@@ -9,9 +9,12 @@ to 0.5 s more: about 2 s of a round's fixed cost on three sites (bench/round_ove
 
 Here an idle site pulls again after 0.1 s right after it has handled a message (rounds run
 back to back: the next one usually arrives within a second of a site's reply), doubling the
-wait after every empty pull up to `POLLINATE_SUPERNODE_POLL_SECONDS` (default 1 s: one signed
-request a second per idle site, a load the SuperLink serves easily for hundreds of sites); the
-local reply waits every 0.05 s (they poll this process's own state, not the network). Only the
+wait after every empty pull up to `POLLINATE_SUPERNODE_POLL_SECONDS` (default 1 s). A site that
+has had no message for `IDLE_AFTER_SECONDS` (a minute: between runs, not between rounds) backs
+off further, to `IDLE_FACTOR` times that: each signed pull costs the server about 12 ms of CPU
+(measured: three idle sites took 4% of a core of the SuperLink at one pull a second), so a
+hundred sites idling at 1 s would keep more than a core busy answering them. The local reply
+waits every 0.05 s (they poll this process's own state, not the network). Only the
 module's `time` is replaced, so nothing else in Flower changes; `flwr` is pinned to 1.41, and
 `tests/unit/runtime/test_supernode.py` fails if the waits this relies on move.
 
@@ -73,6 +76,8 @@ DEFAULT_POLL_SECONDS = 1.0
 LOCAL_WAIT_SECONDS = 0.05
 FIRST_POLL_SECONDS = 0.1
 CLAIM_START_SECONDS = 120.0
+IDLE_AFTER_SECONDS = 60.0
+IDLE_FACTOR = 4
 # The sleeps of Flower 1.41's SuperNode loop this pacing replaces.
 IDLE_PULL_SLEEP = 3
 LOCAL_WAIT_SLEEP = 0.5
@@ -82,21 +87,26 @@ class PacedTime:
     """The `time` module with the SuperNode's two fixed waits replaced; every other attribute,
     and any other sleep, is the real module's."""
 
-    def __init__(self, poll_seconds: float, local_wait_seconds: float = LOCAL_WAIT_SECONDS) -> None:
+    def __init__(self, poll_seconds: float, local_wait_seconds: float = LOCAL_WAIT_SECONDS,
+                 clock: Callable[[], float] = time.monotonic) -> None:
         if not poll_seconds > 0:
             raise ValueError(f"{POLL_ENV}={poll_seconds!r}: expected a number of seconds > 0")
         self.poll_seconds = poll_seconds
         self.local_wait_seconds = local_wait_seconds
         self.next_poll = poll_seconds
+        self.clock = clock
+        self.last_message = clock()  # a site that just joined is about to get work
 
     def sleep(self, seconds: float) -> None:
         if seconds == IDLE_PULL_SLEEP:
             seconds = self.next_poll
-            self.next_poll = min(self.poll_seconds, 2 * self.next_poll)
+            idle = self.clock() - self.last_message > IDLE_AFTER_SECONDS
+            self.next_poll = min(self.poll_seconds * (IDLE_FACTOR if idle else 1), 2 * self.next_poll)
         elif seconds == LOCAL_WAIT_SLEEP:
             # Only a message being handled waits for a local reply: the next round is near.
             seconds = self.local_wait_seconds
             self.next_poll = min(self.poll_seconds, FIRST_POLL_SECONDS)
+            self.last_message = self.clock()
         time.sleep(seconds)
 
     def __getattr__(self, name: str) -> object:

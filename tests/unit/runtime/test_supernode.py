@@ -43,6 +43,24 @@ def test_an_idle_site_polls_fast_after_a_message_and_backs_off_to_the_poll_inter
     assert slept == [1.0, 1.0, local, local, 0.1, 0.2, 0.4, 0.8, 1.0, 1.0]
 
 
+def test_a_site_without_work_for_a_minute_backs_off_further(monkeypatch):
+    slept: list[float] = []
+    monkeypatch.setattr(time, "sleep", slept.append)
+    now = [0.0]
+    paced = supernode.PacedTime(1.0, clock=lambda: now[0])
+    for _ in range(3):
+        paced.sleep(3)
+    now[0] = supernode.IDLE_AFTER_SECONDS + 1  # between runs
+    for _ in range(5):
+        paced.sleep(3)
+    paced.sleep(0.5)  # a message: the next round is near
+    for _ in range(6):
+        paced.sleep(3)
+    local = supernode.LOCAL_WAIT_SECONDS
+    assert slept == [1.0, 1.0, 1.0, 1.0, 2.0, 4.0, 4.0, 4.0, local, 0.1, 0.2, 0.4, 0.8, 1.0, 1.0]
+    assert supernode.IDLE_FACTOR * 1.0 == 4.0
+
+
 def test_a_poll_interval_below_the_fast_poll_is_kept(monkeypatch):
     slept: list[float] = []
     monkeypatch.setattr(time, "sleep", slept.append)
