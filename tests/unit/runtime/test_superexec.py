@@ -115,3 +115,28 @@ def test_the_superexec_routes_clientapps_to_a_started_warm_launcher_unless_turne
     process = warm.subprocess.Popen(["flwr-clientapp", "--help"], stdout=subprocess.DEVNULL)
     process.join(120)
     assert process.exitcode == 0
+
+
+def test_an_idle_superexec_polls_for_tasks_less_often(monkeypatch):
+    slept: list[float] = []
+    monkeypatch.setattr(time, "sleep", slept.append)
+    now, launched = [100.0], [100.0]
+    paced = superexec.PacedPolls(lambda: launched[0], clock=lambda: now[0])
+    paced.sleep(0.25)
+    now[0] += superexec.IDLE_AFTER_SECONDS + 1  # nothing launched for a minute: between runs
+    paced.sleep(0.25)
+    launched[0] = now[0]  # a task
+    paced.sleep(0.25)
+    assert slept == [0.25, superexec.IDLE_POLL_SECONDS, 0.25]
+    assert paced.monotonic is time.monotonic  # everything else is the real module
+
+
+def test_flowers_superexec_loop_sleeps_only_between_task_polls():
+    # PacedPolls takes every sleep of the loop module for a task poll's.
+    from flwr.supercore.superexec import run_superexec
+
+    source = inspect.getsource(run_superexec)
+    assert [line.strip() for line in source.splitlines() if "time." in line and "import" not in line] == [
+        "time.sleep(task_poll_interval)"]
+    with pytest.raises(RuntimeError, match="pinned flwr"):
+        superexec.pace(types.ModuleType("moved"), types.SimpleNamespace(last_launch=0.0))
