@@ -39,6 +39,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--keep", action="store_true", help="leave the cluster running afterwards")
     parser.add_argument("--timeout", type=float, default=1800, help="seconds to wait for the run")
     parser.add_argument("--chars", type=int, default=40_000, help="characters of text per site")
+    parser.add_argument("--local-steps", type=int, default=None,
+                        help="local training steps a round (default: the example's local.maxSteps)")
     args = parser.parse_args(argv)
 
     # The demo's own cluster, beside any `make up` cluster the tests use.
@@ -83,8 +85,16 @@ def main(argv: list[str] | None = None) -> int:
         kubectl.run("apply", "-f", str(ROOT / "examples/federation.yaml"))
         wait_for(lambda: status(kubectl, "federation", "clinical-notes").get("phase") == "Ready",
                  "Federation Ready (server up, site keys registered)", 300)
-        say("kubectl apply -f examples/traininground.yaml")
-        kubectl.run("apply", "-f", str(ROOT / "examples/traininground.yaml"))
+        if args.local_steps is None:
+            say("kubectl apply -f examples/traininground.yaml")
+            kubectl.run("apply", "-f", str(ROOT / "examples/traininground.yaml"))
+        else:
+            import yaml
+
+            say(f"kubectl apply -f examples/traininground.yaml, local.maxSteps={args.local_steps}")
+            tr = yaml.safe_load((ROOT / "examples/traininground.yaml").read_text())
+            tr["spec"]["local"]["maxSteps"] = args.local_steps
+            kubectl.apply(yaml.safe_dump(tr))
         final = follow(kubectl, args.timeout)
 
         out = ROOT / "reports" / f"demo-{time.strftime('%Y%m%d-%H%M%S')}"

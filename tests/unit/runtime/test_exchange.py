@@ -141,3 +141,17 @@ def test_a_resend_the_superlink_refuses_leaves_the_site_waited_for() -> None:
     assert got == ["site-1"]
     assert out.failed[2].startswith("no reply within 30 s (offline: ")
     assert [n for n, _ in grid.sent] == [1, 2]  # the resends were refused
+
+
+def test_the_server_polls_fast_after_a_reply_and_backs_off_while_none_comes(monkeypatch) -> None:
+    from pollinate_runtime import rounds
+
+    slept: list[float] = []
+    monkeypatch.setattr(rounds.time, "sleep", slept.append)
+    clock = Clock()
+    grid = FakeGrid(clock, [1, 2, 3], offline_until={}, stuck=(2, 3))
+    run = FederatedRun(grid, RunConfig(round_timeout_seconds=7.5), store=None,  # type: ignore[arg-type]
+                       poll_seconds=0.1, clock=clock)
+    run.exchange(grid.nodes, "train", lambda _: RecordDict(), 1, lambda reply: None)
+    # Site 1 answers the first pull; 2 and 3 never do: 0.1 s, then doubling up to the cap.
+    assert slept[:5] == pytest.approx([0.1, 0.2, 0.4, rounds.MAX_POLL_SECONDS, rounds.MAX_POLL_SECONDS])
