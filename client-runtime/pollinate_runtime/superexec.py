@@ -92,6 +92,14 @@ class WarmLauncher:
         self.context = multiprocessing.get_context("forkserver")
         self.context.set_forkserver_preload(list(modules))
         self.last_launch = time.monotonic()  # a site that just joined is about to get work
+        self._process: Any = None
+
+    def last_active(self) -> float:
+        """When a ClientApp was last launched or seen running: a round that trains for minutes
+        keeps its site's polls fast, for the next round's message right after it."""
+        if self._process is not None and self._process.is_alive():
+            self.last_launch = time.monotonic()
+        return self.last_launch
 
     def start(self) -> None:
         """Start the fork server now, so the first message does not wait for its imports."""
@@ -104,6 +112,7 @@ class WarmLauncher:
         quiet = kwargs.get("stdout") is subprocess.DEVNULL
         process = self.context.Process(target=run_clientapp, args=(args, quiet), name=CLIENTAPP_COMMAND)
         process.start()
+        self._process = process
         return process
 
 
@@ -111,12 +120,12 @@ class PacedPolls:
     """The `time` module of Flower's SuperExec loop, whose one sleep is its task poll: the
     poll's own interval while tasks come, `IDLE_POLL_SECONDS` once none has for a while."""
 
-    def __init__(self, last_launch: Callable[[], float], clock: Callable[[], float] = time.monotonic) -> None:
-        self.last_launch = last_launch
+    def __init__(self, last_active: Callable[[], float], clock: Callable[[], float] = time.monotonic) -> None:
+        self.last_active = last_active
         self.clock = clock
 
     def sleep(self, seconds: float) -> None:
-        if self.clock() - self.last_launch() > IDLE_AFTER_SECONDS:
+        if self.clock() - self.last_active() > IDLE_AFTER_SECONDS:
             seconds = max(seconds, IDLE_POLL_SECONDS)
         time.sleep(seconds)
 
@@ -129,7 +138,7 @@ def pace(loop_module: ModuleType, launcher: WarmLauncher) -> None:
     if getattr(loop_module, "time", None) is not time:
         raise RuntimeError(f"{loop_module.__name__} no longer sleeps through the time module; "
                            "check the pinned flwr version")
-    loop_module.time = PacedPolls(lambda: launcher.last_launch)  # type: ignore[attr-defined]
+    loop_module.time = PacedPolls(launcher.last_active)  # type: ignore[attr-defined]
 
 
 def superexec_command(args: Sequence[str]) -> list[str]:

@@ -139,4 +139,20 @@ def test_flowers_superexec_loop_sleeps_only_between_task_polls():
     assert [line.strip() for line in source.splitlines() if "time." in line and "import" not in line] == [
         "time.sleep(task_poll_interval)"]
     with pytest.raises(RuntimeError, match="pinned flwr"):
-        superexec.pace(types.ModuleType("moved"), types.SimpleNamespace(last_launch=0.0))
+        superexec.pace(types.ModuleType("moved"), types.SimpleNamespace(last_active=lambda: 0.0))
+
+
+def test_a_clientapp_still_running_keeps_the_superexec_active(monkeypatch):
+    class Running:
+        alive = True
+
+        def is_alive(self) -> bool:
+            return self.alive
+
+    launcher = superexec.WarmLauncher.__new__(superexec.WarmLauncher)  # no fork server needed
+    launcher.last_launch, launcher._process = 0.0, Running()
+    monkeypatch.setattr(superexec.time, "monotonic", lambda: 500.0)
+    assert launcher.last_active() == 500.0  # training for minutes: still active
+    launcher._process.alive = False
+    monkeypatch.setattr(superexec.time, "monotonic", lambda: 900.0)
+    assert launcher.last_active() == 500.0  # ended: idle from when it was last seen running
