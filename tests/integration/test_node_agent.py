@@ -369,7 +369,9 @@ def test_pod_with_service_account_token_can_get_api(bed: Testbed, kubectl: Kubec
         config.load_incluster_config()
         print("version:", client.VersionApi().get_code().git_version)
         """)))
-    eventually(lambda: phase_of(kubectl, "in-cluster") in ("Succeeded", "Failed"), timeout=60,
+    # The pod's first import of the kubernetes client may compile it (uv installs without
+    # bytecode): over a minute on a CI machine busy with the other lanes (seen in CI).
+    eventually(lambda: phase_of(kubectl, "in-cluster") in ("Succeeded", "Failed"), timeout=300,
                what="in-cluster pod finished")
     pod = kubectl.json("get", "pod", "in-cluster")
     output = log_of(bed, pod, "main")
@@ -389,7 +391,8 @@ def test_pod_reaches_s3_through_the_s3_service(bed: Testbed, kubectl: Kubectl) -
         s3.put_object(Bucket="{s3.bucket}", Key="{key}", Body=b"written inside a pod")
         print("stored")
         """), env_from_secret="s3-credentials"))
-    eventually(lambda: phase_of(kubectl, "s3-writer") in ("Succeeded", "Failed"), timeout=60,
+    # boto3's first import may compile it, as the kubernetes client's above.
+    eventually(lambda: phase_of(kubectl, "s3-writer") in ("Succeeded", "Failed"), timeout=180,
                what="s3-writer pod finished")
     pod = kubectl.json("get", "pod", "s3-writer")
     assert pod["status"]["phase"] == "Succeeded", log_of(bed, pod, "main")
