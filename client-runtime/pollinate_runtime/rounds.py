@@ -32,6 +32,7 @@ from . import messages as m
 from .aggregation import Aggregator, make_aggregator
 from .privacy import CentralDP, PrivateAggregator
 from .run_config import RunConfig
+from .server_metrics import CAPPED_EXAMPLE_COUNTS, count_rejection
 from .store import Checkpoint, CorruptObject, FederationStore, RunProgress, lora_adapter_config
 from .wire import (
     AdapterSpec,
@@ -42,6 +43,7 @@ from .wire import (
     example_weight,
     from_record,
     payload_bytes,
+    reported_loss,
     to_record,
     validate_update,
 )
@@ -76,11 +78,37 @@ class SiteEval:
     general_loss: float | None
 
 
-def _site_eval(site: str, metrics: MetricRecord) -> SiteEval | None:
+def site_eval(site: str, metrics: MetricRecord, max_examples: int) -> SiteEval | None:
+    """A site's evaluation from its reply's metrics (None: it evaluated nothing). Its losses
+    and example count pass the same bounds as a training reply's: a hostile site must not
+    turn the round's perplexity into NaN or outweigh the others' held-out data."""
     if m.EVAL_LOSS not in metrics:
         return None
-    general = float(metrics[m.GENERAL_LOSS]) if m.GENERAL_LOSS in metrics else None
-    return SiteEval(site, float(metrics[m.EVAL_LOSS]), float(metrics.get(m.EVAL_EXAMPLES, 1)), general)
+    loss = reported_loss(m.EVAL_LOSS, metrics[m.EVAL_LOSS])
+    general = (reported_loss(m.GENERAL_LOSS, metrics[m.GENERAL_LOSS])
+               if m.GENERAL_LOSS in metrics else None)
+    examples, _ = example_weight(metrics.get(m.EVAL_EXAMPLES, 1), max_examples, m.EVAL_EXAMPLES)
+    return SiteEval(site, loss, float(examples), general)
+
+
+@dataclass
+class Evaluations:
+    """The sites' evaluations of one global adapter, and the ones refused (named, with why)."""
+
+    max_examples: int
+    accepted: list[SiteEval] = field(default_factory=list)
+    rejected: list[dict[str, str]] = field(default_factory=list)
+
+    def take(self, site: str, metrics: MetricRecord) -> None:
+        try:
+            evaluation = site_eval(site, metrics, self.max_examples)
+        except UpdateRejected as err:
+            self.rejected.append({"site": site, "reason": str(err)[:300]})
+            log.warning("refused the evaluation of site %s: %s", site, err)
+            count_rejection(err.reason, site)
+            return
+        if evaluation is not None:
+            self.accepted.append(evaluation)
 
 
 @dataclass
@@ -304,7 +332,7 @@ class FederatedRun:
         return sorted(self.rng.sample(nodes, wanted))
 
     def train_round(self, round: int, global_adapter: AdapterState,
-                    spec: AdapterSpec) -> tuple[AdapterState, RoundOutcome, list[SiteEval]]:
+                    spec: AdapterSpec) -> tuple[AdapterState, RoundOutcome, Evaluations]:
         """One round of training; returns the new global adapter, what happened, and the
         sites' evaluations of the adapter they received (the previous round's result)."""
         start = self.clock()
@@ -316,19 +344,20 @@ class FederatedRun:
         rejected: list[dict[str, str]] = []
         losses: list[tuple[float, float]] = []
         site_losses: dict[str, float] = {}
-        evals: list[SiteEval] = []
+        evals = Evaluations(self.config.max_examples_per_site)
 
         def fold(reply: Reply) -> None:
             content = reply.message.content
             metrics = content.metric_records.get(m.METRICS, MetricRecord())
             reported = content.config_records.get(m.CONFIG, {}).get(m.ROUND)
-            if (evaluation := _site_eval(reply.site, metrics)) is not None:
-                evals.append(evaluation)
+            evals.take(reply.site, metrics)
             try:
                 if m.ARRAYS not in content.array_records:
                     raise UpdateRejected(RejectReason.EMPTY, "the reply carries no adapter")
                 claimed = metrics.get(m.NUM_EXAMPLES)
                 examples, was_capped = example_weight(claimed, self.config.max_examples_per_site)
+                train_loss = (reported_loss(m.TRAIN_LOSS, metrics[m.TRAIN_LOSS])
+                              if m.TRAIN_LOSS in metrics else None)
                 # Every array the reply carries counts, not only the adapter's.
                 check_update_size(sum(payload_bytes(r) for r in content.array_records.values()), spec)
                 update = validate_update(content.array_records[m.ARRAYS], spec,
@@ -338,14 +367,15 @@ class FederatedRun:
             except UpdateRejected as err:
                 rejected.append({"site": reply.site, "reason": str(err)[:300]})
                 log.warning("round %d: rejected the update of site %s: %s", round, reply.site, err)
+                count_rejection(err.reason, reply.site)
                 self.site_states[reply.site] = {"state": "Rejected", "lastRound": round,
                                                 "message": str(err)[:300]}
                 return
             round_mean.add(update, weight=examples)
             accepted[reply.site] = examples
-            if m.TRAIN_LOSS in metrics:
-                losses.append((float(metrics[m.TRAIN_LOSS]), examples))
-                site_losses[reply.site] = float(metrics[m.TRAIN_LOSS])
+            if train_loss is not None:
+                losses.append((train_loss, examples))
+                site_losses[reply.site] = train_loss
             self.site_states[reply.site] = {"state": "Trained", "lastRound": round}
             if was_capped:
                 capped[reply.site] = f"{claimed:.6g}"
@@ -353,6 +383,7 @@ class FederatedRun:
                            f"maxExamplesPerSite {examples}")
                 self.site_states[reply.site]["message"] = message
                 log.warning("round %d: site %s %s", round, reply.site, message)
+                CAPPED_EXAMPLE_COUNTS.labels(reply.site).inc()
 
         def content(_: int) -> RecordDict:
             return RecordDict({m.ARRAYS: record, m.CONFIG: ConfigRecord({m.ROUND: round})})
@@ -384,31 +415,34 @@ class FederatedRun:
             examples=accepted, site_train_loss=site_losses, capped_examples=capped)
         return new_global, outcome, evals
 
-    def evaluate(self, round: int, global_adapter: AdapterState) -> list[SiteEval]:
+    def evaluate(self, round: int, global_adapter: AdapterState) -> Evaluations:
         nodes = self.wait_for_nodes(self.config.min_sites)
         record = to_record(global_adapter, self.config.transport_dtype)
-        evals: list[SiteEval] = []
+        evals = Evaluations(self.config.max_examples_per_site)
 
         def take(reply: Reply) -> None:
-            metrics = reply.message.content.metric_records.get(m.METRICS, MetricRecord())
-            if (evaluation := _site_eval(reply.site, metrics)) is not None:
-                evals.append(evaluation)
+            evals.take(reply.site, reply.message.content.metric_records.get(m.METRICS, MetricRecord()))
 
         self.exchange(nodes, "evaluate", lambda _: RecordDict(
             {m.ARRAYS: record, m.CONFIG: ConfigRecord({m.ROUND: round})}), round, take)
         return evals
 
     # ---- bookkeeping -------------------------------------------------------------------
-    def _record_eval(self, round: int, evals: list[SiteEval]) -> None:
+    def _record_eval(self, round: int, evals: Evaluations) -> None:
         """Evaluations of the adapter produced by `round` (round 0: the starting adapter)."""
-        if not evals:
+        if not evals.accepted and not evals.rejected:
             return
         entry = self._metrics_entry(round)
-        loss = _weighted([(e.loss, e.examples) for e in evals])
-        general = _weighted([(e.general_loss, e.examples) for e in evals if e.general_loss is not None])
+        if evals.rejected:
+            entry["evalRejected"] = evals.rejected
+        if not evals.accepted:
+            return
+        accepted = evals.accepted
+        loss = _weighted([(e.loss, e.examples) for e in accepted])
+        general = _weighted([(e.general_loss, e.examples) for e in accepted if e.general_loss is not None])
         entry.update({"evalLoss": loss, "perplexity": _perplexity(loss),
                       "generalPerplexity": _perplexity(general),
-                      "sitePerplexity": {e.site: _perplexity(e.loss) for e in evals}})
+                      "sitePerplexity": {e.site: _perplexity(e.loss) for e in accepted}})
 
     def _metrics_entry(self, round: int) -> dict[str, Any]:
         for entry in self.metrics:

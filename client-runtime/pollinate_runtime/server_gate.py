@@ -32,7 +32,7 @@ from enum import Enum
 from pathlib import Path
 from typing import Any
 
-from prometheus_client import Counter
+from .server_metrics import REFUSED_REQUESTS
 
 log = logging.getLogger("pollinate.server_gate")
 
@@ -44,11 +44,6 @@ App = Callable[[Scope, Receive, Send], Awaitable[None]]
 CONTROL_TOKEN_FILE_ENV = "POLLINATE_CONTROL_TOKEN_FILE"
 # Segments of lower-case letters, digits, dots, dashes and underscores; no empty segment.
 _CANONICAL = re.compile(r"^(/[a-z0-9._-]+)+$")
-
-REFUSED = Counter(
-    "pollinate_server_refused_requests", "Requests the server's gate refused, by API and reason",
-    ["api", "reason"],
-)
 
 
 class Api(Enum):
@@ -165,7 +160,7 @@ class ServerGate:
         if refusal is None:
             await self.app(scope, receive, send)
             return
-        REFUSED.labels(api.value, refusal.reason).inc()
+        REFUSED_REQUESTS.labels(api.value, refusal.reason).inc()
         # The path is cut short: it is the caller's text. The token is never logged.
         log.warning("refused %s", json.dumps({
             "api": api.value, "path": raw_path[:200], "peer": peer, "status": refusal.status,

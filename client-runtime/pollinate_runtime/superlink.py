@@ -27,6 +27,7 @@ from pathlib import Path
 from types import ModuleType
 from typing import Any
 
+from . import server_metrics
 from .server_gate import CONTROL_TOKEN_FILE_ENV, ServerGate
 
 # How long a claimed task's process has to start: the same for the server's ServerApp as for a
@@ -118,6 +119,10 @@ def main() -> None:
         # Not fatal: the server still serves sites; it only has no operator to obey.
         print(f"pollinate-superlink: {CONTROL_TOKEN_FILE_ENV} is not set: every control call "
               "(start or stop a run, register a site key) will be refused", file=sys.stderr)
+    try:
+        server_metrics.serve(os.environ)
+    except (ValueError, OSError) as err:
+        sys.exit(f"pollinate-superlink: cannot serve metrics: {err}")
     put_behind_gate(superlink_app, token_file)
     lengthen_lock_wait(sql_mixin)
     patient_claims(sql_corestate)

@@ -62,6 +62,7 @@ class RejectReason(StrEnum):
     STALE_ROUND = "StaleRound"
     OVERSIZED = "OversizedUpdate"
     BAD_EXAMPLE_COUNT = "InvalidExampleCount"
+    BAD_METRIC = "InvalidMetric"
 
 
 class UpdateRejected(Exception):
@@ -512,16 +513,33 @@ def validate_update(
     return state
 
 
-def example_weight(reported: object, cap: int) -> tuple[int, bool]:
+# A mean cross-entropy per token: ln(vocabulary size) for a model that guesses uniformly
+# (about 12 for 150,000 tokens); a thousand is far past any model that trains at all.
+MAX_REPORTED_LOSS = 1000.0
+
+
+def example_weight(reported: object, cap: int, name: str = "num-examples") -> tuple[int, bool]:
     """A site's reported example count as the weight of its update, and whether it was capped
     at `cap`. Anything but a finite whole number of at least 1 (NaN, inf, 0, -1, 2.5, text,
     a list, a bool) is rejected: the site is named and the round goes on without it."""
     if isinstance(reported, bool) or not isinstance(reported, (int, float)):
         raise UpdateRejected(RejectReason.BAD_EXAMPLE_COUNT,
-                             f"num-examples is {type(reported).__name__} {reported!r:.40}, "
+                             f"{name} is {type(reported).__name__} {reported!r:.40}, "
                              "expected a whole number >= 1")
     value = float(reported)
     if not math.isfinite(value) or value < 1 or not value.is_integer():
         raise UpdateRejected(RejectReason.BAD_EXAMPLE_COUNT,
-                             f"num-examples is {reported!r}, expected a whole number >= 1")
+                             f"{name} is {reported!r}, expected a whole number >= 1")
     return (cap, True) if value > cap else (int(value), False)
+
+
+def reported_loss(name: str, reported: object) -> float:
+    """A loss a site reports (training, or an adapter's on its held-out data): a finite number
+    in [0, MAX_REPORTED_LOSS], as a mean cross-entropy per token is; anything else would make
+    the round's reported loss or perplexity NaN or infinite (which no JSON status can hold) or
+    let one site claim a perfect score."""
+    if isinstance(reported, bool) or not isinstance(reported, (int, float)) \
+            or not 0 <= float(reported) <= MAX_REPORTED_LOSS:  # NaN compares False
+        raise UpdateRejected(RejectReason.BAD_METRIC,
+                             f"{name} is {reported!r:.40}, expected a number in [0, {MAX_REPORTED_LOSS:g}]")
+    return float(reported)

@@ -47,6 +47,12 @@ class Settings:
     operator_labels: dict[str, str] = field(
         default_factory=lambda: {"app.kubernetes.io/name": "pollinate-operator"}
     )
+    # Each server pod serves its refusal counters (pollinate_runtime.server_metrics) on this
+    # port, apart from Flower's. The NetworkPolicy admits to it only the scraper named here
+    # (namespace and pod labels, both required); with no namespace, no pod at all.
+    server_metrics_port: int = 9190
+    metrics_scraper_namespace: str = ""
+    metrics_scraper_labels: dict[str, str] = field(default_factory=dict)
     # When the operator runs outside the cluster (development, tests), reach every Flower
     # server at this host:port instead of its Service.
     flower_address_override: str | None = None
@@ -72,5 +78,8 @@ class Settings:
                 "POLLINATE_INGRESS_CONTROLLER_LABELS", _env("INGRESS_CONTROLLER_LABELS", ""),
             ) or defaults.ingress_controller_labels,
             operator_namespace=_env("OPERATOR_NAMESPACE", defaults.operator_namespace),
+            metrics_scraper_namespace=_env("METRICS_SCRAPER_NAMESPACE", "").strip(),
+            metrics_scraper_labels=parse_labels(
+                "POLLINATE_METRICS_SCRAPER_LABELS", _env("METRICS_SCRAPER_LABELS", "")),
             admission=AdmissionPolicy.from_json(os.environ.get(ADMISSION_ENV, "")),
         )

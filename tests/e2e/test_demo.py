@@ -12,6 +12,7 @@ import json
 import os
 import subprocess
 import sys
+import urllib.request
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -24,6 +25,7 @@ from pod_security import restricted_violations
 from pollinate_testbed import Ports, Testbed
 from pollinate_testbed.outside import OutsideHost
 from pollinate_testbed.testing import Kubectl, eventually
+from prometheus_client.parser import text_string_to_metric_families
 from secret_search import leaks, secret_forms
 
 pytestmark = [pytest.mark.slow, pytest.mark.e2e, pytest.mark.execute, pytest.mark.timeout(3600)]
@@ -238,6 +240,17 @@ def test_the_ingress_passes_only_flowers_fleet_api_and_only_over_tls(demo, tmp_p
     assert status(plain_https_port) != status(answers[FLEET][0]), plain_https_port
     assert status(plain_http_port) == "no-answer", plain_http_port  # no plain HTTP port at all
     assert status(plain_server) == "no-answer", plain_server  # the server speaks only TLS
+
+    # The pod counts the gate's refusals on its own metrics port, plain HTTP for Prometheus
+    # (the host reaches the pod network as a scraper would).
+    url = f"http://{server_pod['status']['podIP']}:9190/metrics"
+    with urllib.request.urlopen(url, timeout=30) as response:
+        families = text_string_to_metric_families(response.read().decode())
+    refused: dict[str, float] = {}
+    for sample in (x for f in families for x in f.samples
+                   if x.name == "pollinate_server_refused_requests_total"):
+        refused[sample.labels["api"]] = refused.get(sample.labels["api"], 0.0) + sample.value
+    assert refused.get("control", 0) >= 1 and refused.get("runtime", 0) >= 1, refused
 
 
 def test_the_operators_pods_are_admitted_under_the_restricted_pod_security_standard(demo) -> None:

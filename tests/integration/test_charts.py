@@ -294,6 +294,19 @@ def test_service_monitor_only_when_asked(helm: Helm) -> None:
     assert monitor["spec"]["selector"]["matchLabels"].items() <= service_labels.items()
 
 
+def test_the_servers_metrics_scraper_is_passed_to_the_operator_only_when_named(helm: Helm) -> None:
+    def scraper_env(*args: str) -> dict[str, str]:
+        env = container_of(one(helm.template(HUB, *args), "Deployment"))["env"]
+        return {e["name"]: e.get("value") for e in env if "SCRAPER" in e["name"]}
+
+    assert scraper_env() == {"POLLINATE_METRICS_SCRAPER_NAMESPACE": "",
+                             "POLLINATE_METRICS_SCRAPER_LABELS": ""}
+    assert scraper_env("--set", "networkPolicy.metricsScraper.namespace=monitoring",
+                       "--set", "networkPolicy.metricsScraper.podLabels.app=prometheus") == {
+        "POLLINATE_METRICS_SCRAPER_NAMESPACE": "monitoring",
+        "POLLINATE_METRICS_SCRAPER_LABELS": "app=prometheus"}
+
+
 def assert_site_client(deployment: dict, secret_name: str, quantization: str = "none") -> list[str]:
     assert deployment["spec"]["replicas"] == 1
     assert deployment["spec"]["strategy"] == {"type": "Recreate"}
@@ -353,6 +366,11 @@ BAD_HUB_VALUES = [
     (["--set", "resources.cpu=1"], "at '/resources': additional properties 'cpu' not allowed"),
     (["--set", "watchNamespaces={Research}"], "at '/watchNamespaces/0'"),
     (["--set", "metrics.port=0"], "at '/metrics/port'"),
+    (["--set", "networkPolicy.metricsScraper.namespace=Monitoring"],
+     "at '/networkPolicy/metricsScraper/namespace'"),
+    # A namespace without pod labels would admit every pod of it.
+    (["--set", "networkPolicy.metricsScraper.namespace=monitoring"],
+     "at '/networkPolicy/metricsScraper/podLabels': minProperties"),
 ]
 BAD_SITE_VALUES = [
     (["--set", "server=fl.example.org"], "at '/server': 'fl.example.org' does not match"),

@@ -17,6 +17,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 from flower_processes import FlowerServer, Site, free_port
+from hostile_site import kind_in_round
 from pollinate_operator.clients.flower import FlowerUnavailable
 from pollinate_runtime.run_config import RunConfig
 from pollinate_runtime.store import MAX_TENSOR_BYTES, FederationStore, RunProgress
@@ -58,6 +59,9 @@ REJECTED_AS = {
 }
 # A good adapter claiming a huge count: accepted, counted as maxExamplesPerSite, and named.
 CAPPED = ("examples-1e9", "examples-1e300")
+# The hostile run's maxExamplesPerSite: a federation sets it near its largest honest site's
+# count (here 157 train blocks, site-c), so a liar weighs no more than the largest site does.
+CAP = 160
 
 
 @pytest.fixture(scope="module")
@@ -190,13 +194,20 @@ def unique(name: str) -> str:
     return f"{name}-{int(time.time() * 1000) % 10**9}"
 
 
-def test_federated_rounds_lower_perplexity_and_publish_a_loadable_adapter(
-        testbed: Testbed, server: FlowerServer, sites, tiny_model_dir: Path) -> None:
+@pytest.fixture(scope="module")
+def clean_run(testbed: Testbed, server: FlowerServer, sites, tiny_model_dir: Path) -> tuple[str, RunProgress]:
+    """The three honest sites' run of three rounds: the first test checks it, the hostile-sites
+    test compares its own global adapter with it."""
     name = unique("fedavg")
     run_id = server.start_run(run_config(testbed, tiny_model_dir, name))
     state = server.wait_run(run_id, timeout=600)
     assert (state.status, state.sub_status) == ("finished", "completed"), state
-    p = progress(testbed, name)
+    return name, progress(testbed, name)
+
+
+def test_federated_rounds_lower_perplexity_and_publish_a_loadable_adapter(
+        testbed: Testbed, clean_run: tuple[str, RunProgress], tiny_model_dir: Path) -> None:
+    name, p = clean_run
     assert p.phase == "Succeeded" and p.round == 3
     ppl = {r["round"]: r["perplexity"] for r in p.rounds}
     assert sorted(ppl) == [0, 1, 2, 3]
@@ -236,8 +247,32 @@ def hostile_name(kinds: tuple[str, ...]) -> str:
     return "mallory-" + "-then-".join(kinds)
 
 
+# The messages of a run of `rounds` that carry each site's evaluation of the adapter of round
+# r: round r + 1's train message, and for the last round the final evaluate.
+def evaluated_in(round_: int, rounds: int) -> int:
+    return min(round_ + 1, rounds)
+
+
+EVAL_REJECTED_AS = {"nan": "InvalidMetric: eval-loss is nan", "inf": "InvalidMetric: eval-loss is inf",
+                    **{k: "InvalidExampleCount: eval-examples is "
+                       for k in ("examples-nan", "examples-inf", "examples-negative", "examples-zero")}}
+
+
+def honest_perplexity(entry: dict) -> float:
+    """The geometric mean of the honest sites' perplexities of one round's adapter."""
+    return float(np.exp(np.mean([np.log(entry["sitePerplexity"][s]) for s in DOMAINS])))
+
+
+def rejections(server: FlowerServer) -> dict[tuple[str, str], float]:
+    """The server's count of refused site replies: (site, reason) -> count."""
+    return {(dict(labels)["site"], dict(labels)["reason"]): value
+            for (name, labels), value in server.metrics().items()
+            if name == "pollinate_server_rejected_replies_total"}
+
+
 def test_malformed_updates_are_rejected_attributed_and_never_abort_a_round(
-        testbed: Testbed, server: FlowerServer, sites, tiny_model_dir: Path, tmp_path: Path) -> None:
+        testbed: Testbed, server: FlowerServer, sites, tiny_model_dir: Path, tmp_path: Path,
+        clean_run: tuple[str, RunProgress]) -> None:
     hostile = []
     node_ids = set()
     for index, kinds in enumerate((*HOSTILE, CAPPED)):
@@ -258,8 +293,9 @@ def test_malformed_updates_are_rejected_attributed_and_never_abort_a_round(
         name = unique("hostile")
         # Fifteen sites on two busy cores: a round takes minutes, not the 120 s the other tests
         # allow.
+        counted_before = rejections(server)
         run_id = server.start_run(run_config(testbed, tiny_model_dir, name, rounds=2,
-                                             round_timeout_seconds=400, max_examples_per_site=1000))
+                                             round_timeout_seconds=400, max_examples_per_site=CAP))
         state = server.wait_run(run_id, timeout=1200)
         assert state.sub_status == "completed", state
         p = progress(testbed, name)
@@ -274,7 +310,7 @@ def test_malformed_updates_are_rejected_attributed_and_never_abort_a_round(
             assert not wrong, (entry["round"], wrong)
             # Counted as maxExamplesPerSite (above every honest site's count here), no more,
             # and named in the round's report.
-            assert entry["examples"][capped] == 1000, entry["examples"]
+            assert entry["examples"][capped] == CAP, entry["examples"]
             claimed = CAPPED[(entry["round"] - 1) % len(CAPPED)]
             assert entry["cappedExamples"] == {capped: {"examples-1e9": "1e+09",
                                                         "examples-1e300": "1e+300"}[claimed]}
@@ -285,6 +321,34 @@ def test_malformed_updates_are_rejected_attributed_and_never_abort_a_round(
         sent = round_adapter(testbed, name, 1)  # what round 2 sent to every site
         honest = float(np.sqrt(sum(float(np.sum(v.astype(np.float64) ** 2)) for v in sent.values())))
         assert norm == pytest.approx(1e6 * honest, rel=1e-2), (norm, honest)
+
+        # Their evaluations too: a loss that is no loss, or a count that is no count, is refused
+        # and named; the reported perplexity stays a number.
+        for entry in p.rounds:
+            message_round = evaluated_in(entry["round"], 2)
+            due = {hostile_name(kinds): kind_in_round(kinds, message_round) for kinds in HOSTILE}
+            refused = {r["site"]: r["reason"] for r in entry.get("evalRejected", [])}
+            assert set(refused) == {site for site, kind in due.items() if kind in EVAL_REJECTED_AS}, \
+                (entry["round"], refused)
+            assert all(reason.startswith(EVAL_REJECTED_AS[due[site]]) for site, reason in refused.items())
+            assert np.isfinite(entry["perplexity"])
+        # Every refusal is counted on the server's /metrics, by site and reason.
+        counted = rejections(server)
+        expected: dict[tuple[str, str], int] = {}
+        for entry in p.rounds:
+            for r in [*entry.get("rejected", []), *entry.get("evalRejected", [])]:
+                if not r["reason"].startswith("SiteError"):  # the site's own failure, not a refusal
+                    key = (r["site"], r["reason"].split(":")[0])
+                    expected[key] = expected.get(key, 0) + 1
+        assert {k: counted.get(k, 0) - counted_before.get(k, 0) for k in expected} == expected
+        assert set(counted) - set(counted_before) <= set(expected)
+
+        # And the global adapter is close to what the honest sites alone made: within 10% in
+        # perplexity on their held-out data, after the same two rounds.
+        clean = {e["round"]: e for e in clean_run[1].rounds}[2]
+        attacked = {e["round"]: e for e in p.rounds}[2]
+        assert honest_perplexity(attacked) == pytest.approx(honest_perplexity(clean), rel=0.10), \
+            (attacked["sitePerplexity"], clean["sitePerplexity"])
     finally:
         for proc in hostile:
             os.killpg(proc.pid, signal.SIGKILL)

@@ -92,10 +92,23 @@ class FlowerServer(_Stoppable):
     # 0.0.0.0 lets a test call from a non-loopback address of this machine (another host's
     # view); sites and the operator still use 127.0.0.1.
     host: str = "127.0.0.1"
+    # Its refusal counters (pollinate_runtime.server_metrics), as the server pod serves them.
+    metrics_port: int = field(default_factory=free_port)
 
     @property
     def address(self) -> str:
         return f"127.0.0.1:{self.port}"
+
+    def metrics(self) -> dict[tuple[str, frozenset], float]:
+        """Every sample the server's /metrics serves: (name, labels) -> value."""
+        import urllib.request
+
+        from prometheus_client.parser import text_string_to_metric_families
+
+        with urllib.request.urlopen(f"http://127.0.0.1:{self.metrics_port}/metrics", timeout=30) as r:
+            text = r.read().decode()
+        return {(sample.name, frozenset(sample.labels.items())): sample.value
+                for family in text_string_to_metric_families(text) for sample in family.samples}
 
     @property
     def control_token_path(self) -> Path:
@@ -127,6 +140,8 @@ class FlowerServer(_Stoppable):
         env = {**os.environ, **self.env, "FLWR_HOME": str(self.home / "flwr"),
                "POLLINATE_SERVER_LOG": str(self.home / "serverapp.log"),
                "POLLINATE_CONTROL_TOKEN_FILE": str(self.control_token_path),
+               "POLLINATE_METRICS_ADDRESS": f"127.0.0.1:{self.metrics_port}",
+               "PROMETHEUS_MULTIPROC_DIR": str(self.home / "metrics"),
                "PATH": f"{BIN}{os.pathsep}{os.environ['PATH']}"}
         self.proc = _spawn(argv, self.log, env)
         wait_for_port(self.port)

@@ -33,6 +33,13 @@ RECORD_KINDS = ("float64", "int8", "oversized", "scaled-1e6")
 # A well-formed adapter (the one it was sent) with a claimed example count.
 EXAMPLE_CLAIMS = {"examples-nan": float("nan"), "examples-inf": float("inf"), "examples-negative": -1.0,
                   "examples-zero": 0.0, "examples-1e9": 1e9, "examples-1e300": 1e300}
+# What a site of these kinds says of every adapter it evaluates (in its train replies and in
+# the last round's evaluate): a loss no model has, or a perfect score on a claimed count.
+EVAL_CLAIMS: dict[str, dict[str, float]] = {
+    "nan": {m.EVAL_LOSS: float("nan"), m.EVAL_EXAMPLES: 10.0},
+    "inf": {m.EVAL_LOSS: float("inf"), m.EVAL_EXAMPLES: 10.0},
+    **{kind: {m.EVAL_LOSS: 0.0, m.EVAL_EXAMPLES: claim} for kind, claim in EXAMPLE_CLAIMS.items()},
+}
 KINDS = ("nan", "inf", "wrong-shape", "wrong-name", "missing", "huge-norm", "empty", "stale-round",
          "poison", "crash", *RECORD_KINDS, *EXAMPLE_CLAIMS)
 HOSTILE_RECORD_ENV = "POLLINATE_HOSTILE_RECORD"
@@ -65,9 +72,10 @@ class HostileTrainer:
     def handle(self, request: dict[str, Any]) -> dict[str, Any]:
         kind = kind_in_round(self.kinds, int(request.get("round", 1)))
         adapter = {k: np.array(v, dtype=np.float32) for k, v in (request.get("adapter") or {}).items()}
-        metrics = {m.NUM_EXAMPLES: EXAMPLE_CLAIMS.get(kind, 100.0), m.TRAIN_LOSS: 0.1}
+        claims = EVAL_CLAIMS.get(kind, {}) if request["kind"] != "init" else {}
+        metrics = {m.NUM_EXAMPLES: EXAMPLE_CLAIMS.get(kind, 100.0), m.TRAIN_LOSS: 0.1, **claims}
         if request["kind"] != "train":
-            return {"adapter": None, "metrics": {}}
+            return {"adapter": None, "metrics": claims}
         if kind == "crash":
             raise RuntimeError("CUDA out of memory (simulated)")
         first = sorted(adapter)[0]

@@ -94,6 +94,7 @@ class RoundMetrics(ApiModel):
     epsilon: float | None = None
     rejected: list[RejectedUpdate] | None = None
     capped_examples: dict[str, str] | None = None
+    eval_rejected: list[RejectedUpdate] | None = None
 
 
 class TrainingRoundStatus(ApiModel):

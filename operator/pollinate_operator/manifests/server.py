@@ -16,6 +16,8 @@ from .security import CONTAINER_SECURITY_CONTEXT, POD_SECURITY_CONTEXT
 TLS_DIR = "/etc/pollinate/tls"
 CONTROL_DIR = "/etc/pollinate/control"
 STATE_DIR = "/var/lib/pollinate"
+# The SuperLink's and its ServerApps' counters (prometheus_client's multiprocess files).
+METRICS_DIR = "/tmp/metrics"
 FLEET_PATH = "/v1/fleet"
 DEFAULT_RESOURCES = {
     "requests": {"cpu": "250m", "memory": "512Mi"},
@@ -55,7 +57,8 @@ def deployment(name: str, namespace: str, spec: FederationSpec, settings: Settin
         # Flower's SuperLink with a longer wait for its SQLite lock (pollinate_runtime/superlink.py).
         "command": ["pollinate-superlink"],
         "args": superlink_args(spec, port),
-        "ports": [{"name": "flower", "containerPort": port, "protocol": "TCP"}],
+        "ports": [{"name": "flower", "containerPort": port, "protocol": "TCP"},
+                  {"name": "metrics", "containerPort": settings.server_metrics_port, "protocol": "TCP"}],
         "env": [
             {"name": "FLWR_HOME", "value": f"{STATE_DIR}/flwr"},
             {"name": "HOME", "value": f"{STATE_DIR}/home"},
@@ -64,6 +67,9 @@ def deployment(name: str, namespace: str, spec: FederationSpec, settings: Settin
             # Control calls must present the token in this file (pollinate_runtime.server_gate).
             {"name": "POLLINATE_CONTROL_TOKEN_FILE",
              "value": f"{CONTROL_DIR}/{secrets.CONTROL_TOKEN_KEY}"},
+            # Refusals counted by the gate and the round loop (pollinate_runtime.server_metrics).
+            {"name": "POLLINATE_METRICS_ADDRESS", "value": f"0.0.0.0:{settings.server_metrics_port}"},
+            {"name": "PROMETHEUS_MULTIPROC_DIR", "value": METRICS_DIR},
         ],
         "envFrom": [{"secretRef": {"name": s3.credentials_secret}}],
         "readinessProbe": {**probe, "initialDelaySeconds": 2, "failureThreshold": 3},
@@ -88,8 +94,12 @@ def deployment(name: str, namespace: str, spec: FederationSpec, settings: Settin
             "selector": {"matchLabels": names.server_selector(name)},
             "template": {
                 # A new certificate restarts the server: it reads its certificate at start.
-                "metadata": {"labels": labels,
-                             "annotations": {f"{names.GROUP}/server-certificate": cert_fingerprint}},
+                "metadata": {"labels": labels, "annotations": {
+                    f"{names.GROUP}/server-certificate": cert_fingerprint,
+                    # Where a Prometheus that discovers pods by annotation finds the counters.
+                    "prometheus.io/scrape": "true",
+                    "prometheus.io/port": str(settings.server_metrics_port),
+                }},
                 "spec": {
                     "automountServiceAccountToken": False,
                     "securityContext": POD_SECURITY_CONTEXT,
@@ -182,7 +192,8 @@ def _namespace(name: str) -> dict:
 
 def network_policy(name: str, namespace: str, settings: Settings) -> dict:
     """Only the ingress controller, this federation's in-cluster clients and the operator
-    may reach the server's port."""
+    may reach the server's Flower port; only the metrics scraper the hub chart names (nobody,
+    if it names none) its metrics port."""
     peers = [
         {"namespaceSelector": _namespace(settings.ingress_controller_namespace),
          "podSelector": {"matchLabels": settings.ingress_controller_labels}},
@@ -192,6 +203,13 @@ def network_policy(name: str, namespace: str, settings: Settings) -> dict:
         {"namespaceSelector": _namespace(settings.operator_namespace),
          "podSelector": {"matchLabels": settings.operator_labels}},
     ]
+    rules = [{"from": peers, "ports": [{"port": settings.flower_port, "protocol": "TCP"}]}]
+    if settings.metrics_scraper_namespace:
+        rules.append({
+            "from": [{"namespaceSelector": _namespace(settings.metrics_scraper_namespace),
+                      "podSelector": {"matchLabels": settings.metrics_scraper_labels}}],
+            "ports": [{"port": settings.server_metrics_port, "protocol": "TCP"}],
+        })
     return {
         "apiVersion": "networking.k8s.io/v1",
         "kind": "NetworkPolicy",
@@ -202,7 +220,7 @@ def network_policy(name: str, namespace: str, settings: Settings) -> dict:
         "spec": {
             "podSelector": {"matchLabels": names.server_selector(name)},
             "policyTypes": ["Ingress"],
-            "ingress": [{"from": peers, "ports": [{"port": settings.flower_port, "protocol": "TCP"}]}],
+            "ingress": rules,
         },
     }
 

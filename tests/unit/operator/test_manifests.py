@@ -168,6 +168,30 @@ def test_the_network_policy_follows_the_operators_settings(monkeypatch) -> None:
         Settings.from_env()
 
 
+def test_only_the_named_scraper_may_reach_the_servers_metrics_port(monkeypatch, fed_spec) -> None:
+    # By default nobody: the policy has the Flower port's rule only (checked above).
+    assert len(server.network_policy("f", "research", SETTINGS)["spec"]["ingress"]) == 1
+    monkeypatch.setenv("POLLINATE_METRICS_SCRAPER_NAMESPACE", "monitoring")
+    monkeypatch.setenv("POLLINATE_METRICS_SCRAPER_LABELS", "app.kubernetes.io/name=prometheus")
+    settings = Settings.from_env()
+    flower, metrics = server.network_policy("f", "research", settings)["spec"]["ingress"]
+    assert metrics == {
+        "from": [{"namespaceSelector": {"matchLabels": {"kubernetes.io/metadata.name": "monitoring"}},
+                  "podSelector": {"matchLabels": {"app.kubernetes.io/name": "prometheus"}}}],
+        "ports": [{"port": 9190, "protocol": "TCP"}]}
+    assert flower["ports"] == [{"port": 9092, "protocol": "TCP"}]  # the scraper is not a peer of Flower's
+    # The server serves its counters there, summed over its processes, and says so to Prometheus.
+    pod = server.deployment("f", "research", fed_spec, settings)["spec"]["template"]
+    (container,) = pod["spec"]["containers"]
+    env = {e["name"]: e.get("value") for e in container["env"]}
+    assert env["POLLINATE_METRICS_ADDRESS"] == "0.0.0.0:9190"
+    assert env["PROMETHEUS_MULTIPROC_DIR"].startswith("/tmp/")  # the pod's writable emptyDir
+    assert {"name": "metrics", "containerPort": 9190, "protocol": "TCP"} in container["ports"]
+    assert pod["metadata"]["annotations"]["prometheus.io/port"] == "9190"
+    # The Service (and so the Ingress) carries Flower's port only.
+    assert [p["port"] for p in server.service("f", "research", settings)["spec"]["ports"]] == [9092]
+
+
 def test_server_certificate_names_cover_ingress_and_service(fed_spec: FederationSpec) -> None:
     dns = server.tls_dns_names("clinical-notes", "research", fed_spec)
     assert dns[0] == "fl.pollinate.localhost"

@@ -61,3 +61,13 @@ def test_a_suspended_round_resumes_with_a_new_run_once_its_status_is_stored(fed_
     # The handler looks a run up by the stored runId: none now, and the stopped run is finished.
     resumed = decide("notes-v1", tr_spec, observe(TrainingRoundStatus.from_stored(stored), None))
     assert resumed.status.phase == "Running" and resumed.submit_run
+
+
+def test_a_rounds_refusals_reach_the_status_as_the_server_wrote_them() -> None:
+    from pollinate_operator.api import RoundMetrics
+
+    stored = {"round": 1, "participants": 3,
+              "rejected": [{"site": "mallory", "reason": "NonFiniteValues: ..."}],
+              "evalRejected": [{"site": "mallory", "reason": "InvalidMetric: eval-loss is nan, ..."}],
+              "cappedExamples": {"eve": "1e+09"}}
+    assert RoundMetrics.from_stored(stored).to_wire() == stored

@@ -75,9 +75,11 @@ class SitesGrid:
                  nan: tuple[int, ...] = (), oversized: tuple[int, ...] = (), kill_at_round: int | None = None,
                  arrive_at: dict[int, float] | None = None,
                  leave_at: dict[int, float] | None = None,
-                 claims: dict[int, object] | None = None) -> None:
+                 claims: dict[int, object] | None = None,
+                 reports: dict[int, dict[str, object]] | None = None) -> None:
         self.clock = clock
         self.claims = claims or {}  # node -> the num-examples it reports instead of its own
+        self.reports = reports or {}  # node -> metrics it reports instead of its own, in every reply
         self.nodes = nodes
         self.silent = silent
         self.nan = nan
@@ -120,7 +122,7 @@ class SitesGrid:
             return RecordDict({m.CONFIG: config, m.ARRAYS: to_record(lora_adapter(), "float32")})
         metrics = {m.EVAL_LOSS: 3.0 / (round_ + 1), m.EVAL_EXAMPLES: 10.0}
         if msg.metadata.message_type == "evaluate":
-            return RecordDict({m.CONFIG: config, m.METRICS: MetricRecord(metrics)})
+            return RecordDict({m.CONFIG: config, m.METRICS: self._metrics(node, metrics)})
         adapter = from_record(msg.content.array_records[m.ARRAYS])
         step = lora_adapter(seed=node, scale=0.01)
         update = {k: np.asarray(v, np.float32) + step[k] for k, v in adapter.items()}
@@ -129,13 +131,14 @@ class SitesGrid:
             update[first] = update[first].copy()
             update[first].flat[0] = np.nan
         metrics.update({m.NUM_EXAMPLES: self.claims.get(node, 10.0 * node), m.TRAIN_LOSS: 2.0})
-        reply = RecordDict({m.CONFIG: config, m.METRICS: MetricRecord(metrics),
+        reply = RecordDict({m.CONFIG: config, m.METRICS: self._metrics(node, metrics),
                             m.ARRAYS: to_record(update, "float16")})
         if node in self.oversized:  # a well-formed adapter, and a megabyte besides
             reply["extra"] = ArrayRecord({"junk": Array(np.zeros(1 << 18, np.float32))})
         return reply
 
-
+    def _metrics(self, node: int, metrics: dict[str, object]) -> MetricRecord:
+        return MetricRecord({**metrics, **self.reports.get(node, {})})
 
 
 @pytest.fixture(autouse=True)
@@ -409,3 +412,71 @@ def test_a_huge_example_count_is_capped_at_max_examples_per_site_and_reported(cl
     honest = final_adapter({4: 40.0}, [1, 2, 3, 4], max_examples_per_site=40)
     hostile = final_adapter({4: claim}, [1, 2, 3, 4], max_examples_per_site=40)
     assert all(np.array_equal(honest[k], hostile[k]) for k in honest)
+
+
+# ---- evaluations and reported losses ----------------------------------------------------------
+
+
+def rejected_replies(reason: str, site: str) -> float:
+    from prometheus_client import REGISTRY
+
+    return REGISTRY.get_sample_value("pollinate_server_rejected_replies_total",
+                                     {"reason": reason, "site": site}) or 0.0
+
+
+SITES = {"site-a": 1, "site-b": 2, "site-c": 3, "site-d": 4}
+
+
+@pytest.mark.parametrize("report", [
+    {m.EVAL_LOSS: math.nan}, {m.EVAL_LOSS: math.inf}, {m.EVAL_LOSS: -1.0}, {m.EVAL_LOSS: 1e300},
+    {m.EVAL_LOSS: [0.0, 1.0]}, {m.EVAL_EXAMPLES: math.nan}, {m.EVAL_EXAMPLES: 0.0},
+    {m.EVAL_EXAMPLES: -5}, {m.GENERAL_LOSS: math.inf},
+], ids=lambda r: "-".join(f"{k}={v}" for k, v in r.items()))
+def test_a_hostile_evaluation_is_refused_named_and_counted_and_the_perplexity_stays_honest(
+        report: dict[str, object]) -> None:
+    import json
+
+    clock = Clock()
+    before = rejected_replies("InvalidMetric", "site-d") + rejected_replies("InvalidExampleCount", "site-d")
+    run = federated_run(SitesGrid(clock, [1, 2, 3, 4], reports={4: report}), clock, MemoryObjects(),
+                        rounds=2, strategy="fedavg", site_nodes=SITES)
+    run.run()
+    json.dumps(run.metrics, allow_nan=False)  # what the status holds stays JSON
+    honest = federated_run(SitesGrid(clock, [1, 2, 3]), clock, MemoryObjects(), rounds=2,
+                           strategy="fedavg", site_nodes={s: n for s, n in SITES.items() if n < 4})
+    honest.run()
+    assert [e["perplexity"] for e in run.metrics] == [e["perplexity"] for e in honest.metrics]
+    for entry in run.metrics:
+        assert set(entry["sitePerplexity"]) == {"site-a", "site-b", "site-c"}
+        [refused] = entry["evalRejected"]
+        assert refused["site"] == "site-d"
+        assert refused["reason"].startswith(("InvalidMetric: ", "InvalidExampleCount: "))
+        assert f"{next(iter(report))} is " in refused["reason"]
+    for entry in (e for e in run.metrics if e["round"] > 0):
+        assert entry["participants"] == 4  # its update is judged on its own
+    after = rejected_replies("InvalidMetric", "site-d") + rejected_replies("InvalidExampleCount", "site-d")
+    assert after - before == 3  # rounds 0, 1 and 2 evaluated
+
+
+def test_an_evaluation_claiming_a_huge_count_weighs_as_max_examples_per_site() -> None:
+    clock = Clock()
+    grid = SitesGrid(clock, [1, 2, 3, 4], reports={4: {m.EVAL_LOSS: 0.0, m.EVAL_EXAMPLES: 1e300}})
+    run = federated_run(grid, clock, MemoryObjects(), rounds=1, strategy="fedavg",
+                        max_examples_per_site=20, site_nodes=SITES)
+    run.run()
+    # Three honest sites of 10 held-out examples at loss 1.5 (SitesGrid: 3 / (round + 1), sent
+    # in round 1), one of "1e300" at loss 0: counted as 20.
+    assert [e["evalLoss"] for e in run.metrics] == pytest.approx([1.5 * 30 / 50] * 2)
+
+
+@pytest.mark.parametrize("loss", [math.nan, -0.5, 5e3, [1.0]])
+def test_a_train_loss_that_is_no_loss_rejects_the_update_and_names_the_site(loss: object) -> None:
+    clock = Clock()
+    run = federated_run(SitesGrid(clock, [1, 2, 3, 4], reports={4: {m.TRAIN_LOSS: loss}}), clock,
+                        MemoryObjects(), rounds=1, strategy="fedavg", site_nodes=SITES)
+    run.run()
+    entry = next(e for e in run.metrics if e["round"] == 1)
+    assert entry["participants"] == 3 and entry["trainLoss"] == pytest.approx(2.0)
+    [rejected] = entry["rejected"]
+    assert rejected["site"] == "site-d"
+    assert rejected["reason"].startswith("InvalidMetric: train-loss is ")

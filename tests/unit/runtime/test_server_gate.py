@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 from flwr.superlink import main as flower_app
-from pollinate_runtime import server_gate, superlink
+from pollinate_runtime import server_gate, server_metrics, superlink
 from pollinate_runtime.server_gate import Api, ServerGate, decide
 
 TOKEN = "operator-token-0123456789"
@@ -161,7 +161,7 @@ def test_a_rotated_token_takes_effect_at_the_next_call(tmp_path: Path) -> None:
 
 def test_refusals_are_counted_by_api_and_reason(tmp_path: Path) -> None:
     gate = ServerGate(Recorder(), None)
-    counter = server_gate.REFUSED.labels("runtime", "not-local")
+    counter = server_metrics.REFUSED_REQUESTS.labels("runtime", "not-local")
     before = counter._value.get()
     call(gate, b"/v1/runtime/acquire-task", SITE)
     assert counter._value.get() == before + 1
