@@ -209,7 +209,8 @@ def direct_children(federations: list[dict], rounds: list[dict], namespace: str)
     for name, spec in specs.items():
         assert cert is not None
         objects.append(secrets.ca_secret(name, namespace, ca, spec.server.tls.rotation))
-        objects.append(secrets.server_tls_secret(name, namespace, ca, cert, spec.server.tls.rotation))
+        objects.append(secrets.server_tls_secret(name, namespace, ca.cert_pem, cert,
+                                                 spec.server.tls.rotation))
         objects += [secrets.site_secret(name, namespace, s.name, site_key, ca.cert_pem) for s in spec.sites]
         objects += server.server_objects(name, namespace, spec, settings, pki.fingerprint(cert.cert_pem))
     for body in rounds:

@@ -14,6 +14,7 @@ import ipaddress
 from dataclasses import dataclass
 
 from cryptography import x509
+from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
@@ -79,10 +80,13 @@ def new_ca(common_name: str, now: dt.datetime | None = None) -> CertificateAutho
 
 def new_server_certificate(
     ca: CertificateAuthority, dns_names: list[str], ip_addresses: list[str] | None = None,
-    now: dt.datetime | None = None,
+    now: dt.datetime | None = None, validity: dt.timedelta = SERVER_VALIDITY,
 ) -> ServerCertificate:
+    """A certificate for the server, valid for `validity` or until its CA expires, whichever
+    comes first (a certificate outliving its issuer would fail verification anyway)."""
     now = now or dt.datetime.now(dt.UTC)
     ca_cert = x509.load_pem_x509_certificate(ca.cert_pem)
+    not_after = min(now + validity, ca_cert.not_valid_after_utc)
     ca_key = serialization.load_pem_private_key(ca.key_pem, password=None)
     key = ec.generate_private_key(ec.SECP384R1())
     sans: list[x509.GeneralName] = [x509.DNSName(n) for n in dns_names]
@@ -92,7 +96,7 @@ def new_server_certificate(
         .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, _common_name(dns_names[0]))]))
         .issuer_name(ca_cert.subject).public_key(key.public_key())
         .serial_number(x509.random_serial_number())
-        .not_valid_before(now - dt.timedelta(minutes=5)).not_valid_after(now + SERVER_VALIDITY)
+        .not_valid_before(now - dt.timedelta(minutes=5)).not_valid_after(not_after)
         .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
         .add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.SERVER_AUTH]), critical=False)
         .add_extension(x509.SubjectAlternativeName(sans), critical=False)
@@ -107,6 +111,26 @@ def certificate_names(cert_pem: bytes) -> tuple[set[str], set[str]]:
     san = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
     return set(san.get_values_for_type(x509.DNSName)), {
         str(ip) for ip in san.get_values_for_type(x509.IPAddress)}
+
+
+def not_after(cert_pem: bytes) -> dt.datetime:
+    """When a certificate (the first in `cert_pem`) expires, in UTC."""
+    return x509.load_pem_x509_certificate(cert_pem).not_valid_after_utc
+
+
+def issued_by(cert_pem: bytes, ca_cert_pem: bytes) -> bool:
+    """Whether the CA certificate `ca_cert_pem` signed `cert_pem` (its name and signature)."""
+    cert = x509.load_pem_x509_certificate(cert_pem)
+    try:
+        cert.verify_directly_issued_by(x509.load_pem_x509_certificate(ca_cert_pem))
+    except (ValueError, TypeError, InvalidSignature):
+        return False
+    return True
+
+
+def bundle(*ca_cert_pems: bytes | None) -> bytes:
+    """The CA certificates sites and the ingress trust, one after another (PEM allows it)."""
+    return b"".join(pem if pem.endswith(b"\n") else pem + b"\n" for pem in ca_cert_pems if pem)
 
 
 def new_site_key() -> SiteKey:

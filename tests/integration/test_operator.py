@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import base64
 import copy
+import datetime as dt
 import json
 import textwrap
 import time
@@ -92,6 +93,66 @@ def test_federation_creates_its_server_secrets_and_policy(operator, kubectl: Kub
     # No Flower server really runs on a simulated node, so no key can be registered yet.
     assert st["phase"] == "Pending"
     assert st["sitesSummary"] == "0/4"
+
+
+def secret_data(kubectl: Kubectl, name: str) -> dict[str, bytes]:
+    return {k: base64.b64decode(v) for k, v in kubectl.json("get", "secret", name)["data"].items()}
+
+
+def test_the_server_certificate_is_renewed_before_expiry_and_a_rotation_overlaps_the_cas(
+        operator, kubectl: Kubectl) -> None:
+    """Certificates of three minutes, renewed 150 s before expiry (30 s after issue); a CA
+    rotation with a 40 s overlap. Sites' bundles carry old and new CA during the overlap while
+    the server keeps a certificate of the old one, then the server moves to the new CA."""
+    from pollinate_operator import pki
+
+    create_s3_secret(kubectl)
+    body = yaml.safe_load(example_federation())
+    body["spec"]["server"]["tls"] = {"certificateDuration": "3m", "renewBefore": "150s",
+                                     "caOverlap": "40s"}
+    kubectl.apply(yaml.safe_dump(body))
+    tls_name, ca_name, site = ("clinical-notes-server-tls", "clinical-notes-ca",
+                               "clinical-notes-site-hospital-a")
+    first = eventually(lambda: kubectl.run("get", "secret", tls_name, check=False).returncode == 0
+                       and secret_data(kubectl, tls_name)["tls.crt"], what="server certificate")
+    issued = pki.not_after(first)
+    assert dt.timedelta(minutes=2) < issued - dt.datetime.now(dt.UTC) <= dt.timedelta(minutes=3)
+
+    # Renewed once 150 s of its three minutes are left, and the server restarts with it.
+    second = eventually(lambda: (c := secret_data(kubectl, tls_name)["tls.crt"]) != first and c,
+                        timeout=120, interval=1.0, what="the renewed certificate")
+    assert pki.not_after(second) > issued
+    def rolled() -> bool:
+        template = kubectl.json("get", "deployment", "clinical-notes-server")["spec"]["template"]
+        return template["metadata"]["annotations"][f"{names.GROUP}/server-certificate"] in (
+            pki.fingerprint(second), pki.fingerprint(secret_data(kubectl, tls_name)["tls.crt"]))
+    eventually(rolled, what="the server Deployment to carry the renewed certificate")
+    expires = status(kubectl, "federation", "clinical-notes")["serverCertificate"]["notAfter"]
+    assert dt.datetime.fromisoformat(expires) >= pki.not_after(second)
+
+    # A rotation: the new CA joins the old in every bundle; the server keeps the old CA's.
+    old_ca = secret_data(kubectl, ca_name)["ca.crt"]
+    kubectl.run("patch", "federation", "clinical-notes", "--type=merge",
+                "-p", json.dumps({"spec": {"server": {"tls": {"rotation": 1}}}}))
+    def rotated() -> dict[str, bytes] | None:
+        data = secret_data(kubectl, ca_name)
+        return data if "previous-ca.crt" in data else None
+    ca = eventually(rotated, timeout=60, what="the rotated CA with the previous one kept")
+    assert ca["previous-ca.crt"] == old_ca and ca["ca.crt"] != old_ca
+    bundle = eventually(lambda: (b := secret_data(kubectl, site)["ca.crt"]).count(b"BEGIN CERTIFICATE") == 2
+                        and b, what="the site's bundle with both CAs")
+    assert ca["ca.crt"] in bundle and old_ca in bundle
+    assert pki.issued_by(secret_data(kubectl, tls_name)["tls.crt"], old_ca)
+    until = status(kubectl, "federation", "clinical-notes")["serverCertificate"]["previousCaTrustedUntil"]
+    assert dt.datetime.fromisoformat(until) > dt.datetime.now(dt.UTC)
+
+    # After the overlap: the server's certificate is the new CA's and bundles hold only it.
+    def moved() -> bool:
+        return (pki.issued_by(secret_data(kubectl, tls_name)["tls.crt"], ca["ca.crt"])
+                and secret_data(kubectl, site)["ca.crt"].strip() == ca["ca.crt"].strip()
+                and "previous-ca.crt" not in secret_data(kubectl, ca_name))
+    eventually(moved, timeout=120, interval=1.0, what="the server on the new CA, the old one dropped")
+    assert secret_data(kubectl, tls_name)["ca.crt"].strip() == ca["ca.crt"].strip()
 
 
 def test_a_federation_never_takes_over_objects_it_did_not_create(operator, kubectl: Kubectl) -> None:

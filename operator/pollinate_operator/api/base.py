@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import datetime as dt
+import re
+
 from pydantic import BaseModel, ConfigDict
 from pydantic.alias_generators import to_camel
 
@@ -42,3 +45,17 @@ class ApiModel(BaseModel):
         raw = raw or {}
         aliases = {f.alias or name for name, f in cls.model_fields.items()}
         return cls.model_validate({k: v for k, v in raw.items() if k in aliases})
+
+
+_DURATION = re.compile(r"^(?:(\d+)h)?(?:(\d+)m)?(?:(\d+)s)?$")
+
+
+def parse_duration(text: str, field: str) -> dt.timedelta:
+    """A Go-style duration as the CRDs write them (`8760h`, `90m`, `1h30m`, `0s`); the error
+    names the field."""
+    match = _DURATION.match(text.strip())
+    if not text.strip() or match is None:
+        raise ValueError(f"{field}: {text!r} is not a duration; expected hours, minutes and "
+                         "seconds such as 720h, 90m or 1h30m")
+    hours, minutes, seconds = (int(g or 0) for g in match.groups())
+    return dt.timedelta(hours=hours, minutes=minutes, seconds=seconds)

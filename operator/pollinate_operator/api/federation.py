@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
+import datetime as dt
 from typing import Any, Literal
 
 from pydantic import Field
 
-from .base import ApiModel
+from .base import ApiModel, parse_duration
 from .conditions import Condition
 
 GROUP = "pollinate.dev"
@@ -55,6 +56,21 @@ class Ingress(ApiModel):
 class ServerTLS(ApiModel):
     secret_name: str | None = None
     rotation: int = 0
+    certificate_duration: str = "8760h"
+    renew_before: str = "720h"
+    ca_overlap: str = "168h"
+
+    @property
+    def lifetime(self) -> dt.timedelta:
+        return parse_duration(self.certificate_duration, "spec.server.tls.certificateDuration")
+
+    @property
+    def renewal_margin(self) -> dt.timedelta:
+        return parse_duration(self.renew_before, "spec.server.tls.renewBefore")
+
+    @property
+    def overlap(self) -> dt.timedelta:
+        return parse_duration(self.ca_overlap, "spec.server.tls.caOverlap")
 
 
 class Server(ApiModel):
@@ -131,6 +147,12 @@ class SiteIdentity(ApiModel):
     registered: bool | None = None
 
 
+class ServerCertificateStatus(ApiModel):
+    not_after: str | None = None
+    renew_after: str | None = None
+    previous_ca_trusted_until: str | None = None
+
+
 class FederationStatus(ApiModel):
     phase: Literal["Pending", "Ready", "Degraded"] | None = None
     endpoint: str | None = None
@@ -138,6 +160,7 @@ class FederationStatus(ApiModel):
     ca_secret: str | None = None
     sites_summary: str | None = None
     latest_adapter_version: str | None = None
+    server_certificate: ServerCertificateStatus | None = None
     observed_generation: int | None = None
     sites: list[SiteIdentity] = Field(default_factory=list)
     conditions: list[Condition] = Field(default_factory=list)

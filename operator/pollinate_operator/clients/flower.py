@@ -5,6 +5,7 @@ The operator starts, polls and stops runs here, and registers and unregisters si
 
 from __future__ import annotations
 
+import ssl
 from dataclasses import dataclass
 
 import httpx
@@ -28,6 +29,11 @@ from pollinate_runtime.run_config import RunConfig
 
 class FlowerUnavailable(ConnectionError):
     """The server cannot be reached (yet): a reason to retry, not to fail."""
+
+
+class FlowerCertificateInvalid(FlowerUnavailable):
+    """The server presented a certificate the Federation's CAs do not accept: expired, for
+    another name, or another CA's. Asking again will not help until the certificate changes."""
 
 
 class FlowerRefused(PermissionError):
@@ -99,6 +105,8 @@ class FlowerControl:
         try:
             return getattr(self._client, method)(request)
         except Exception as err:  # flwr raises transport errors of several kinds
+            if problem := certificate_problem(err, self.address):
+                raise FlowerCertificateInvalid(f"Flower server {self.address}: {problem}") from err
             if _is_unavailable(err):
                 raise FlowerUnavailable(f"Flower server {self.address}: {err}") from err
             if _status(err) in (401, 403):
@@ -166,6 +174,24 @@ def _body(err: Exception) -> str:
         return str(response.text).strip() if response is not None else str(err)
     except Exception:  # a streamed body already closed
         return str(err)
+
+
+def certificate_problem(err: BaseException, address: str) -> str | None:
+    """What was wrong with the server's certificate, if a TLS verification failure is
+    anywhere in `err`'s chain (httpx wraps it as a connection error)."""
+    seen: set[int] = set()
+    current: BaseException | None = err
+    while current is not None and id(current) not in seen:
+        seen.add(id(current))
+        if isinstance(current, ssl.SSLCertVerificationError):
+            detail = current.verify_message or str(current)
+            if "expired" in detail:
+                return f"the server's certificate has expired ({detail})"
+            if "mismatch" in detail:
+                return f"the server's certificate is not valid for {address} ({detail})"
+            return f"the server's certificate is not signed by the Federation's CA ({detail})"
+        current = current.__cause__ or current.__context__
+    return None
 
 
 def _is_unavailable(err: Exception) -> bool:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import datetime as dt
 import functools
 import logging
 from typing import NamedTuple
@@ -9,9 +10,14 @@ from typing import NamedTuple
 import kopf
 
 from .. import pki
-from ..api.federation import FederationSpec, FederationStatus
+from ..api.federation import FederationSpec, FederationStatus, ServerCertificateStatus
 from ..clients import kube, storage
-from ..clients.flower import FlowerControl, FlowerRefused, FlowerUnavailable
+from ..clients.flower import (
+    FlowerCertificateInvalid,
+    FlowerControl,
+    FlowerRefused,
+    FlowerUnavailable,
+)
 from ..manifests import names, secrets, server
 from ..manifests.security import owner_reference
 from ..reconcile import admission
@@ -32,8 +38,9 @@ def public_pem(openssh: bytes) -> bytes:
 
 
 class ServerTLS(NamedTuple):
-    ca_pem: bytes
+    ca_pem: bytes  # the CAs sites and the ingress trust the server by (two during an overlap)
     cert_pem: bytes  # empty if a user's Secret lacks it
+    certificate: ServerCertificateStatus | None = None
 
 
 def flower_address(name: str, namespace: str, settings: Settings) -> str:
@@ -72,43 +79,90 @@ def _ensure_control_token(name: str, namespace: str, body: kopf.Body) -> str:
     return token
 
 
+def _stored_ca(secret: kube.SecretData | None, cert_key: str,
+               key_key: str) -> pki.CertificateAuthority | None:
+    if secret is None or cert_key not in secret.data or key_key not in secret.data:
+        return None
+    return pki.CertificateAuthority(secret.data[cert_key], secret.data[key_key])
+
+
+def _certificate_status(cert_pem: bytes, spec: FederationSpec,
+                        previous_until: dt.datetime | None) -> ServerCertificateStatus | None:
+    try:
+        not_after = pki.not_after(cert_pem)
+    except ValueError:  # a user's Secret without a usable tls.crt: the server says why
+        return None
+    renew = not_after - spec.server.tls.renewal_margin if not spec.server.tls.secret_name else None
+    return ServerCertificateStatus(
+        not_after=not_after.isoformat(), renew_after=renew.isoformat() if renew else None,
+        previous_ca_trusted_until=previous_until.isoformat() if previous_until else None)
+
+
 def _ensure_tls(name: str, namespace: str, spec: FederationSpec, body: kopf.Body,
-                logger: logging.Logger) -> ServerTLS:
-    """Make the CA and server certificate exist and cover the server; return both certificates."""
+                logger: logging.Logger, now: dt.datetime | None = None) -> ServerTLS:
+    """Make the CA and server certificate exist, cover the server and stay valid (renewed
+    `renewBefore` expiry; after a rotation the old CA keeps signing for `caOverlap`); return
+    the CAs to trust and the certificate."""
+    now = now or dt.datetime.now(dt.UTC)
     if spec.server.tls.secret_name:
         given = kube.read_secret(namespace, spec.server.tls.secret_name)
         if given is None or "ca.crt" not in given.data:
             raise kopf.TemporaryError(
                 f"spec.server.tls.secretName {spec.server.tls.secret_name!r}: Secret missing or "
                 "without ca.crt, tls.crt and tls.key", delay=30)
-        return ServerTLS(given.data["ca.crt"], given.data.get("tls.crt", b""))
+        cert_pem = given.data.get("tls.crt", b"")
+        return ServerTLS(given.data["ca.crt"], cert_pem, _certificate_status(cert_pem, spec, None))
     ca_secret = kube.read_owned_secret(namespace, names.ca_secret(name), body.meta["uid"])
     tls_secret = kube.read_owned_secret(namespace, names.server_tls_secret(name), body.meta["uid"])
+    current = _stored_ca(ca_secret, "ca.crt", "ca.key")
+    previous = _stored_ca(ca_secret, secrets.PREVIOUS_CA_CERT, secrets.PREVIOUS_CA_KEY)
+    rotated_text = ca_secret.annotations.get(names.CA_ROTATED_AT_ANNOTATION) if ca_secret else None
+    rotated_at = dt.datetime.fromisoformat(rotated_text) if rotated_text else None
+    server_pem = tls_secret.data.get("tls.crt") if tls_secret else None
+    issuer: plan.CAIssuer | None = None
+    if server_pem and current and pki.issued_by(server_pem, current.cert_pem):
+        issuer = "current"
+    elif server_pem and previous and pki.issued_by(server_pem, previous.cert_pem):
+        issuer = "previous"
     observed = plan.TLSObserved(
-        ca_cert_pem=ca_secret.data.get("ca.crt") if ca_secret else None,
+        ca_cert_pem=current.cert_pem if current else None,
         ca_rotation=int(ca_secret.annotations.get(names.ROTATION_ANNOTATION, -1)) if ca_secret else None,
-        server_cert_names=tuple(map(frozenset, pki.certificate_names(tls_secret.data["tls.crt"])))
-        if tls_secret and "tls.crt" in tls_secret.data else None,
-        server_rotation=int(tls_secret.annotations.get(names.ROTATION_ANNOTATION, -1))
-        if tls_secret else None,
+        server_cert_names=tuple(map(frozenset, pki.certificate_names(server_pem))) if server_pem else None,
+        previous_ca_cert_pem=previous.cert_pem if previous else None, ca_rotated_at=rotated_at,
+        server_not_after=pki.not_after(server_pem) if server_pem else None, server_issuer=issuer,
     )
     dns = server.tls_dns_names(name, namespace, spec)
-    decision = plan.plan_tls(spec, observed, dns)
+    decision = plan.plan_tls(spec, observed, dns, now)
     rotation = spec.server.tls.rotation
-    if decision.new_ca:
-        ca = pki.new_ca(f"pollinate {namespace}/{name} CA")
-        kube.apply(_owned(secrets.ca_secret(name, namespace, ca, rotation), body))
-        logger.info("generated the federation CA (rotation %d)", rotation)
-    else:
-        assert ca_secret is not None
-        ca = pki.CertificateAuthority(ca_secret.data["ca.crt"], ca_secret.data["ca.key"])
+    if decision.new_ca or (previous is not None) != decision.keep_previous:
+        if decision.new_ca:
+            if current is not None and decision.keep_previous:
+                previous, rotated_at = current, now
+            current = pki.new_ca(f"pollinate {namespace}/{name} CA")
+            logger.info("generated the federation CA (rotation %d)%s", rotation,
+                        f"; the previous CA stays trusted until {(now + spec.server.tls.overlap).isoformat()}"
+                        if decision.keep_previous else "")
+        if not decision.keep_previous:
+            if previous is not None and not decision.new_ca:
+                logger.info("the previous CA's overlap ended: sites trust only the current CA")
+            previous, rotated_at = None, None
+        kube.apply(_owned(secrets.ca_secret(name, namespace, current, rotation, previous, rotated_at), body))
+    assert current is not None
+    trusted = pki.bundle(current.cert_pem, previous.cert_pem if previous else None)
+    previous_until = rotated_at + spec.server.tls.overlap if previous and rotated_at else None
     if decision.new_server_certificate:
-        cert = pki.new_server_certificate(ca, dns)
-        kube.apply(_owned(secrets.server_tls_secret(name, namespace, ca, cert, rotation), body))
-        logger.info("issued the server certificate for %s", ", ".join(dns))
-        return ServerTLS(ca.cert_pem, cert.cert_pem)
-    assert tls_secret is not None
-    return ServerTLS(ca.cert_pem, tls_secret.data.get("tls.crt", b""))
+        signer = previous if previous is not None else current
+        cert = pki.new_server_certificate(signer, dns, now=now, validity=spec.server.tls.lifetime)
+        kube.apply(_owned(secrets.server_tls_secret(name, namespace, trusted, cert, rotation), body))
+        logger.info("issued the server certificate for %s, valid until %s: %s", ", ".join(dns),
+                    pki.not_after(cert.cert_pem).isoformat(), decision.why)
+        server_pem = cert.cert_pem
+    else:
+        assert tls_secret is not None and server_pem is not None
+        if tls_secret.data.get("ca.crt") != trusted:  # a rotation began or its overlap ended
+            kept = pki.ServerCertificate(server_pem, tls_secret.data.get("tls.key", b""))
+            kube.apply(_owned(secrets.server_tls_secret(name, namespace, trusted, kept, rotation), body))
+    return ServerTLS(trusted, server_pem, _certificate_status(server_pem, spec, previous_until))
 
 
 def _ensure_site_keys(name: str, namespace: str, spec: FederationSpec, ca_pem: bytes,
@@ -180,6 +234,7 @@ def _reconcile(name: str, namespace: str, spec: FederationSpec, body: kopf.Body,
 
     ready = kube.deployment_ready_replicas(namespace, names.server(name))
     flower_nodes = None
+    certificate_problem = None
     if ready or settings.flower_address_override:
         try:
             with FlowerControl(flower_address(name, namespace, settings), ca_pem, token) as control:
@@ -195,6 +250,9 @@ def _reconcile(name: str, namespace: str, spec: FederationSpec, body: kopf.Body,
                     node_id = control.register_site(site, site_keys[site])
                     logger.info("registered site %s as node %s", site, node_id)
                 flower_nodes = list_flower_nodes(control)
+        except FlowerCertificateInvalid as err:
+            logger.warning("%s", err)
+            certificate_problem, flower_nodes = str(err), None
         except FlowerUnavailable as err:
             logger.info("Flower server not reachable yet: %s", err)
             flower_nodes = None
@@ -218,7 +276,8 @@ def _reconcile(name: str, namespace: str, spec: FederationSpec, body: kopf.Body,
     return plan.federation_status(
         name, namespace, spec, observed, registered,
         internal_endpoint=server.in_cluster_address(name, namespace, settings),
-        external_endpoint=server.external_endpoint(spec),
+        external_endpoint=server.external_endpoint(spec), certificate=tls.certificate,
+        certificate_problem=certificate_problem,
     )
 
 

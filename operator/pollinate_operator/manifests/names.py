@@ -18,6 +18,7 @@ TRAINING_ROUND_LABEL = f"{GROUP}/traininground"
 SITE_LABEL = f"{GROUP}/site"
 COMPONENT_LABEL = "app.kubernetes.io/component"
 ROTATION_ANNOTATION = f"{GROUP}/tls-rotation"
+CA_ROTATED_AT_ANNOTATION = f"{GROUP}/ca-rotated-at"
 
 
 LABEL_VALUE_MAX = 63  # also a Service's name (a DNS-1035 label)

@@ -4,6 +4,7 @@ token, one identity per site."""
 from __future__ import annotations
 
 import base64
+import datetime as dt
 import secrets
 
 from ..pki import CertificateAuthority, ServerCertificate, SiteKey
@@ -29,16 +30,29 @@ def _secret(name: str, namespace: str, federation: str, data: dict[str, bytes],
     }
 
 
-def ca_secret(federation: str, namespace: str, ca: CertificateAuthority, rotation: int) -> dict:
-    return _secret(names.ca_secret(federation), namespace, federation,
-                   {"ca.crt": ca.cert_pem, "ca.key": ca.key_pem},
-                   {names.ROTATION_ANNOTATION: str(rotation)})
+def ca_secret(federation: str, namespace: str, ca: CertificateAuthority, rotation: int,
+              previous: CertificateAuthority | None = None,
+              rotated_at: dt.datetime | None = None) -> dict:
+    """The Federation's CA; after a rotation, for its overlap, the CA it replaced as well (it
+    still signs the server certificate, so sites that have only it are not cut off)."""
+    data = {"ca.crt": ca.cert_pem, "ca.key": ca.key_pem}
+    annotations = {names.ROTATION_ANNOTATION: str(rotation)}
+    if previous is not None and rotated_at is not None:
+        data |= {PREVIOUS_CA_CERT: previous.cert_pem, PREVIOUS_CA_KEY: previous.key_pem}
+        annotations[names.CA_ROTATED_AT_ANNOTATION] = rotated_at.isoformat()
+    return _secret(names.ca_secret(federation), namespace, federation, data, annotations)
 
 
-def server_tls_secret(federation: str, namespace: str, ca: CertificateAuthority,
+PREVIOUS_CA_CERT = "previous-ca.crt"
+PREVIOUS_CA_KEY = "previous-ca.key"
+
+
+def server_tls_secret(federation: str, namespace: str, trusted_ca_pem: bytes,
                       cert: ServerCertificate, rotation: int) -> dict:
+    """The server's certificate and key, and as ca.crt the CAs to trust it by (the ingress
+    controller verifies its hop to the server with them): one, or two during an overlap."""
     return _secret(names.server_tls_secret(federation), namespace, federation,
-                   {"ca.crt": ca.cert_pem, "tls.crt": cert.cert_pem, "tls.key": cert.key_pem},
+                   {"ca.crt": trusted_ca_pem, "tls.crt": cert.cert_pem, "tls.key": cert.key_pem},
                    {names.ROTATION_ANNOTATION: str(rotation)}, type="kubernetes.io/tls")
 
 

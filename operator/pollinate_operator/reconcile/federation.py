@@ -7,13 +7,22 @@ child or a lost registration is repaired by the next pass (level-triggered).
 
 from __future__ import annotations
 
+import datetime as dt
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
 from ..api.conditions import Condition, set_condition
-from ..api.federation import FederationSpec, FederationStatus, Site, SiteIdentity
+from ..api.federation import (
+    FederationSpec,
+    FederationStatus,
+    ServerCertificateStatus,
+    Site,
+    SiteIdentity,
+)
 from ..manifests import names
+
+CAIssuer = Literal["current", "previous"]
 
 
 @dataclass(frozen=True)
@@ -21,7 +30,12 @@ class TLSObserved:
     ca_cert_pem: bytes | None = None
     ca_rotation: int | None = None
     server_cert_names: tuple[frozenset[str], frozenset[str]] | None = None  # DNS, IPs
-    server_rotation: int | None = None
+    # The CA a rotation replaced, still trusted (and signing) until its overlap ends.
+    previous_ca_cert_pem: bytes | None = None
+    ca_rotated_at: dt.datetime | None = None
+    server_not_after: dt.datetime | None = None
+    # Which of the two CAs signed the server certificate (None: neither, or no certificate).
+    server_issuer: CAIssuer | None = None
 
 
 @dataclass(frozen=True)
@@ -62,20 +76,50 @@ class FederationObserved:
 class TLSPlan:
     new_ca: bool
     new_server_certificate: bool
+    # After this pass: the CA a rotation replaced stays in the bundle sites trust, and signs
+    # the server certificate, so a site that has only the old CA is not cut off.
+    keep_previous_ca: bool = False
+    why: str = ""  # what made a new certificate due, for the log and the Event
 
 
-def plan_tls(spec: FederationSpec, observed: TLSObserved, dns_names: list[str]) -> TLSPlan:
-    """Generate what is missing, what a rotation asks for, and a certificate whose names
-    no longer cover the server (e.g. a new ingress host)."""
-    if spec.server.tls.secret_name:
+def plan_tls(spec: FederationSpec, observed: TLSObserved, dns_names: list[str],
+             now: dt.datetime | None = None) -> TLSPlan:
+    """Generate what is missing; renew the server certificate `renewBefore` its expiry or when
+    its names no longer cover the server (a new ingress host); on a rotation, make a new CA but
+    keep the old one trusted and signing for `caOverlap`, then move the server to the new one.
+    A `caOverlap` of 0s cuts over at once (a compromised CA)."""
+    tls = spec.server.tls
+    if tls.secret_name:
         return TLSPlan(False, False)  # the user owns the material
-    rotation = spec.server.tls.rotation
-    new_ca = observed.ca_cert_pem is None or observed.ca_rotation != rotation
+    now = now or dt.datetime.now(dt.UTC)
+    if observed.ca_cert_pem is None:
+        return TLSPlan(True, True, why="no CA yet")
+    rotate = observed.ca_rotation != tls.rotation
+    if rotate:
+        keep_previous = tls.overlap > dt.timedelta(0)
+    else:
+        keep_previous = (observed.previous_ca_cert_pem is not None and observed.ca_rotated_at is not None
+                         and now < observed.ca_rotated_at + tls.overlap)
+    # Who must have signed the server certificate after this pass, as observed before it: on a
+    # rotation with overlap the CA being replaced is still today's "current".
+    if rotate:
+        signer: CAIssuer | None = "current" if keep_previous else None  # None: the new CA
+    else:
+        signer = "previous" if keep_previous else "current"
     names_ok = observed.server_cert_names is not None and (
         set(dns_names) <= observed.server_cert_names[0] and "127.0.0.1" in observed.server_cert_names[1]
     )
-    new_cert = new_ca or not names_ok or observed.server_rotation != rotation
-    return TLSPlan(new_ca, new_cert)
+    if observed.server_not_after is None or observed.server_cert_names is None:
+        why = "no server certificate yet"
+    elif signer is None or observed.server_issuer != signer:
+        why = "the server moves to the new CA" if not keep_previous else "not signed by the CA in use"
+    elif not names_ok:
+        why = f"its names do not cover {', '.join(dns_names)} and 127.0.0.1"
+    elif now >= observed.server_not_after - tls.renewal_margin:
+        why = f"it expires at {observed.server_not_after.isoformat()}"
+    else:
+        why = ""
+    return TLSPlan(rotate, bool(why), keep_previous, why)
 
 
 KeyAction = Literal["keep", "generate", "refresh-ca", "use-given"]
@@ -160,8 +204,11 @@ def settled(status: Mapping[str, Any]) -> bool:
 def federation_status(
     name: str, namespace: str, spec: FederationSpec, observed: FederationObserved,
     registered: dict[str, str], internal_endpoint: str, external_endpoint: str | None,
-    now: str | None = None,
+    now: str | None = None, certificate: ServerCertificateStatus | None = None,
+    certificate_problem: str | None = None,
 ) -> FederationStatus:
+    """`certificate_problem`: what the operator found wrong with the certificate the server
+    presented (expired, another name's, another CA's), which no site can get past either."""
     gen = observed.generation
     auth = spec.server.node_authentication
     sites = [
@@ -175,7 +222,16 @@ def federation_status(
     server_up = bool(observed.server_ready_replicas)
     all_registered = not auth or n_registered == len(spec.sites)
     conditions: list[Condition] = list(observed.previous.conditions)
-    if server_up and all_registered:
+    if server_up and certificate_problem:
+        was_ready = observed.previous.phase in ("Ready", "Degraded")
+        phase = "Degraded" if was_ready else "Pending"
+        conditions = set_condition(conditions, "Ready", False, "CertificateInvalid",
+                                   certificate_problem, gen, now)
+        conditions = set_condition(conditions, "Progressing", False, "CertificateInvalid",
+                                   certificate_problem, gen, now)
+        conditions = set_condition(conditions, "Degraded", was_ready, "CertificateInvalid",
+                                   certificate_problem if was_ready else "", gen, now)
+    elif server_up and all_registered:
         phase = "Ready"
         conditions = set_condition(conditions, "Ready", True, "ServerReady",
                                    "the server is serving and every site can join", gen, now)
@@ -212,6 +268,7 @@ def federation_status(
         else spec.server.tls.secret_name,
         sites_summary=f"{n_registered if auth else len(spec.sites)}/{len(spec.sites)}",
         latest_adapter_version=latest_adapter_version(observed),
+        server_certificate=certificate,
         observed_generation=gen,
         sites=sites,
         conditions=conditions,

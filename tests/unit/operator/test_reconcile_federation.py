@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import datetime as dt
+
 import pytest
 from pollinate_operator.api import FederationSpec, FederationStatus
 from pollinate_operator.api.federation import Site, SiteIdentity
@@ -34,40 +36,101 @@ def observed(**overrides) -> FederationObserved:
     return FederationObserved(**values)
 
 
+NOW = dt.datetime(2026, 12, 8, 12, 0, tzinfo=dt.UTC)
+
+
+def tls_observed(**changes) -> TLSObserved:
+    """A CA and a server certificate it signed a month ago, good for eleven more months."""
+    values = dict(ca_cert_pem=b"ca", ca_rotation=0, server_cert_names=GOOD_NAMES,
+                  server_not_after=NOW + dt.timedelta(days=335), server_issuer="current")
+    values.update(changes)
+    return TLSObserved(**values)
+
+
+def with_tls(spec: FederationSpec, **changes) -> FederationSpec:
+    return spec.model_copy(update={"server": spec.server.model_copy(update={
+        "tls": spec.server.tls.model_copy(update=changes)})})
+
+
 def test_first_pass_generates_ca_and_certificate(fed_spec: FederationSpec) -> None:
-    plan = plan_tls(fed_spec, TLSObserved(), DNS)
-    assert plan.new_ca and plan.new_server_certificate
+    plan = plan_tls(fed_spec, TLSObserved(), DNS, NOW)
+    assert plan.new_ca and plan.new_server_certificate and not plan.keep_previous_ca
 
 
 def test_existing_material_is_kept(fed_spec: FederationSpec) -> None:
-    tls = TLSObserved(b"ca", 0, GOOD_NAMES, 0)
-    plan = plan_tls(fed_spec, tls, DNS)
-    assert not plan.new_ca and not plan.new_server_certificate
+    plan = plan_tls(fed_spec, tls_observed(), DNS, NOW)
+    assert not plan.new_ca and not plan.new_server_certificate and plan.why == ""
 
 
 def test_a_new_ingress_host_reissues_only_the_certificate(fed_spec: FederationSpec) -> None:
-    tls = TLSObserved(b"ca", 0, GOOD_NAMES, 0)
-    plan = plan_tls(fed_spec, tls, [*DNS, "new.example.org"])
-    assert not plan.new_ca and plan.new_server_certificate
+    plan = plan_tls(fed_spec, tls_observed(), [*DNS, "new.example.org"], NOW)
+    assert not plan.new_ca and plan.new_server_certificate and "new.example.org" in plan.why
 
 
 def test_certificate_without_loopback_is_reissued(fed_spec: FederationSpec) -> None:
-    tls = TLSObserved(b"ca", 0, (frozenset(DNS), frozenset()), 0)
-    assert plan_tls(fed_spec, tls, DNS).new_server_certificate
+    tls = tls_observed(server_cert_names=(frozenset(DNS), frozenset()))
+    assert plan_tls(fed_spec, tls, DNS, NOW).new_server_certificate
 
 
-def test_rotation_request_renews_ca_and_certificate(fed_spec: FederationSpec) -> None:
-    spec = fed_spec.model_copy(update={"server": fed_spec.server.model_copy(update={
-        "tls": fed_spec.server.tls.model_copy(update={"rotation": 1})})})
-    plan = plan_tls(spec, TLSObserved(b"ca", 0, GOOD_NAMES, 0), DNS)
-    assert plan.new_ca and plan.new_server_certificate
+@pytest.mark.parametrize(("left", "renewed"), [
+    (dt.timedelta(days=31), False), (dt.timedelta(days=30), True), (dt.timedelta(days=2), True),
+    (-dt.timedelta(days=1), True),  # already expired (an operator that was down)
+])
+def test_the_server_certificate_is_renewed_renew_before_its_expiry(
+        fed_spec: FederationSpec, left: dt.timedelta, renewed: bool) -> None:
+    plan = plan_tls(fed_spec, tls_observed(server_not_after=NOW + left), DNS, NOW)  # 720h default
+    assert plan.new_server_certificate is renewed and not plan.new_ca
+    assert ("expires at" in plan.why) is renewed
+
+
+def test_renew_before_and_duration_come_from_the_spec(fed_spec: FederationSpec) -> None:
+    spec = with_tls(fed_spec, certificate_duration="5m", renew_before="3m")
+    assert spec.server.tls.lifetime == dt.timedelta(minutes=5)
+    fresh = tls_observed(server_not_after=NOW + dt.timedelta(minutes=4))
+    assert not plan_tls(spec, fresh, DNS, NOW).new_server_certificate
+    assert plan_tls(spec, fresh, DNS, NOW + dt.timedelta(minutes=1)).new_server_certificate
+
+
+def test_a_rotation_keeps_the_old_ca_trusted_and_signing_for_the_overlap(fed_spec: FederationSpec) -> None:
+    spec = with_tls(fed_spec, rotation=1)
+    plan = plan_tls(spec, tls_observed(), DNS, NOW)
+    # A new CA, the old one kept beside it, and the server keeps its certificate (the old CA's).
+    assert plan.new_ca and plan.keep_previous_ca and not plan.new_server_certificate
+    during = tls_observed(ca_rotation=1, previous_ca_cert_pem=b"old", ca_rotated_at=NOW,
+                          server_issuer="previous")
+    later = plan_tls(spec, during, DNS, NOW + dt.timedelta(days=6))
+    assert not later.new_ca and later.keep_previous_ca and not later.new_server_certificate
+    # A renewal inside the overlap is still the old CA's (the handler signs with it).
+    expiring = plan_tls(spec, tls_observed(**{**during.__dict__, "server_not_after": NOW}), DNS, NOW)
+    assert expiring.keep_previous_ca and expiring.new_server_certificate
+    # Once the overlap (168h by default) is over, the server moves to the new CA and the old
+    # one leaves the bundle.
+    after = plan_tls(spec, during, DNS, NOW + dt.timedelta(hours=168))
+    assert not after.new_ca and not after.keep_previous_ca and after.new_server_certificate
+    assert after.why == "the server moves to the new CA"
+
+
+def test_a_rotation_without_overlap_cuts_over_at_once(fed_spec: FederationSpec) -> None:
+    plan = plan_tls(with_tls(fed_spec, rotation=1, ca_overlap="0s"), tls_observed(), DNS, NOW)
+    assert plan.new_ca and plan.new_server_certificate and not plan.keep_previous_ca
+
+
+def test_a_certificate_signed_by_neither_ca_is_reissued(fed_spec: FederationSpec) -> None:
+    plan = plan_tls(fed_spec, tls_observed(server_issuer=None), DNS, NOW)
+    assert plan.new_server_certificate and not plan.new_ca
 
 
 def test_user_supplied_tls_is_never_generated(fed_spec: FederationSpec) -> None:
-    spec = fed_spec.model_copy(update={"server": fed_spec.server.model_copy(update={
-        "tls": fed_spec.server.tls.model_copy(update={"secret_name": "mine"})})})
-    plan = plan_tls(spec, TLSObserved(), DNS)
+    plan = plan_tls(with_tls(fed_spec, secret_name="mine"), TLSObserved(), DNS, NOW)
     assert not plan.new_ca and not plan.new_server_certificate
+
+
+@pytest.mark.parametrize("text", ["", "1d", "h", "5", "-5m", "1m30", "1.5h"])
+def test_a_duration_that_is_not_one_is_refused_naming_the_field(text: str) -> None:
+    from pollinate_operator.api.base import parse_duration
+
+    with pytest.raises(ValueError, match=r"spec\.server\.tls\.renewBefore: .* is not a duration"):
+        parse_duration(text, "spec.server.tls.renewBefore")
 
 
 def test_every_site_without_a_key_gets_one(fed_spec: FederationSpec) -> None:
@@ -177,6 +240,23 @@ def test_ready_on_the_last_word_of_a_server_that_did_not_answer_says_so(fed_spec
     progressing = next(c for c in status.conditions if c.type == "Progressing")
     assert progressing.status == "True" and progressing.reason == "ServerUnreachable"
     assert not settled(status.to_wire())
+
+
+def test_a_certificate_the_operator_cannot_verify_is_reported_as_such_not_as_unreachable(
+        fed_spec: FederationSpec) -> None:
+    registered = {s: str(i) for i, s in enumerate(KEYS)}
+    problem = "Flower server f-server.ns.svc:9092: the server's certificate has expired (...)"
+    was_ready = observed(flower_nodes=None, previous=FederationStatus(phase="Ready"))
+    status = federation_status("f", "ns", fed_spec, was_ready, registered, "in", None,
+                               certificate_problem=problem)
+    assert status.phase == "Degraded"
+    conditions = {c.type: c for c in status.conditions}
+    assert conditions["Ready"].status == "False" and conditions["Ready"].reason == "CertificateInvalid"
+    assert conditions["Ready"].message == problem and conditions["Degraded"].status == "True"
+    assert not settled(status.to_wire())
+    fresh = federation_status("f", "ns", fed_spec, observed(flower_nodes=None), registered, "in", None,
+                              certificate_problem=problem)
+    assert fresh.phase == "Pending"
 
 
 def test_status_is_pending_while_registering(fed_spec: FederationSpec) -> None:

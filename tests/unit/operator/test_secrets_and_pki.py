@@ -94,9 +94,44 @@ def test_ca_secret_holds_the_ca_and_its_rotation(ca: pki.CertificateAuthority) -
         "pollinate.dev/federation": "clinical-notes", **names.MANAGED_BY}
 
 
+def test_during_an_overlap_the_ca_secret_keeps_the_previous_ca_and_when_it_was_replaced(
+        ca: pki.CertificateAuthority) -> None:
+    import datetime as dt
+
+    old = pki.new_ca("old")
+    at = dt.datetime(2026, 12, 8, 12, 0, tzinfo=dt.UTC)
+    secret = secrets.ca_secret("clinical-notes", "research", ca, 4, old, at)
+    assert decoded(secret) == {"ca.crt": ca.cert_pem, "ca.key": ca.key_pem,
+                               "previous-ca.crt": old.cert_pem, "previous-ca.key": old.key_pem}
+    assert secret["metadata"]["annotations"][names.CA_ROTATED_AT_ANNOTATION] == at.isoformat()
+
+
+def test_a_bundle_of_two_cas_verifies_a_certificate_of_either_and_validity_follows_the_request(
+        ca: pki.CertificateAuthority) -> None:
+    import datetime as dt
+    import ssl
+    import tempfile
+
+    old = pki.new_ca("old")
+    now = dt.datetime.now(dt.UTC)
+    cert = pki.new_server_certificate(old, ["fl.example.org"], now=now, validity=dt.timedelta(minutes=5))
+    assert pki.not_after(cert.cert_pem) == (now + dt.timedelta(minutes=5)).replace(microsecond=0)
+    assert pki.issued_by(cert.cert_pem, old.cert_pem) and not pki.issued_by(cert.cert_pem, ca.cert_pem)
+    # Never past its CA's own expiry.
+    long = pki.new_server_certificate(old, ["x"], now=now, validity=dt.timedelta(days=365 * 20))
+    assert pki.not_after(long.cert_pem) <= pki.not_after(old.cert_pem)
+    bundle = pki.bundle(ca.cert_pem, old.cert_pem)
+    with tempfile.NamedTemporaryFile() as f:
+        f.write(bundle)
+        f.flush()
+        context = ssl.create_default_context(cafile=f.name)
+    assert len(context.get_ca_certs()) == 2
+    assert pki.bundle(ca.cert_pem, None) == ca.cert_pem
+
+
 def test_server_tls_secret_is_a_tls_secret_with_the_ca(
         ca: pki.CertificateAuthority, server_cert: pki.ServerCertificate) -> None:
-    secret = secrets.server_tls_secret("clinical-notes", "research", ca, server_cert, 0)
+    secret = secrets.server_tls_secret("clinical-notes", "research", ca.cert_pem, server_cert, 0)
     assert secret["metadata"]["name"] == "clinical-notes-server-tls"
     assert secret["type"] == "kubernetes.io/tls"
     # ca.key never leaves the CA Secret: the server pod mounts only this one.
