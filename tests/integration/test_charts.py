@@ -189,7 +189,7 @@ def test_hub_defaults_render_one_recreated_hardened_operator(helm: Helm) -> None
     objects = helm.template(HUB)
     assert sorted(o["kind"] for o in objects) == [
         "ClusterRole", "ClusterRoleBinding", "CustomResourceDefinition", "CustomResourceDefinition",
-        "Deployment", "Service", "ServiceAccount", "ValidatingAdmissionPolicy",
+        "Deployment", "Role", "RoleBinding", "Service", "ServiceAccount", "ValidatingAdmissionPolicy",
         "ValidatingAdmissionPolicyBinding"]
     # Cluster-wide, the policy binds in every namespace (tests/integration/test_admission.py).
     assert "matchResources" not in one(objects, "ValidatingAdmissionPolicyBinding")["spec"]
@@ -207,10 +207,11 @@ def test_hub_defaults_render_one_recreated_hardened_operator(helm: Helm) -> None
     container = container_of(deployment)
     assert container["image"] == "ghcr.io/pollinate-dev/operator:0.1.0"
     assert container["command"] == ["pollinate-operator"]
-    assert container["args"] == ["--liveness=http://0.0.0.0:8081/healthz"]
+    assert container["args"] == ["--liveness=http://0.0.0.0:8081/healthz", "--leader-elect"]
     assert_flags_in_help(container["args"], help_text("pollinate-operator"))
     ports = {p["name"]: p["containerPort"] for p in container["ports"]}
     assert container["livenessProbe"]["httpGet"] == {"path": "/healthz", "port": "healthz"}
+    assert container["readinessProbe"]["httpGet"] == {"path": "/healthz", "port": "healthz"}
     assert ports == {"metrics": 8080, "healthz": 8081}
     env = {e["name"]: e.get("value", e.get("valueFrom")) for e in container["env"]}
     # The admission policy's values, which the operator repeats (reconcile/admission.py).
@@ -223,6 +224,8 @@ def test_hub_defaults_render_one_recreated_hardened_operator(helm: Helm) -> None
                    # namespace and labels; the operator's namespace is its pod's.
                    "POLLINATE_INGRESS_CONTROLLER_NAMESPACE": "ingress-nginx",
                    "POLLINATE_INGRESS_CONTROLLER_LABELS": "app.kubernetes.io/name=ingress-nginx",
+                   # Nobody may scrape the servers' metrics port unless named.
+                   "POLLINATE_METRICS_SCRAPER_NAMESPACE": "", "POLLINATE_METRICS_SCRAPER_LABELS": "",
                    "POLLINATE_OPERATOR_NAMESPACE": {"fieldRef": {"fieldPath": "metadata.namespace"}}}
     assert container["resources"]["requests"] == {"cpu": "100m", "memory": "256Mi"}
 
@@ -241,22 +244,39 @@ def test_cluster_wide_rbac_is_exactly_the_least_privilege_set(helm: Helm) -> Non
                                   "name": role["metadata"]["name"]}
     assert binding["subjects"] == [{"kind": "ServiceAccount", "namespace": "pollinate-system",
                                     "name": one(objects, "ServiceAccount")["metadata"]["name"]}]
+    assert_leader_election_role(objects, "pollinate-system")
+
+
+def assert_leader_election_role(objects: list[dict], namespace: str) -> None:
+    """The leader election's Lease, in the release's namespace: create one, and read and
+    renew only the operator's own."""
+    (role,) = [r for r in by_kind(objects, "Role") if r["metadata"]["name"].endswith("-leader-election")]
+    assert role["metadata"]["namespace"] == namespace
+    assert role["rules"] == [
+        {"apiGroups": ["coordination.k8s.io"], "resources": ["leases"], "verbs": ["create"]},
+        {"apiGroups": ["coordination.k8s.io"], "resources": ["leases"],
+         "resourceNames": ["pollinate-operator"], "verbs": ["get", "update"]}]
+    (binding,) = [b for b in by_kind(objects, "RoleBinding")
+                  if b["roleRef"]["name"] == role["metadata"]["name"]]
+    assert binding["metadata"]["namespace"] == namespace
 
 
 def test_watch_namespaces_gives_a_role_per_namespace_and_nothing_cluster_wide(helm: Helm) -> None:
     objects = helm.template(HUB, "--set", "watchNamespaces={research,oncology}", "--set", "logLevel=debug")
     assert not by_kind(objects, "ClusterRole") and not by_kind(objects, "ClusterRoleBinding")
-    roles = by_kind(objects, "Role")
+    assert_leader_election_role(objects, "pollinate-system")
+    roles = [r for r in by_kind(objects, "Role") if not r["metadata"]["name"].endswith("-leader-election")]
     assert sorted(r["metadata"]["namespace"] for r in roles) == ["oncology", "research"]
     for role in roles:
         assert rule_set(role["rules"]) == expand(NAMESPACED_RULES)
-    bindings = by_kind(objects, "RoleBinding")
+    bindings = [b for b in by_kind(objects, "RoleBinding")
+                if not b["metadata"]["name"].endswith("-leader-election")]
     assert sorted(b["metadata"]["namespace"] for b in bindings) == ["oncology", "research"]
     for binding in bindings:
         assert binding["roleRef"]["kind"] == "Role"
         assert binding["subjects"][0]["namespace"] == "pollinate-system"
     args = container_of(one(objects, "Deployment"))["args"]
-    assert args == ["--liveness=http://0.0.0.0:8081/healthz", "--namespace=research",
+    assert args == ["--liveness=http://0.0.0.0:8081/healthz", "--leader-elect", "--namespace=research",
                     "--namespace=oncology", "--verbose"]
     assert_flags_in_help(args, help_text("pollinate-operator"))
 
@@ -360,7 +380,8 @@ def test_site_with_inline_identity_stores_it_in_its_own_secret(helm: Helm, site_
 # ---- values the schemas reject --------------------------------------------------------------
 BAD_HUB_VALUES = [
     (["--set", "image.tag="], "at '/image/tag'"),
-    (["--set", "replicas=2"], "at '/replicas': value must be 1"),
+    (["--set", "replicas=0"], "at '/replicas': minimum: got 0, want 1"),
+    (["--set", "replicas=4"], "at '/replicas': maximum: got 4, want 3"),
     (["--set", "logLevel=trace"], "at '/logLevel': value must be one of 'info', 'debug'"),
     (["--set", "resources.limits.memory=lots"], "at '/resources/limits/memory'"),
     (["--set", "resources.cpu=1"], "at '/resources': additional properties 'cpu' not allowed"),
@@ -508,7 +529,7 @@ def test_hub_chart_installs_upgrades_its_crds_and_rolls_back(
 
 def test_install_with_bad_values_creates_nothing(helm: Helm, namespace: str) -> None:
     release = release_name()
-    result = helm.run("install", release, str(HUB), "-n", namespace, "--set", "replicas=2", check=False)
+    result = helm.run("install", release, str(HUB), "-n", namespace, "--set", "replicas=0", check=False)
     assert result.returncode != 0 and "at '/replicas'" in result.stderr
     assert release not in helm.run("list", "-n", namespace, "-q").stdout
 

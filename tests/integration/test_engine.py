@@ -347,6 +347,9 @@ def test_malformed_updates_are_rejected_attributed_and_never_abort_a_round(
         # perplexity on their held-out data, after the same two rounds.
         clean = {e["round"]: e for e in clean_run[1].rounds}[2]
         attacked = {e["round"]: e for e in p.rounds}[2]
+        print(f"honest sites' perplexity after round 2: attacked {honest_perplexity(attacked):.3f}, "
+              f"honest-only {honest_perplexity(clean):.3f}; before training "
+              f"{honest_perplexity({e['round']: e for e in p.rounds}[0]):.3f}")
         assert honest_perplexity(attacked) == pytest.approx(honest_perplexity(clean), rel=0.10), \
             (attacked["sitePerplexity"], clean["sitePerplexity"])
     finally:

@@ -65,6 +65,6 @@ CA = pki.new_ca("federation CA")
 def test_a_wrong_server_certificate_is_named_for_what_is_wrong(
         cert: pki.ServerCertificate, says: str, tmp_path: Path) -> None:
     with tls_server(cert, tmp_path) as port, \
-            FlowerControl(f"127.0.0.1:{port}", CA.cert_pem, "token") as control:
-        with pytest.raises(FlowerCertificateInvalid, match=says):
-            control.nodes()
+            FlowerControl(f"127.0.0.1:{port}", CA.cert_pem, "token") as control, \
+            pytest.raises(FlowerCertificateInvalid, match=says):
+        control.nodes()

@@ -408,3 +408,59 @@ def test_operator_killed_twenty_times_during_a_run_leaves_one_run_and_no_duplica
         assert versions == {"v1"}, versions
         assert len(kubectl.json("get", "deployments")["items"]) == 1
         eventually(lambda: not kubectl.json("get", "jobs")["items"], what="client Jobs deleted")
+
+
+def test_two_operators_elect_one_leader_and_the_standby_finishes_the_run_when_it_dies(
+        testbed: Testbed, crds: None, kubectl: Kubectl, flower_port: int, tiny_model_dir: Path,
+        tmp_path: Path) -> None:
+    """Two replicas with --leader-elect on one Lease: one reconciles, the other stands by and
+    does nothing; the leader killed mid-run, the standby takes the Lease once it lapses and
+    finishes the run: one Flower run, no duplicate Job, one adapter version."""
+    env = {"POLLINATE_FLOWER_ADDRESS": f"127.0.0.1:{flower_port}",
+           "POLLINATE_SETTLED_RESYNC_SECONDS": str(SETTLED_RESYNC)}
+    args = ["--leader-elect", "--leader-elect-namespace", kubectl.namespace]
+    first = OperatorProcess(testbed, tmp_path / "first.log", env, args)
+    second = OperatorProcess(testbed, tmp_path / "second.log", env, args)
+    first.start()
+    try:
+        eventually(lambda: "became the leader" in first.logs(), what="the first operator to lead")
+        second.start()
+        eventually(lambda: "standing by" in second.logs(), what="the second operator to stand by")
+        with flower_hub(testbed, kubectl, flower_port, tiny_model_dir, tmp_path) as hub:
+            local = {"maxSteps": 60, "batchSize": 4, "learningRate": 0.005, "sequenceLength": 64}
+            kubectl.apply(yaml.safe_dump(training_round(rounds=2, local=local)))
+            store = FederationStore(ObjectStore(testbed.s3_client(), testbed.s3().bucket,
+                                                f"operator-flower/{kubectl.namespace}"))
+
+            def status() -> dict:
+                return kubectl.json("get", "traininground", "notes-v1").get("status", {})
+
+            def started() -> bool:
+                key = status().get("runKey")
+                return bool(key and store.read_progress(key))
+            eventually(started, timeout=180, what="the run under way")
+            most_jobs = len(kubectl.json("get", "jobs")["items"])
+            killed = time.monotonic()
+            first.kill()
+            eventually(lambda: "became the leader" in second.logs(), timeout=90, interval=0.5,
+                       what="the standby to take the Lease")
+            print(f"the standby led {time.monotonic() - killed:.1f} s after the leader was killed")
+            # Standing by, it did nothing: no line about any object before it led.
+            before = second.logs().split("became the leader")[0]
+            assert '"object"' not in before, before[-2000:]
+            done = eventually(lambda: (st := status()).get("phase") in ("Succeeded", "Failed") and st,
+                              timeout=600, what="the run finished by the new leader")
+            assert done["phase"] == "Succeeded", done.get("conditions")
+            most_jobs = max(most_jobs, len(kubectl.json("get", "jobs")["items"]))
+            assert most_jobs <= 3
+            with hub.server.control() as control:
+                runs = [r for r in control.list_runs()
+                        if r.override_config.get("training-round") == "notes-v1"
+                        and r.override_config.get("namespace") == kubectl.namespace]
+            assert [str(r.run_id) for r in runs] == [done["runId"]]
+            assert done["adapterVersion"] == "v1"
+            lease = kubectl.json("get", "lease", "pollinate-operator")["spec"]
+            assert lease["leaseTransitions"] == 1 and lease["holderIdentity"]
+    finally:
+        first.stop()
+        second.stop()

@@ -14,10 +14,12 @@ from pollinate_testbed import Testbed
 class OperatorProcess:
     """The real operator (`pollinate-operator`) as a process against the testbed."""
 
-    def __init__(self, bed: Testbed, log_path: Path, extra_env: dict[str, str] | None = None) -> None:
+    def __init__(self, bed: Testbed, log_path: Path, extra_env: dict[str, str] | None = None,
+                 args: list[str] | None = None) -> None:
         self.bed = bed
         self.log_path = log_path
         self.extra_env = extra_env or {}
+        self.args = args or []
         self.proc: subprocess.Popen | None = None
 
     def start(self) -> None:
@@ -25,7 +27,7 @@ class OperatorProcess:
                "POLLINATE_METRICS_PORT": "0", **self.extra_env}
         log = open(self.log_path, "ab")  # noqa: SIM115 - handed to the child
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "pollinate_operator", "--liveness", ""],
+            [sys.executable, "-m", "pollinate_operator", "--liveness", "", *self.args],
             env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
         log.close()
 

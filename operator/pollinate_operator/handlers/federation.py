@@ -134,15 +134,15 @@ def _ensure_tls(name: str, namespace: str, spec: FederationSpec, body: kopf.Body
     dns = server.tls_dns_names(name, namespace, spec)
     decision = plan.plan_tls(spec, observed, dns, now)
     rotation = spec.server.tls.rotation
-    if decision.new_ca or (previous is not None) != decision.keep_previous:
+    if decision.new_ca or (previous is not None) != decision.keep_previous_ca:
         if decision.new_ca:
-            if current is not None and decision.keep_previous:
+            if current is not None and decision.keep_previous_ca:
                 previous, rotated_at = current, now
             current = pki.new_ca(f"pollinate {namespace}/{name} CA")
             logger.info("generated the federation CA (rotation %d)%s", rotation,
                         f"; the previous CA stays trusted until {(now + spec.server.tls.overlap).isoformat()}"
-                        if decision.keep_previous else "")
-        if not decision.keep_previous:
+                        if decision.keep_previous_ca else "")
+        if not decision.keep_previous_ca:
             if previous is not None and not decision.new_ca:
                 logger.info("the previous CA's overlap ended: sites trust only the current CA")
             previous, rotated_at = None, None
