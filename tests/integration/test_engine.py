@@ -344,12 +344,14 @@ def test_malformed_updates_are_rejected_attributed_and_never_abort_a_round(
         assert set(counted) - set(counted_before) <= set(expected)
 
         # And the global adapter is close to what the honest sites alone made: within 10% in
-        # perplexity on their held-out data, after the same two rounds.
+        # perplexity on their held-out data, after the same two rounds. (Two rounds of the tiny
+        # model lower that perplexity by about 3%, so this would hold for a liar that weighed
+        # everything too; that the cap bounds its weight exactly is test_rounds.py's.)
         clean = {e["round"]: e for e in clean_run[1].rounds}[2]
         attacked = {e["round"]: e for e in p.rounds}[2]
+        start = honest_perplexity({e["round"]: e for e in p.rounds}[0])
         print(f"honest sites' perplexity after round 2: attacked {honest_perplexity(attacked):.3f}, "
-              f"honest-only {honest_perplexity(clean):.3f}; before training "
-              f"{honest_perplexity({e['round']: e for e in p.rounds}[0]):.3f}")
+              f"honest-only {honest_perplexity(clean):.3f}; before training {start:.3f}")
         assert honest_perplexity(attacked) == pytest.approx(honest_perplexity(clean), rel=0.10), \
             (attacked["sitePerplexity"], clean["sitePerplexity"])
     finally:
