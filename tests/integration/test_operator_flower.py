@@ -358,6 +358,18 @@ SETTLED = SETTLED_RESYNC + 40
 KILL_AFTER = (2.0, 2.5, 3.0, 3.5, 4.0, 4.5, 5.0, 6.0, 7.0, 8.0)
 
 
+def round_status(kubectl: Kubectl, name: str = "notes-v1") -> dict:
+    return kubectl.json("get", "traininground", name).get("status", {})
+
+
+def run_progress(testbed: Testbed, kubectl: Kubectl, name: str = "notes-v1"):
+    """The run's progress as the server app records it in S3 (None before it starts)."""
+    key = round_status(kubectl, name).get("runKey")
+    store = FederationStore(ObjectStore(testbed.s3_client(), testbed.s3().bucket,
+                                        f"operator-flower/{kubectl.namespace}"))
+    return store.read_progress(key) if key else None
+
+
 def test_operator_killed_twenty_times_during_a_run_leaves_one_run_and_no_duplicates(
         testbed: Testbed, driven_operator: OperatorProcess, kubectl: Kubectl, flower_port: int,
         tiny_model_dir: Path, tmp_path: Path) -> None:
@@ -365,17 +377,14 @@ def test_operator_killed_twenty_times_during_a_run_leaves_one_run_and_no_duplica
         # Rounds of some seconds (100 local steps), so that the kills fall through the run.
         local = {"maxSteps": 100, "batchSize": 4, "learningRate": 0.005, "sequenceLength": 64}
         kubectl.apply(yaml.safe_dump(training_round(rounds=3, local=local)))
-        store = FederationStore(ObjectStore(testbed.s3_client(), testbed.s3().bucket,
-                                            f"operator-flower/{kubectl.namespace}"))
 
         def status() -> dict:
-            return kubectl.json("get", "traininground", "notes-v1").get("status", {})
+            return round_status(kubectl)
 
         def point_of_the_run() -> str:
             # Where the run is, as the server app records it in S3: not as the status shows
             # it, which only a living operator updates.
-            key = status().get("runKey")
-            progress = store.read_progress(key) if key else None
+            progress = run_progress(testbed, kubectl)
             return f"round {progress.round}" if progress else "not started"
 
         seen: list[str] = []
@@ -429,16 +438,10 @@ def test_two_operators_elect_one_leader_and_the_standby_finishes_the_run_when_it
         with flower_hub(testbed, kubectl, flower_port, tiny_model_dir, tmp_path) as hub:
             local = {"maxSteps": 60, "batchSize": 4, "learningRate": 0.005, "sequenceLength": 64}
             kubectl.apply(yaml.safe_dump(training_round(rounds=2, local=local)))
-            store = FederationStore(ObjectStore(testbed.s3_client(), testbed.s3().bucket,
-                                                f"operator-flower/{kubectl.namespace}"))
-
             def status() -> dict:
-                return kubectl.json("get", "traininground", "notes-v1").get("status", {})
+                return round_status(kubectl)
 
-            def started() -> bool:
-                key = status().get("runKey")
-                return bool(key and store.read_progress(key))
-            eventually(started, timeout=180, what="the run under way")
+            eventually(lambda: run_progress(testbed, kubectl), timeout=180, what="the run under way")
             most_jobs = len(kubectl.json("get", "jobs")["items"])
             killed = time.monotonic()
             first.kill()
