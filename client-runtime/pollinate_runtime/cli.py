@@ -27,6 +27,7 @@ from pathlib import Path
 from typing import Any, TextIO
 
 from . import __version__
+from .site_health import SiteHealth
 from .site_session import SITE_SECRET, Rejoin, Retry, run_supernode
 from .site_trainer import SiteOptions, SiteTrainer, TrainerServer, trainer_socket_path
 from .supernode import DEFAULT_POLL_SECONDS, HEARTBEAT_ENV, HEARTBEAT_RANGE, POLL_ENV
@@ -267,7 +268,8 @@ def join(args: argparse.Namespace) -> int:
             env[POLL_ENV] = str(args.poll_seconds)
         if args.heartbeat_seconds is not None:
             env[HEARTBEAT_ENV] = str(args.heartbeat_seconds)
-        return run_site(args, supernode_command(args, host, port, ca, socket_path), env)
+        return run_site(args, supernode_command(args, host, port, ca, socket_path), env,
+                        SiteHealth(work))
     finally:
         server.stop()
 
@@ -305,11 +307,17 @@ def supernode_env(work: Path) -> dict[str, str]:
         "PATH": f"{bin_dir}{os.pathsep}{os.environ.get('PATH', '')}"}
 
 
-def run_site(args: argparse.Namespace, command: list[str], env: dict[str, str]) -> int:
+def run_site(args: argparse.Namespace, command: list[str], env: dict[str, str],
+             health: SiteHealth | None = None) -> int:
     """Run SuperNodes until this site is stopped (0) or the server will not have it (JoinError
-    naming why): a lost server or a refused activation starts another (site_session.Rejoin)."""
+    naming why): a lost server or a refused activation starts another (site_session.Rejoin).
+    `health`: what the pod's probes read (site_health)."""
     stopping = threading.Event()
     current: list[subprocess.Popen] = []
+    activated = threading.Event()
+    if health is not None:
+        health.beat(stopping)
+        watch_activation(activated, health, stopping)
 
     def stop(signum: int, _frame: object) -> None:
         log.info("stopping (signal %d)", signum)
@@ -321,7 +329,12 @@ def run_site(args: argparse.Namespace, command: list[str], env: dict[str, str]) 
     signal.signal(signal.SIGINT, stop)
     rejoin = Rejoin(args.rejoin_seconds, args.reconnect_seconds)
     while not stopping.is_set():
-        ended = run_supernode(command, env, args.verbose, current, log)
+        activated.clear()
+        if health is not None:
+            health.update(supernode="starting", connected=False)
+        ended = run_supernode(command, env, args.verbose, current, log, activated)
+        if health is not None:
+            health.update(supernode=f"ended (exit code {ended.code}), rejoining", connected=False)
         if stopping.is_set():
             break
         decision = rejoin.after(ended, time.monotonic())
@@ -334,6 +347,18 @@ def run_site(args: argparse.Namespace, command: list[str], env: dict[str, str]) 
         stopping.wait(decision.seconds)
     log.info("site %s left the federation", args.site)
     return 0
+
+
+def watch_activation(activated: threading.Event, health: SiteHealth, stopping: threading.Event) -> None:
+    """Report a SuperNode the server activated as connected (readiness), once per start."""
+    def watch() -> None:
+        while not stopping.is_set():
+            if activated.wait(1.0) and health.state.get("connected") is not True:
+                health.update(supernode="activated by the server", connected=True)
+            elif not activated.is_set() and health.state.get("connected"):
+                health.update(connected=False)
+
+    threading.Thread(target=watch, name="site-activation", daemon=True).start()
 
 
 def evaluate(args: argparse.Namespace) -> int:
@@ -461,6 +486,10 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("prepare-model", help="convert the bundled base model now, not at the first round")
     p.add_argument("--shipped", action="store_true",
                    help="install it with the runtime (an image's build step), not in the user cache")
+    h = sub.add_parser("health", help="exit 0 if this site's join is alive (--ready: connected); "
+                                       "for its pod's probes")
+    h.add_argument("--work-dir", default=os.environ.get("POLLINATE_WORK_DIR", "~/.cache/pollinate/site"))
+    h.add_argument("--ready", action="store_true")
     e = sub.add_parser("eval", help="score an adapter version on local data")
     e.add_argument("--data", required=True)
     e.add_argument("--adapter-dir", help="a PEFT adapter folder (adapter_model.safetensors + config)")
@@ -474,12 +503,19 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def health_check(args: argparse.Namespace) -> int:
+    from .site_health import main as health_main
+
+    return health_main(["--work-dir", args.work_dir, *(["--ready"] if args.ready else [])])
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.DEBUG if getattr(args, "verbose", False) else logging.INFO,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:
-        commands = {"join": join, "keygen": keygen, "eval": evaluate, "prepare-model": prepare_model}
+        commands = {"join": join, "keygen": keygen, "eval": evaluate, "prepare-model": prepare_model,
+                    "health": health_check}
         return commands[args.command](args)
     except JoinError as err:
         print(f"pollinate-client: error: {err}", file=sys.stderr)

@@ -170,14 +170,16 @@ def relay_output(lines: Iterable[str], tail: deque[str], verbose: bool,
 
 
 def run_supernode(command: list[str], env: dict[str, str], verbose: bool,
-                  current: list[subprocess.Popen], log: logging.Logger | None = None) -> SupernodeExit:
-    """Run Flower's SuperNode until it exits."""
+                  current: list[subprocess.Popen], log: logging.Logger | None = None,
+                  activated: threading.Event | None = None) -> SupernodeExit:
+    """Run Flower's SuperNode until it exits; `activated` is set once the server activates it."""
     # Same process group as this one: whoever stops the site stops its SuperNode too.
     proc = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
     current.append(proc)
     tail: deque[str] = deque(maxlen=50)
     last_words: list[str] = []
-    exited, activated = threading.Event(), threading.Event()
+    exited = threading.Event()
+    activated = activated if activated is not None else threading.Event()
     relay = threading.Thread(target=relay_output, args=(proc.stdout, tail, verbose, exited, activated, log,
                                                         last_words), daemon=True)
     relay.start()

@@ -243,6 +243,19 @@ def test_federated_rounds_lower_perplexity_and_publish_a_loadable_adapter(
         torch.testing.assert_close(peft_model(tokens).logits, ours(tokens).logits)
 
 
+def test_a_joined_site_tells_its_pods_probes_it_is_alive_and_connected(sites) -> None:
+    """What the pollinate-site chart's probes run (pollinate_runtime/site_health.py), against
+    the module's sites: alive, and ready once the server activated their SuperNode."""
+    bin_dir = Path(sys.executable).parent
+    for site in sites.values():
+        def ready() -> bool:
+            result = subprocess.run([str(bin_dir / "pollinate-client"), "health", "--ready",
+                                     "--work-dir", str(site.work)],  # noqa: B023
+                                    capture_output=True, text=True, timeout=30)
+            return result.returncode == 0 and result.stdout.strip() == "connected"
+        eventually(ready, timeout=120, what=f"{site.name} to report itself connected")
+
+
 def hostile_name(kinds: tuple[str, ...]) -> str:
     return "mallory-" + "-then-".join(kinds)
 
