@@ -220,6 +220,8 @@ class Reporter:
             msg = f"loading base model {info['model']} (kept resident across rounds)"
         elif kind == "training":
             msg = f"round {info['round']}: training on local data"
+        elif kind == "refused":
+            msg = f"the server refused this site's last reply: {info['why']}"
         elif kind == "trained":
             msg = (f"round {info['round']}: done, train loss {info['loss']:.4f}, "
                    f"{info['seconds']:.1f} s; adapter sent")
@@ -229,7 +231,7 @@ class Reporter:
         if self._console is not None:
             self._console.log(f"[bold]{self.site}[/bold] {msg}")
         else:
-            log.info(msg)
+            (log.warning if kind == "refused" else log.info)(msg)
         if kind == "training" and self._console is not None:
             self._open_bar(info["round"])
 

@@ -32,9 +32,11 @@ def _forward(kind: str, msg: Message, context: Context) -> Message:
     if m.ARRAYS in msg.content.array_records:
         adapter = {k: np.asarray(v, dtype=np.float32)
                    for k, v in from_record(msg.content.array_records[m.ARRAYS]).items()}
+    refused = msg.content.config_records.get(m.CONFIG, ConfigRecord()).get(m.REFUSED)
     try:
         answer = call_trainer(socket_path, {
-            "kind": kind, "config": dict(context.run_config), "round": round_number, "adapter": adapter})
+            "kind": kind, "config": dict(context.run_config), "round": round_number, "adapter": adapter,
+            **({"refused": str(refused)} if refused else {})})
     except TrainerError as err:
         # Flower's own error reply names neither the site nor the cause the server can show.
         return Message(RecordDict({m.CONFIG: ConfigRecord(

@@ -20,6 +20,9 @@ METRICS = "metrics"
 ROUND = "round"
 SITE = "site"
 ERROR = "error"  # a site that could not do what was asked says why, under its own name
+# In the next message to a site whose last reply the server refused: which round, and why
+# ("round 3: NonFiniteValues: ..."), so the site learns it from the server itself.
+REFUSED = "refused"
 
 # MetricRecord keys a site reports.
 NUM_EXAMPLES = "num-examples"

@@ -176,6 +176,8 @@ class FederatedRun:
         self.sites_by_node: dict[int, str] = {node: site for site, node in config.site_nodes.items()}
         self.metrics: list[dict[str, Any]] = []
         self.site_states: dict[str, dict[str, Any]] = {}
+        # Site -> why the server refused its last reply, told to it with its next message.
+        self.refusals: dict[str, str] = {}
         self._spill = tempfile.TemporaryDirectory(prefix="pollinate-spill-")
         self.aggregator = self._make_aggregator()
         self.rng = random.Random(config.run_key)
@@ -370,6 +372,7 @@ class FederatedRun:
                 count_rejection(err.reason, reply.site)
                 self.site_states[reply.site] = {"state": "Rejected", "lastRound": round,
                                                 "message": str(err)[:300]}
+                self.refusals[reply.site] = f"round {round}: {str(err)[:300]}"
                 return
             round_mean.add(update, weight=examples)
             accepted[reply.site] = examples
@@ -385,8 +388,8 @@ class FederatedRun:
                 log.warning("round %d: site %s %s", round, reply.site, message)
                 CAPPED_EXAMPLE_COUNTS.labels(reply.site).inc()
 
-        def content(_: int) -> RecordDict:
-            return RecordDict({m.ARRAYS: record, m.CONFIG: ConfigRecord({m.ROUND: round})})
+        def content(node: int) -> RecordDict:
+            return RecordDict({m.ARRAYS: record, m.CONFIG: self._config_for(node, round)})
 
         exchange = self.exchange(nodes, "train", content, round, fold)
         silent: list[str] = []
@@ -423,9 +426,18 @@ class FederatedRun:
         def take(reply: Reply) -> None:
             evals.take(reply.site, reply.message.content.metric_records.get(m.METRICS, MetricRecord()))
 
-        self.exchange(nodes, "evaluate", lambda _: RecordDict(
-            {m.ARRAYS: record, m.CONFIG: ConfigRecord({m.ROUND: round})}), round, take)
+        self.exchange(nodes, "evaluate", lambda node: RecordDict(
+            {m.ARRAYS: record, m.CONFIG: self._config_for(node, round)}), round, take)
         return evals
+
+    def _config_for(self, node: int, round: int) -> ConfigRecord:
+        """The round, and for a site whose last reply was refused, the server's word on why
+        (sent once)."""
+        config = ConfigRecord({m.ROUND: round})
+        site = self.sites_by_node.get(node)
+        if site is not None and (refused := self.refusals.pop(site, None)):
+            config[m.REFUSED] = refused
+        return config
 
     # ---- bookkeeping -------------------------------------------------------------------
     def _record_eval(self, round: int, evals: Evaluations) -> None:
@@ -435,6 +447,9 @@ class FederatedRun:
         entry = self._metrics_entry(round)
         if evals.rejected:
             entry["evalRejected"] = evals.rejected
+            for refused in evals.rejected:
+                self.refusals.setdefault(
+                    refused["site"], f"your evaluation of round {round}'s adapter: {refused['reason']}")
         if not evals.accepted:
             return
         accepted = evals.accepted

@@ -154,6 +154,8 @@ class SiteTrainer:
     # ---- requests ----------------------------------------------------------------------
     def handle(self, request: dict[str, Any]) -> dict[str, Any]:
         kind = request["kind"]
+        if request.get("refused"):  # the server's word on this site's last reply it refused
+            self.on_event("refused", {"why": str(request["refused"])[:500]})
         config = RunConfig.from_flower(request["config"])
         loaded, load_seconds = self._ensure_model(config)
         if kind == "init":  # needs no data: answering it also tells the server who we are

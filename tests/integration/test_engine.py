@@ -327,6 +327,9 @@ def test_malformed_updates_are_rejected_attributed_and_never_abort_a_round(
             claimed = CAPPED[(entry["round"] - 1) % len(CAPPED)]
             assert entry["cappedExamples"] == {capped: {"examples-1e9": "1e+09",
                                                         "examples-1e300": "1e+300"}[claimed]}
+        # A refused site hears why from the server, in its next message.
+        told = (tmp_path / f"h{HOSTILE.index(('nan', 'inf'))}" / "out.log").read_text()
+        assert "the server refused this site's last reply: round 1: NonFiniteValues" in told, told[-2000:]
         first = {r["site"]: r["reason"] for r in p.rounds[1]["rejected"]}
         assert "CUDA out of memory (simulated)" in first[hostile_name(("crash", "examples-nan"))]
         reasons = {r["site"]: r["reason"] for r in p.rounds[2]["rejected"]}

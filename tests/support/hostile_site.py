@@ -70,6 +70,8 @@ class HostileTrainer:
         self.site = site
 
     def handle(self, request: dict[str, Any]) -> dict[str, Any]:
+        if request.get("refused"):  # what the server told this site (the test reads it)
+            print(f"the server refused this site's last reply: {request['refused']}", flush=True)
         kind = kind_in_round(self.kinds, int(request.get("round", 1)))
         adapter = {k: np.array(v, dtype=np.float32) for k, v in (request.get("adapter") or {}).items()}
         claims = EVAL_CLAIMS.get(kind, {}) if request["kind"] != "init" else {}

@@ -88,6 +88,7 @@ class SitesGrid:
         self.arrive_at = arrive_at or {}
         self.leave_at = leave_at or {}
         self.pushed: list[tuple[str, int, int]] = []  # (message type, round, node)
+        self.configs: list[tuple[str, int, int, dict]] = []  # (type, round, node, its config)
         self._replies: dict[str, Message] = {}
         self._count = 0
 
@@ -107,6 +108,8 @@ class SitesGrid:
             mid = f"m{self._count}"
             msg.metadata.__dict__["_message_id"] = mid
             self.pushed.append((msg.metadata.message_type, round_, node))
+            self.configs.append((msg.metadata.message_type, round_, node,
+                                 dict(msg.content.config_records[m.CONFIG])))
             if node not in self.silent:
                 self._replies[mid] = Message(self._answer(msg, node, round_), reply_to=msg)
             ids.append(mid)
@@ -480,3 +483,14 @@ def test_a_train_loss_that_is_no_loss_rejects_the_update_and_names_the_site(loss
     [rejected] = entry["rejected"]
     assert rejected["site"] == "site-d"
     assert rejected["reason"].startswith("InvalidMetric: train-loss is ")
+
+
+def test_a_refused_site_is_told_why_in_its_next_message_once() -> None:
+    clock = Clock()
+    grid = SitesGrid(clock, [1, 2, 3, 4], nan=(4,))
+    federated_run(grid, clock, MemoryObjects(), rounds=2, strategy="fedavg", site_nodes=SITES).run()
+    told = {(kind, round_): config.get(m.REFUSED) for kind, round_, node, config in grid.configs if node == 4}
+    assert told[("train", 1)] is None
+    assert told[("train", 2)].startswith("round 1: NonFiniteValues: ")
+    assert told[("evaluate", 2)].startswith("round 2: NonFiniteValues: ")
+    assert all(config.get(m.REFUSED) is None for _, _, node, config in grid.configs if node != 4)
