@@ -356,12 +356,15 @@ def test_operator_logs_never_contain_secrets(operator, ready_federation: str, ku
     assert kubectl.bed.s3().secret_key not in logs
 
 
-def test_tls_rotation_renews_the_ca_and_restarts_the_server(ready_federation: str, kubectl: Kubectl) -> None:
+def test_a_rotation_without_overlap_cuts_over_to_the_new_ca_at_once(ready_federation: str,
+                                                                     kubectl: Kubectl) -> None:
+    """caOverlap 0s (a compromised CA): the new CA replaces the old in every bundle and the
+    server restarts with its certificate at once. (With an overlap: the certificate test above.)"""
     old_ca = kubectl.json("get", "secret", "clinical-notes-ca")["data"]["ca.crt"]
     old_cert = kubectl.json("get", "deployment", "clinical-notes-server")["spec"]["template"][
         "metadata"]["annotations"]["pollinate.dev/server-certificate"]
     kubectl.run("patch", "federation", "clinical-notes", "--type=merge",
-                "-p", '{"spec":{"server":{"tls":{"rotation":1}}}}')
+                "-p", '{"spec":{"server":{"tls":{"rotation":1,"caOverlap":"0s"}}}}')
     eventually(lambda: kubectl.json("get", "secret", "clinical-notes-ca")["data"]["ca.crt"] != old_ca,
                what="new CA")
     eventually(lambda: kubectl.json("get", "deployment", "clinical-notes-server")["spec"]["template"][
