@@ -351,16 +351,21 @@ def run_site(args: argparse.Namespace, command: list[str], env: dict[str, str],
     return 0
 
 
-def watch_activation(activated: threading.Event, health: SiteHealth, stopping: threading.Event) -> None:
+def watch_activation(activated: threading.Event, health: SiteHealth, stopping: threading.Event,
+                     every: float = 1.0) -> threading.Thread:
     """Report a SuperNode the server activated as connected (readiness), once per start."""
     def watch() -> None:
-        while not stopping.is_set():
-            if activated.wait(1.0) and health.state.get("connected") is not True:
-                health.update(supernode="activated by the server", connected=True)
-            elif not activated.is_set() and health.state.get("connected"):
-                health.update(connected=False)
+        # Every `every` seconds: the event stays set while the SuperNode runs, so waiting on
+        # it would return at once, over and over (a spinning thread: it was, for a while).
+        while not stopping.wait(every):
+            connected = activated.is_set()
+            if connected != health.state.get("connected"):
+                health.update(connected=connected,
+                              **({"supernode": "activated by the server"} if connected else {}))
 
-    threading.Thread(target=watch, name="site-activation", daemon=True).start()
+    thread = threading.Thread(target=watch, name="site-activation", daemon=True)
+    thread.start()
+    return thread
 
 
 def evaluate(args: argparse.Namespace) -> int:

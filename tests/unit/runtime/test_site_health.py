@@ -69,3 +69,32 @@ def test_the_command_exits_0_when_it_passes_and_1_with_the_reason(
     assert main(["--work-dir", str(tmp_path)]) == 0
     assert main(["--work-dir", str(tmp_path), "--ready"]) == 1
     assert "not connected to the server" in capsys.readouterr().err
+
+
+def test_readiness_follows_the_supernodes_activation_without_spinning(tmp_path: Path) -> None:
+    import time
+
+    from pollinate_runtime.cli import watch_activation
+
+    health, activated, stopping = SiteHealth(tmp_path), threading.Event(), threading.Event()
+    health.update(connected=False)
+    thread = watch_activation(activated, health, stopping, every=0.01)
+
+    def becomes(connected: bool) -> bool:
+        for _ in range(500):
+            if health.state.get("connected") is connected:
+                return True
+            time.sleep(0.01)
+        return False
+
+    activated.set()
+    assert becomes(True)
+    # Connected and staying so: the watcher sleeps between looks (a loop on the set event
+    # would burn a core; this one takes a few checks in 0.3 s).
+    cpu = time.process_time()
+    time.sleep(0.3)
+    assert time.process_time() - cpu < 0.15
+    activated.clear()
+    assert becomes(False)
+    stopping.set()
+    thread.join(timeout=5)
