@@ -1,10 +1,8 @@
 """The server's metrics endpoint (pollinate_runtime.server_metrics): where it listens and what
-it serves. The sum over the SuperLink's and the ServerApp's processes is proven with the real
-server in tests/integration/test_engine.py."""
+it serves. Serving over HTTP: tests/integration/test_server_metrics_endpoint.py; the sum over the
+SuperLink's and the ServerApp's processes, with the real server: tests/integration/test_engine.py."""
 
 from __future__ import annotations
-
-import urllib.request
 
 import pytest
 from pollinate_runtime import server_metrics
@@ -28,12 +26,3 @@ def test_a_wrong_address_is_refused_naming_the_variable_and_the_form(text: str) 
 def test_without_an_address_nothing_listens() -> None:
     assert server_metrics.serve({}) is None
     assert server_metrics.serve({ADDRESS_ENV: "  "}) is None
-
-
-def test_the_refusal_counters_are_served_at_the_address() -> None:
-    server_metrics.count_rejection("InvalidMetric", "site-z")
-    host, port = server_metrics.serve({ADDRESS_ENV: "127.0.0.1:0"})
-    with urllib.request.urlopen(f"http://{host}:{port}/metrics", timeout=10) as response:
-        text = response.read().decode()
-    assert 'pollinate_server_rejected_replies_total{reason="InvalidMetric",site="site-z"}' in text
-    assert "# TYPE pollinate_server_refused_requests_total counter" in text
