@@ -32,7 +32,7 @@ from . import messages as m
 from .aggregation import Aggregator, make_aggregator
 from .privacy import CentralDP, PrivateAggregator
 from .run_config import RunConfig
-from .server_metrics import CAPPED_EXAMPLE_COUNTS, count_rejection
+from .server_metrics import CAPPED_EXAMPLE_COUNTS, SITE_LABEL_MAX, count_rejection
 from .store import Checkpoint, CorruptObject, FederationStore, RunProgress, lora_adapter_config
 from .wire import (
     AdapterSpec,
@@ -91,6 +91,13 @@ def site_eval(site: str, metrics: MetricRecord, max_examples: int) -> SiteEval |
     return SiteEval(site, loss, float(examples), general)
 
 
+def refusal(site: str, err: UpdateRejected, what: str) -> dict[str, str]:
+    """A refused reply as the round's report names it; logged and counted (server_metrics)."""
+    log.warning("refused %s of site %s: %s", what, site, err)
+    count_rejection(err.reason, site)
+    return {"site": site, "reason": str(err)[:300]}
+
+
 @dataclass
 class Evaluations:
     """The sites' evaluations of one global adapter, and the ones refused (named, with why)."""
@@ -103,9 +110,7 @@ class Evaluations:
         try:
             evaluation = site_eval(site, metrics, self.max_examples)
         except UpdateRejected as err:
-            self.rejected.append({"site": site, "reason": str(err)[:300]})
-            log.warning("refused the evaluation of site %s: %s", site, err)
-            count_rejection(err.reason, site)
+            self.rejected.append(refusal(site, err, "the evaluation"))
             return
         if evaluation is not None:
             self.accepted.append(evaluation)
@@ -367,9 +372,7 @@ class FederatedRun:
                                          expected_round=round,
                                          reported_round=int(reported) if reported is not None else None)
             except UpdateRejected as err:
-                rejected.append({"site": reply.site, "reason": str(err)[:300]})
-                log.warning("round %d: rejected the update of site %s: %s", round, reply.site, err)
-                count_rejection(err.reason, reply.site)
+                rejected.append(refusal(reply.site, err, f"round {round}'s update"))
                 self.site_states[reply.site] = {"state": "Rejected", "lastRound": round,
                                                 "message": str(err)[:300]}
                 self.refusals[reply.site] = f"round {round}: {str(err)[:300]}"
@@ -386,7 +389,7 @@ class FederatedRun:
                            f"maxExamplesPerSite {examples}")
                 self.site_states[reply.site]["message"] = message
                 log.warning("round %d: site %s %s", round, reply.site, message)
-                CAPPED_EXAMPLE_COUNTS.labels(reply.site).inc()
+                CAPPED_EXAMPLE_COUNTS.labels(reply.site[:SITE_LABEL_MAX]).inc()
 
         def content(node: int) -> RecordDict:
             return RecordDict({m.ARRAYS: record, m.CONFIG: self._config_for(node, round)})

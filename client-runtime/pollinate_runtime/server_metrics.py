@@ -40,8 +40,13 @@ CAPPED_EXAMPLE_COUNTS = Counter(
 )
 
 
+# Without the operator's site list a site's name is the one it reports itself: bounded, so a
+# hostile site cannot fill the scraper with long label values.
+SITE_LABEL_MAX = 63
+
+
 def count_rejection(reason: str, site: str) -> None:
-    REJECTED_REPLIES.labels(str(reason), site).inc()
+    REJECTED_REPLIES.labels(str(reason), site[:SITE_LABEL_MAX]).inc()
 
 
 def parse_address(text: str) -> tuple[str, int]:

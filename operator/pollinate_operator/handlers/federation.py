@@ -86,6 +86,30 @@ def _stored_ca(secret: kube.SecretData | None, cert_key: str,
     return pki.CertificateAuthority(secret.data[cert_key], secret.data[key_key])
 
 
+def _rotated_at(ca_secret: kube.SecretData | None) -> dt.datetime | None:
+    """When the previous CA was replaced; unreadable (someone edited the Secret): None, so
+    its overlap ends now rather than the pass failing for ever."""
+    text = ca_secret.annotations.get(names.CA_ROTATED_AT_ANNOTATION) if ca_secret else None
+    try:
+        return dt.datetime.fromisoformat(text) if text else None
+    except ValueError:
+        return None
+
+
+@functools.lru_cache(maxsize=1024)
+def _certificate_facts(server_pem: bytes, current_pem: bytes, previous_pem: bytes) -> tuple[
+        tuple[frozenset[str], frozenset[str]], dt.datetime, plan.CAIssuer | None]:
+    """The server certificate's names, expiry and issuer: pure, and asked on every pass (a
+    signature check each), so kept."""
+    issuer: plan.CAIssuer | None = None
+    if current_pem and pki.issued_by(server_pem, current_pem):
+        issuer = "current"
+    elif previous_pem and pki.issued_by(server_pem, previous_pem):
+        issuer = "previous"
+    dns, ips = pki.certificate_names(server_pem)
+    return (frozenset(dns), frozenset(ips)), pki.not_after(server_pem), issuer
+
+
 def _certificate_status(cert_pem: bytes, spec: FederationSpec,
                         previous_until: dt.datetime | None) -> ServerCertificateStatus | None:
     try:
@@ -116,20 +140,16 @@ def _ensure_tls(name: str, namespace: str, spec: FederationSpec, body: kopf.Body
     tls_secret = kube.read_owned_secret(namespace, names.server_tls_secret(name), body.meta["uid"])
     current = _stored_ca(ca_secret, "ca.crt", "ca.key")
     previous = _stored_ca(ca_secret, secrets.PREVIOUS_CA_CERT, secrets.PREVIOUS_CA_KEY)
-    rotated_text = ca_secret.annotations.get(names.CA_ROTATED_AT_ANNOTATION) if ca_secret else None
-    rotated_at = dt.datetime.fromisoformat(rotated_text) if rotated_text else None
+    rotated_at = _rotated_at(ca_secret)
     server_pem = tls_secret.data.get("tls.crt") if tls_secret else None
-    issuer: plan.CAIssuer | None = None
-    if server_pem and current and pki.issued_by(server_pem, current.cert_pem):
-        issuer = "current"
-    elif server_pem and previous and pki.issued_by(server_pem, previous.cert_pem):
-        issuer = "previous"
+    names_, not_after, issuer = (_certificate_facts(server_pem, current.cert_pem if current else b"",
+                                                     previous.cert_pem if previous else b"")
+                                 if server_pem else (None, None, None))
     observed = plan.TLSObserved(
         ca_cert_pem=current.cert_pem if current else None,
         ca_rotation=int(ca_secret.annotations.get(names.ROTATION_ANNOTATION, -1)) if ca_secret else None,
-        server_cert_names=tuple(map(frozenset, pki.certificate_names(server_pem))) if server_pem else None,
-        previous_ca_cert_pem=previous.cert_pem if previous else None, ca_rotated_at=rotated_at,
-        server_not_after=pki.not_after(server_pem) if server_pem else None, server_issuer=issuer,
+        server_cert_names=names_, previous_ca_cert_pem=previous.cert_pem if previous else None,
+        ca_rotated_at=rotated_at, server_not_after=not_after, server_issuer=issuer,
     )
     dns = server.tls_dns_names(name, namespace, spec)
     decision = plan.plan_tls(spec, observed, dns, now)
